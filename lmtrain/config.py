@@ -1,0 +1,324 @@
+"""Typed run configuration: YAML in, validated dataclasses out, resolved YAML back.
+
+One YAML file describes a run; each top-level key is a section, each section a dataclass below.
+Loading is strict, because a typo in a config should cost a second, not an hour of training:
+unknown sections and keys are rejected with the closest valid name, values are checked for type
+and range and named with their dotted key, and nothing is written before all of it passes.
+YAML is read with ``yaml.safe_load`` only, so a config can never execute code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from lmtrain.errors import ConfigError
+
+
+def _opt(default: Any = None, *, ge=None, gt=None, le=None, lt=None, help: str = "", **kw):
+    """A config field with optional numeric bounds, kept in the field's metadata."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = _opt("default", help="name of the run; the default run.dir is runs/<name>")
+    dir: Optional[str] = _opt(None, help="where every artifact of the run is written")
+    seed: int = _opt(1337, ge=0, help="seeds initialisation, data order and sampling")
+
+    def check(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("run.name: must not be empty")
+        if self.dir is None:
+            self.dir = str(Path("runs") / self.name)
+
+
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("builtin:pystdlib", help="file, directory, glob, hf:owner/name or builtin:pystdlib")
+    text_field: str = _opt("text", help="column holding the text in .jsonl/.json/.parquet/.csv")
+    sample_by: Literal["document", "paragraph", "line"] = _opt(
+        "document", help="how .txt files are cut into documents"
+    )
+    hf_config: Optional[str] = _opt(None, help="configuration name of an hf: dataset")
+    hf_split: str = _opt("train", help="split of an hf: dataset")
+    val_fraction: float = _opt(0.005, ge=0.0, lt=1.0, help="share of documents held out for validation")
+    val_source: Optional[str] = _opt(None, help="a separate validation corpus (then nothing is held out)")
+    max_documents: Optional[int] = _opt(None, gt=0, help="read at most this many documents of data.source")
+
+    def check(self) -> None:
+        if not self.source.strip():
+            raise ConfigError("data.source: must not be empty")
+        if self.val_source is None and self.val_fraction <= 0.0:
+            raise ConfigError(
+                "data.val_fraction: must be > 0 unless data.val_source gives a validation corpus"
+            )
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = _opt(8192, ge=257, le=1 << 24, help="size of the BPE vocabulary, specials included")
+    min_frequency: int = _opt(2, ge=1, help="a pair must occur this often to be merged")
+    special_tokens: list[str] = _opt(
+        ["<|endoftext|>"], help="special tokens; the first is the end-of-text token"
+    )
+
+    def check(self) -> None:
+        if not self.special_tokens:
+            raise ConfigError("tokenizer.special_tokens: needs at least one token (the end-of-text token)")
+        if any(not tok for tok in self.special_tokens):
+            raise ConfigError("tokenizer.special_tokens: tokens must be non-empty strings")
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ConfigError("tokenizer.special_tokens: tokens must be unique")
+        minimum = 256 + len(self.special_tokens)
+        if self.vocab_size < minimum:
+            raise ConfigError(
+                f"tokenizer.vocab_size: must be at least {minimum} (256 byte tokens + "
+                f"{len(self.special_tokens)} special tokens), got {self.vocab_size}"
+            )
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        assert self.run.dir is not None  # filled in by RunConfig.check
+        return Path(self.run.dir)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+def default_config_text() -> str:
+    """The embedded default config, shipped inside the package."""
+    return resources.files("lmtrain").joinpath("configs", DEFAULT_CONFIG_NAME).read_text("utf-8")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the embedded default), apply ``--set`` overrides, validate.
+
+    Raises ``ConfigError`` with a one-line message for every problem a user can make.
+    """
+    if path is None:
+        raw = _parse_yaml(default_config_text(), "the embedded default config")
+        origin = "the embedded default config"
+    else:
+        raw = _read_yaml_file(Path(path))
+        origin = str(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw, origin)
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+    """Validate a plain dict (as YAML gives it) into a ``Config``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: must be a mapping of sections (run, data, ...), got {_kind(raw)}")
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section {name!r}{_did_you_mean(str(name), SECTIONS)}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: section {name!r} must be a mapping of keys, got {_kind(value)}")
+        sections[name] = _build_section(name, SECTIONS[name], value, origin)
+    config = Config(**sections)
+    for name in SECTIONS:
+        section = getattr(config, name)
+        if hasattr(section, "check"):
+            section.check()
+    _check_across_sections(config)
+    return config
+
+
+def _check_across_sections(config: Config) -> None:
+    """Constraints that involve more than one section (extended as sections are added)."""
+
+
+def _read_yaml_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    raw = _parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; it needs sections such as run: and data:")
+    return raw
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark is not None else origin
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "could not determine a constructor" in str(exc):
+            problem = "tags that construct Python objects are not allowed in configs"
+        raise ConfigError(f"invalid YAML in {where}: {problem}") from None
+
+
+def _apply_override(raw: Any, override: str) -> None:
+    if not isinstance(raw, dict):
+        return  # config_from_dict reports the shape problem
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. --set train.lr=3e-4")
+    section, dot, name = key.partition(".")
+    if not dot or not section or not name or "." in name:
+        raise ConfigError(f"--set {override!r}: the key must be section.key, e.g. tokenizer.vocab_size")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {override!r}: unknown section {section!r}{_did_you_mean(section, SECTIONS)}")
+    known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    if name not in known:
+        raise ConfigError(
+            f"--set {override!r}: unknown key {key}{_did_you_mean(name, known, prefix=section + '.')}"
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not a YAML scalar: keep the raw string, type checks decide
+    target = raw.setdefault(section, {})
+    if target is None:
+        target = raw[section] = {}
+    if not isinstance(target, dict):
+        raise ConfigError(f"--set {override!r}: section {section!r} in the config is not a mapping")
+    target[name] = value
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], origin: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{origin}: unknown key {name}.{key}{_did_you_mean(str(key), fields, prefix=name + '.')}"
+            )
+        dotted = f"{name}.{key}"
+        value = _coerce(dotted, value, hints[key])
+        _check_range(dotted, value, fields[key].metadata)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; return it in canonical form."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in args:
+            value = str(value).lower()  # YAML reads `compile: true` as a bool
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: must be one of {allowed}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_kind(value)} {value!r}")
+        return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_kind(value)} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {_kind(value)} {value!r}")
+        return int(value)
+    if hint is float:
+        # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string: accept it as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_kind(value)} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {_kind(value)} {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config annotation {hint!r} for {key}")  # a bug of ours
+
+
+def _check_range(key: str, value: Any, meta: Any) -> None:
+    if value is None or isinstance(value, (str, bool, list)):
+        return
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for name, sign, ok in bounds:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            allowed = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if meta.get(n) is not None)
+            raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
+
+
+def _did_you_mean(word: str, candidates: Any, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def resolved_config_path(run_dir: Path) -> Path:
+    return run_dir / "config.yaml"

@@ -1,0 +1,312 @@
+"""Corpus sources: ``data.source`` -> a stream of documents, and the train/val split.
+
+A source is one string:
+
+* a local file, a directory (searched recursively) or a glob of ``.txt``, ``.jsonl``/``.json``,
+  ``.parquet`` and ``.csv`` files, read with the ``datasets`` library's local loaders;
+* ``hf:owner/name`` for a Hugging Face hub dataset, streamed so it never has to fit on disk;
+* ``builtin:pystdlib``: the ``.py`` files of the running Python's standard library, the embedded
+  default corpus that needs no network.
+
+Everything is streamed, one document at a time, so no stage ever holds a corpus in memory.
+The split into train and val is by document and deterministic: a document goes to val when a hash
+of its text falls below ``data.val_fraction``. Hashing the text (not its position) keeps duplicate
+documents on the same side, so the val split never leaks training text.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import socket
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+from urllib.parse import urlparse
+
+from lmtrain.config import DataConfig
+from lmtrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "val"]
+
+# File suffix -> the `datasets` packaged loader that reads it.
+LOADERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+GLOB_CHARS = set("*?[")
+HUB_PREFIX = "hf:"
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("pystdlib",)
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    origin: str  # file (or dataset) it came from, for error messages and logs
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting
+# --------------------------------------------------------------------------------------------
+
+
+def val_score(text: str) -> float:
+    """A stable number in [0, 1) derived from the document's text."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def iter_split(data: DataConfig, split: Split) -> Iterator[Document]:
+    """Documents of one split, in corpus order.
+
+    With ``data.val_source`` the val split is that whole corpus and nothing is held out of
+    ``data.source``; otherwise documents of ``data.source`` are divided by ``val_score``.
+    """
+    if data.val_source is not None:
+        source = data.source if split == "train" else data.val_source
+        yield from iter_documents(source, data)
+        return
+    want_val = split == "val"
+    for doc in iter_documents(data.source, data):
+        if (val_score(doc.text) < data.val_fraction) == want_val:
+            yield doc
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def iter_documents(source: str, data: DataConfig) -> Iterator[Document]:
+    """All non-empty documents of ``source``, capped at ``data.max_documents``.
+
+    Documents that are empty or only whitespace are skipped: they carry nothing to learn and
+    would only add end-of-text tokens.
+    """
+    count = 0
+    for doc in _iter_raw(source, data):
+        if not doc.text.strip():
+            continue
+        yield doc
+        count += 1
+        if data.max_documents is not None and count >= data.max_documents:
+            return
+
+
+def _iter_raw(source: str, data: DataConfig) -> Iterator[Document]:
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name != "pystdlib":
+            raise DataError(f"data.source: unknown builtin corpus {name!r}; available: builtin:pystdlib")
+        yield from _iter_pystdlib()
+    elif source.startswith(HUB_PREFIX):
+        yield from _iter_hub(source[len(HUB_PREFIX):], data)
+    else:
+        for path in resolve_local_files(source):
+            yield from _iter_local_file(path, data)
+
+
+def resolve_local_files(source: str) -> list[Path]:
+    """The files a local source names, sorted so every run reads them in the same order."""
+    expanded = os.path.expanduser(source)
+    if GLOB_CHARS & set(expanded):
+        matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"data.source: the glob {source!r} matches no files")
+        unsupported = [p for p in matches if _loader_for(p) is None]
+        if unsupported:
+            raise DataError(
+                f"data.source: {unsupported[0]} has an unsupported extension; "
+                f"supported: {', '.join(sorted(LOADERS))}"
+            )
+        return matches
+    path = Path(expanded)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _loader_for(p) is not None)
+        if not files:
+            raise DataError(
+                f"data.source: directory {source} has no {', '.join(sorted(LOADERS))} files"
+            )
+        return files
+    if not path.exists():
+        raise DataError(f"data.source: no such file or directory: {source}")
+    if _loader_for(path) is None:
+        raise DataError(
+            f"data.source: {source} has an unsupported extension; supported: {', '.join(sorted(LOADERS))}"
+        )
+    return [path]
+
+
+def _loader_for(path: Path) -> str | None:
+    return LOADERS.get(path.suffix.lower())
+
+
+def _iter_local_file(path: Path, data: DataConfig) -> Iterator[Document]:
+    """Stream one file through the matching `datasets` loader, naming the file on any error."""
+    from datasets import load_dataset  # lazy: importing datasets takes most of a second
+
+    loader = _loader_for(path)
+    kwargs = {"sample_by": data.sample_by} if loader == "text" else {}
+    origin = str(path)
+    if path.stat().st_size == 0:
+        return
+    try:
+        rows = load_dataset(loader, data_files=[str(path)], split="train", streaming=True, **kwargs)
+        first = True
+        for row in rows:
+            if loader == "text":
+                yield Document(row["text"], origin)
+                continue
+            if first:
+                _check_text_field(row, data.text_field, origin)
+                first = False
+            text = row.get(data.text_field)
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{origin}: field {data.text_field!r} holds {type(text).__name__} values, not text"
+                )
+            yield Document(text, origin)
+    except DataError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{origin}: not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+            " of a chunk); lmtrain does not guess encodings: convert the file to UTF-8"
+        ) from None
+    except Exception as exc:  # pyarrow / datasets parse errors: explain with the file's name
+        raise DataError(_explain_load_error(path, loader, exc)) from None
+
+
+def _check_text_field(row: dict, text_field: str, origin: str) -> None:
+    if text_field not in row:
+        have = ", ".join(repr(k) for k in row) or "none"
+        raise DataError(
+            f"{origin}: no field {text_field!r} (it has: {have}); set data.text_field to the column with the text"
+        )
+
+
+def _explain_load_error(path: Path, loader: str | None, exc: Exception) -> str:
+    if loader == "json" and path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        bad_line = _first_bad_json_line(path)
+        if bad_line is not None:
+            return f"{path}: line {bad_line[0]} is not valid JSON ({bad_line[1]})"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    kind = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "text": "text"}.get(loader or "", "")
+    return f"{path}: cannot read it as {kind}: {first_line}"
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """Locate the first line of a JSON-lines file that does not parse, for a precise error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    if number == 1:
+                        # Maybe a single JSON document spread over lines (a .json file).
+                        return None if _is_whole_json(path) else (number, exc.msg)
+                    return number, exc.msg
+                if not isinstance(value, dict):
+                    return number, f"expected an object, got {type(value).__name__}"
+    except UnicodeDecodeError as exc:
+        return 0, f"not UTF-8 (bad byte at offset {exc.start})"
+    return None
+
+
+def _is_whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text("utf-8"))
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded corpus: Python's standard library
+# --------------------------------------------------------------------------------------------
+
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def pystdlib_files() -> list[Path]:
+    """The standard library's ``.py`` files, test folders and site-packages excluded, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+        files.extend(Path(dirpath) / name for name in filenames if name.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _iter_pystdlib() -> Iterator[Document]:
+    files = pystdlib_files()
+    if not files:
+        raise DataError("builtin:pystdlib: this Python has no standard library sources on disk")
+    for path in files:
+        # A handful of stdlib files are not UTF-8 clean; replacement keeps the corpus the same
+        # on every run rather than silently dropping files.
+        yield Document(path.read_bytes().decode("utf-8", errors="replace"), str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face hub datasets
+# --------------------------------------------------------------------------------------------
+
+HUB_TIMEOUT_S = 5.0
+
+
+def _iter_hub(name: str, data: DataConfig) -> Iterator[Document]:
+    if not name or name.count("/") > 1:
+        raise DataError(f"data.source: expected hf:owner/name, got hf:{name}")
+    _check_hub_reachable(name)
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(name, data.hf_config, split=data.hf_split, streaming=True)
+        first = True
+        for row in rows:
+            if first:
+                _check_text_field(row, data.text_field, f"hf:{name}")
+                first = False
+            text = row.get(data.text_field)
+            if isinstance(text, str):
+                yield Document(text, f"hf:{name}")
+    except DataError:
+        raise
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"hf:{name}: cannot stream the dataset: {message}") from None
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail in seconds, not after minutes of retries, when the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return  # offline mode: datasets reads its local cache or says it has none
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise DataError(
+            f"hf:{name}: cannot reach the Hugging Face hub at {host}:{port} ({exc.strerror or exc}); "
+            "hf: sources need the network; local files (a path, directory or glob) work offline"
+        ) from None

@@ -1,0 +1,194 @@
+"""The run's byte-level BPE tokenizer: train it, save it, load it.
+
+Byte-level BPE (GPT-2's scheme) starts from all 256 byte values, so any string, in any script or
+with any control character, encodes without an unknown token and decodes back to itself exactly.
+There is deliberately no normalizer: NFC/NFKC would change the text, and then decode(encode(x))
+would no longer be x.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+from lmtrain.config import Config
+from lmtrain.corpus import iter_split
+from lmtrain.errors import DataError, RunDirError, TokenizerError
+from lmtrain.fsutil import atomic_path, atomic_write_json, remove_stale_tmp, sha256_file
+from lmtrain.rundir import prepare_run_dir, tokenizer_dir, tokenizer_path
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# bytes/token is measured on at most this much validation text: enough for three significant
+# digits, small enough that measuring never takes longer than training.
+MEASURE_BYTES_LIMIT = 16 << 20
+ENCODE_BATCH_DOCS = 256
+
+
+@dataclass
+class TokenizerStats:
+    vocab_size: int
+    special_tokens: list[str]
+    documents: int
+    utf8_bytes: int
+    train_seconds: float
+    bytes_per_token: float | None
+    measured_on: str  # "val" normally; "train" when the val split is empty
+    sha256: str
+    path: str
+
+
+def build_tokenizer() -> "Tokenizer":
+    """An untrained byte-level BPE tokenizer (model, pre-tokenizer, decoder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE())
+    # add_prefix_space=False: a leading space would be added on encode and kept on decode,
+    # breaking the exact round trip.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
+    """Train the BPE on the training split of ``data.source``; write it into the run directory."""
+    from tokenizers import pre_tokenizers, trainers
+    from tqdm.auto import tqdm
+
+    run_dir = config.run_dir
+    out_path = tokenizer_path(run_dir)
+    if out_path.exists() and not force:
+        raise RunDirError(
+            f"{out_path} already exists; the run's shards and checkpoints depend on it. "
+            "Use --force to train a new one (then re-run shard and train with --restart)"
+        )
+    tok_cfg = config.tokenizer
+    tokenizer = build_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=tok_cfg.vocab_size,
+        min_frequency=tok_cfg.min_frequency,
+        special_tokens=list(tok_cfg.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # our own tqdm bar counts documents instead
+    )
+    counter = _DocumentCounter(iter_split(config.data, "train"))
+    start = time.perf_counter()
+    with tqdm(desc="tokenize: reading documents", unit="doc", leave=False) as bar:
+        tokenizer.train_from_iterator(_progress(counter, bar), trainer=trainer)
+    train_seconds = time.perf_counter() - start
+    if counter.documents == 0:
+        raise DataError(f"data.source {config.data.source!r}: the training split has no non-empty documents")
+    _check_specials_are_single_ids(tokenizer, tok_cfg.special_tokens)
+
+    bpt, measured_on = measure_bytes_per_token(tokenizer, config)
+
+    # Only now that everything succeeded does anything touch the run directory.
+    run_dir = prepare_run_dir(config)
+    out_dir = tokenizer_dir(run_dir)
+    out_dir.mkdir(exist_ok=True)
+    remove_stale_tmp(out_dir)
+    with atomic_path(out_path) as tmp:
+        tokenizer.save(str(tmp))
+    stats = TokenizerStats(
+        vocab_size=tokenizer.get_vocab_size(),
+        special_tokens=list(tok_cfg.special_tokens),
+        documents=counter.documents,
+        utf8_bytes=counter.utf8_bytes,
+        train_seconds=round(train_seconds, 3),
+        bytes_per_token=bpt,
+        measured_on=measured_on,
+        sha256=sha256_file(out_path),
+        path=str(out_path),
+    )
+    atomic_write_json(out_dir / "stats.json", asdict(stats))
+    log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)
+    return stats
+
+
+def measure_bytes_per_token(tokenizer: "Tokenizer", config: Config) -> tuple[float | None, str]:
+    """UTF-8 bytes per token on the val split (or the train split if val is empty)."""
+    for split in ("val", "train"):
+        texts = _take_bytes(iter_split(config.data, split), MEASURE_BYTES_LIMIT)
+        if texts:
+            return round(bytes_per_token(tokenizer, texts), 4), split
+    return None, "none"
+
+
+def bytes_per_token(tokenizer: "Tokenizer", texts: list[str]) -> float:
+    total_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    total_tokens = 0
+    for i in range(0, len(texts), ENCODE_BATCH_DOCS):
+        batch = tokenizer.encode_batch(texts[i : i + ENCODE_BATCH_DOCS], add_special_tokens=False)
+        total_tokens += sum(len(enc.ids) for enc in batch)
+    return total_bytes / max(total_tokens, 1)
+
+
+def load_tokenizer(run_dir: Path) -> "Tokenizer":
+    """The run's trained tokenizer; a clear error if it is missing or unreadable."""
+    from tokenizers import Tokenizer
+
+    path = tokenizer_path(run_dir)
+    if not path.exists():
+        raise TokenizerError(f"no tokenizer at {path}; run `lmtrain tokenize` first")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenizerError(
+            f"{path} is not a valid tokenizer ({first}); re-run `lmtrain tokenize --force`"
+        ) from None
+
+
+def eot_id(tokenizer: "Tokenizer", special_tokens: list[str]) -> int:
+    """Id of the end-of-text token (the first special token)."""
+    token_id = tokenizer.token_to_id(special_tokens[0])
+    if token_id is None:
+        raise TokenizerError(
+            f"the tokenizer has no special token {special_tokens[0]!r} "
+            "(tokenizer.special_tokens changed since it was trained?); re-run `lmtrain tokenize --force`"
+        )
+    return token_id
+
+
+def _check_specials_are_single_ids(tokenizer: "Tokenizer", specials: list[str]) -> None:
+    for tok in specials:
+        ids = tokenizer.encode(tok, add_special_tokens=False).ids
+        if len(ids) != 1:  # would be a bug in how we built the tokenizer
+            raise AssertionError(f"special token {tok!r} encodes to {len(ids)} ids")
+
+
+class _DocumentCounter:
+    """Passes document texts through while counting documents and UTF-8 bytes."""
+
+    def __init__(self, docs: Iterable) -> None:
+        self._docs = docs
+        self.documents = 0
+        self.utf8_bytes = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for doc in self._docs:
+            self.documents += 1
+            self.utf8_bytes += len(doc.text.encode("utf-8", "surrogatepass"))
+            yield doc.text
+
+
+def _progress(texts: Iterable[str], bar) -> Iterator[str]:
+    for text in texts:
+        bar.update(1)
+        yield text
+
+
+def _take_bytes(docs: Iterable, limit: int) -> list[str]:
+    texts, size = [], 0
+    for doc in docs:
+        texts.append(doc.text)
+        size += len(doc.text)
+        if size >= limit:
+            break
+    return texts
