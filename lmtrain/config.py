@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = _opt(8192, ge=257, le=1 << 24, help="size of the BPE vocabulary, specials included")
+    vocab_size: int = _opt(8192, ge=1, le=1 << 24, help="size of the BPE vocabulary, specials included")
     min_frequency: int = _opt(2, ge=1, help="a pair must occur this often to be merged")
     special_tokens: list[str] = _opt(
         ["<|endoftext|>"], help="special tokens; the first is the end-of-text token"

@@ -89,6 +89,19 @@ def iter_split(data: DataConfig, split: Split) -> Iterator[Document]:
 # --------------------------------------------------------------------------------------------
 
 
+def check_sources(data: DataConfig) -> None:
+    """Fail fast, before any work starts, on a source that names nothing readable."""
+    for source in (data.source, data.val_source):
+        if source is None:
+            continue
+        if source.startswith(BUILTIN_PREFIX):
+            _builtin_name(source)
+        elif source.startswith(HUB_PREFIX):
+            _check_hub_reachable(_hub_name(source))
+        else:
+            resolve_local_files(source)
+
+
 def iter_documents(source: str, data: DataConfig) -> Iterator[Document]:
     """All non-empty documents of ``source``, capped at ``data.max_documents``.
 
@@ -107,15 +120,27 @@ def iter_documents(source: str, data: DataConfig) -> Iterator[Document]:
 
 def _iter_raw(source: str, data: DataConfig) -> Iterator[Document]:
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
-        if name != "pystdlib":
-            raise DataError(f"data.source: unknown builtin corpus {name!r}; available: builtin:pystdlib")
+        _builtin_name(source)
         yield from _iter_pystdlib()
     elif source.startswith(HUB_PREFIX):
-        yield from _iter_hub(source[len(HUB_PREFIX):], data)
+        yield from _iter_hub(_hub_name(source), data)
     else:
         for path in resolve_local_files(source):
             yield from _iter_local_file(path, data)
+
+
+def _builtin_name(source: str) -> str:
+    name = source[len(BUILTIN_PREFIX):]
+    if name not in BUILTINS:
+        raise DataError(f"data.source: unknown builtin corpus {name!r}; available: builtin:pystdlib")
+    return name
+
+
+def _hub_name(source: str) -> str:
+    name = source[len(HUB_PREFIX):]
+    if not name or name.count("/") > 1 or name.startswith("/") or name.endswith("/"):
+        raise DataError(f"data.source: expected hf:owner/name, got {source}")
+    return name
 
 
 def resolve_local_files(source: str) -> list[Path]:
@@ -155,8 +180,7 @@ def _loader_for(path: Path) -> str | None:
 
 def _iter_local_file(path: Path, data: DataConfig) -> Iterator[Document]:
     """Stream one file through the matching `datasets` loader, naming the file on any error."""
-    from datasets import load_dataset  # lazy: importing datasets takes most of a second
-
+    load_dataset = _datasets_loader()
     loader = _loader_for(path)
     kwargs = {"sample_by": data.sample_by} if loader == "text" else {}
     origin = str(path)
@@ -189,6 +213,17 @@ def _iter_local_file(path: Path, data: DataConfig) -> Iterator[Document]:
         ) from None
     except Exception as exc:  # pyarrow / datasets parse errors: explain with the file's name
         raise DataError(_explain_load_error(path, loader, exc)) from None
+
+
+def _datasets_loader():
+    """``datasets.load_dataset``, imported lazily (it takes most of a second) and kept quiet:
+    we turn its errors into our own one-line messages, so its own error logs would only
+    repeat them."""
+    import datasets
+
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    return datasets.load_dataset
 
 
 def _check_text_field(row: dict, text_field: str, origin: str) -> None:
@@ -273,10 +308,8 @@ HUB_TIMEOUT_S = 5.0
 
 
 def _iter_hub(name: str, data: DataConfig) -> Iterator[Document]:
-    if not name or name.count("/") > 1:
-        raise DataError(f"data.source: expected hf:owner/name, got hf:{name}")
     _check_hub_reachable(name)
-    from datasets import load_dataset
+    load_dataset = _datasets_loader()
 
     try:
         rows = load_dataset(name, data.hf_config, split=data.hf_split, streaming=True)

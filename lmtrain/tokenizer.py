@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from lmtrain.config import Config
-from lmtrain.corpus import iter_split
+from lmtrain.corpus import check_sources, iter_split
 from lmtrain.errors import DataError, RunDirError, TokenizerError
 from lmtrain.fsutil import atomic_path, atomic_write_json, remove_stale_tmp, sha256_file
 from lmtrain.rundir import prepare_run_dir, tokenizer_dir, tokenizer_path
@@ -68,6 +68,7 @@ def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
             f"{out_path} already exists; the run's shards and checkpoints depend on it. "
             "Use --force to train a new one (then re-run shard and train with --restart)"
         )
+    check_sources(config.data)
     tok_cfg = config.tokenizer
     tokenizer = build_tokenizer()
     trainer = trainers.BpeTrainer(

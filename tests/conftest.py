@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny corpora written on the fly, and ways to drive the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Keep every test offline and quiet, whatever the environment says.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_text_corpus(directory: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    """A small corpus of Python-like documents, one per .txt file, deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    names = ["alpha", "beta", "gamma", "delta", "value", "count", "total", "index", "item", "result"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(3, 12)):
+            a, b = rng.sample(names, 2)
+            lines.append(rng.choice([
+                f"def {a}_{i}({b}):\n    return {b} + {rng.randint(0, 99)}\n",
+                f"{a} = {b} * {rng.randint(1, 9)}\n",
+                f"for {a} in range({rng.randint(2, 50)}):\n    print({a}, {b})\n",
+                f"class {a.title()}{i}:\n    def __init__(self):\n        self.{b} = None\n",
+            ]))
+        (directory / f"doc{i:04d}.txt").write_text("".join(lines), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    return make_text_corpus(tmp_path / "corpus")
+
+
+def write_config(path: Path, run_dir: Path, source: Path | str, **sections: dict) -> Path:
+    """A tiny config YAML: tiny vocab, and whatever sections the test adds."""
+    import yaml
+
+    config = {
+        "run": {"name": "test", "dir": str(run_dir), "seed": 1},
+        "data": {"source": str(source), "val_fraction": 0.1},
+        "tokenizer": {"vocab_size": 300},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m lmtrain ARGS`` as a user would, capturing output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONPATH", str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "lmtrain", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=input,
+    )
