@@ -104,6 +104,43 @@ def tokenize(
     )
 
 
+@app.command()
+@user_errors
+def shard(
+    config: Optional[Path] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    force: bool = typer.Option(False, "--force", help="Rebuild the shards even if they are up to date."),
+    verify: bool = typer.Option(False, "--verify", help="Re-read every shard and check it against the manifest."),
+) -> None:
+    """Encode the corpus into binary train/val token shards under RUN_DIR/data."""
+    from lmtrain import shards
+
+    cfg = _load(config, set_)
+    if verify:
+        from lmtrain.rundir import data_dir, tokenizer_path
+        from lmtrain.fsutil import sha256_file
+
+        tok = tokenizer_path(cfg.run_dir)
+        result = shards.verify_shards(data_dir(cfg.run_dir), sha256_file(tok) if tok.exists() else None)
+        typer.echo(f"verified {result.shards} shards, {result.tokens:,} tokens, "
+                   f"{result.bytes_read / 1e6:.1f} MB: all match the manifest")
+        return
+    result = shards.build_shards(cfg, force=force)
+    splits = result.splits
+    if result.up_to_date:
+        typer.echo(f"shards are up to date in {result.data_dir} "
+                   f"(train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,}); "
+                   "--force rebuilds them")
+        return
+    typer.echo(
+        f"shards: train {splits['train']['tokens']:,} tokens in {splits['train']['shards']} shard(s), "
+        f"val {splits['val']['tokens']:,} tokens in {splits['val']['shards']} shard(s); "
+        f"{result.bytes_per_token:.3f} bytes/token; {result.seconds:.1f}s, "
+        f"{result.tokens_per_sec / 1e6:.2f}M tokens/s\n"
+        f"wrote {result.data_dir}"
+    )
+
+
 def main() -> None:
     app(prog_name="lmtrain")
 

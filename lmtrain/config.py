@@ -99,10 +99,17 @@ class TokenizerConfig:
 
 
 @dataclass
+class ShardConfig:
+    shard_tokens: int = _opt(100_000_000, ge=1024, help="tokens per shard file; the last may be shorter")
+    num_proc: Optional[int] = _opt(None, ge=1, help="encoder threads; null means the CPU count")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -84,6 +85,21 @@ def iter_split(data: DataConfig, split: Split) -> Iterator[Document]:
             yield doc
 
 
+def iter_both_splits(data: DataConfig) -> Iterator[tuple[Split, Document]]:
+    """Every document of the run, labelled with its split, in one pass over ``data.source``.
+
+    The same split as ``iter_split`` gives, without reading the corpus twice.
+    """
+    if data.val_source is not None:
+        for doc in iter_documents(data.source, data):
+            yield "train", doc
+        for doc in iter_documents(data.val_source, data):
+            yield "val", doc
+        return
+    for doc in iter_documents(data.source, data):
+        yield ("val" if val_score(doc.text) < data.val_fraction else "train"), doc
+
+
 # --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
@@ -125,8 +141,12 @@ def _iter_raw(source: str, data: DataConfig) -> Iterator[Document]:
     elif source.startswith(HUB_PREFIX):
         yield from _iter_hub(_hub_name(source), data)
     else:
-        for path in resolve_local_files(source):
-            yield from _iter_local_file(path, data)
+        # One `load_dataset` call per run of files with the same loader: the call itself costs
+        # a good part of a second, so one call per file would make a directory of many small
+        # files take minutes to read.
+        files = [p for p in resolve_local_files(source) if p.stat().st_size > 0]
+        for loader, group in itertools.groupby(files, key=_loader_for):
+            yield from _iter_local_files(list(group), loader, data)
 
 
 def _builtin_name(source: str) -> str:
@@ -178,25 +198,39 @@ def _loader_for(path: Path) -> str | None:
     return LOADERS.get(path.suffix.lower())
 
 
-def _iter_local_file(path: Path, data: DataConfig) -> Iterator[Document]:
-    """Stream one file through the matching `datasets` loader, naming the file on any error."""
-    load_dataset = _datasets_loader()
-    loader = _loader_for(path)
-    kwargs = {"sample_by": data.sample_by} if loader == "text" else {}
-    origin = str(path)
-    if path.stat().st_size == 0:
+def _iter_local_files(paths: list[Path], loader: str, data: DataConfig) -> Iterator[Document]:
+    """Stream files through one `datasets` loader; an error names the file it came from."""
+    if len(paths) == 1:
+        yield from _iter_local_file(paths[0], loader, data)
         return
     try:
-        rows = load_dataset(loader, data_files=[str(path)], split="train", streaming=True, **kwargs)
-        first = True
+        yield from _iter_loaded(paths, loader, data, origin=f"{paths[0].parent}")
+    except DataError:
+        # Which file was it? Re-read them one at a time (only ever on this error path) so the
+        # message names the file and the line, as it would for a single-file source.
+        for path in paths:
+            for _ in _iter_local_file(path, loader, data):
+                pass
+        raise
+
+
+def _iter_local_file(path: Path, loader: str, data: DataConfig) -> Iterator[Document]:
+    yield from _iter_loaded([path], loader, data, origin=str(path))
+
+
+def _iter_loaded(paths: list[Path], loader: str, data: DataConfig, origin: str) -> Iterator[Document]:
+    load_dataset = _datasets_loader()
+    kwargs = {"sample_by": data.sample_by} if loader == "text" else {}
+    path = paths[0]
+    try:
+        rows = load_dataset(loader, data_files=[str(p) for p in paths], split="train", streaming=True, **kwargs)
         for row in rows:
             if loader == "text":
                 yield Document(row["text"], origin)
                 continue
-            if first:
+            if data.text_field not in row:
                 _check_text_field(row, data.text_field, origin)
-                first = False
-            text = row.get(data.text_field)
+            text = row[data.text_field]
             if text is None:
                 continue
             if not isinstance(text, str):

@@ -45,14 +45,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = tmp_name(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        commit_tmp(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def commit_tmp(tmp: Path, path: Path) -> None:
+    """Flush a finished temporary file to disk and rename it to ``path``, durably."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -140,3 +140,14 @@ def test_val_source_replaces_the_holdout(tmp_path):
     cfg = DataConfig(source=str(tmp_path / "train"), val_source=str(tmp_path / "val"))
     assert len(list(iter_split(cfg, "train"))) == 10
     assert [d.text for d in iter_split(cfg, "val")] == ["v"]
+
+
+def test_errors_in_a_many_file_source_name_the_file(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "3.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"3.jsonl: line 2 is not valid JSON"):
+        texts(tmp_path)
+    (tmp_path / "3.jsonl").write_text('{"body": "no text here"}\n')
+    with pytest.raises(DataError, match=r"3.jsonl: no field 'text'"):
+        texts(tmp_path)

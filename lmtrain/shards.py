@@ -1,0 +1,508 @@
+"""Token shards: the binary format training reads, its writer, reader, manifest and verifier.
+
+A shard is a file of token ids behind a fixed 256-byte header:
+
+    offset  size  field
+    0       8     magic  b"LMTSHARD"
+    8       4     format version (uint32, currently 1)
+    12      4     bytes per token id: 2 (uint16) or 4 (uint32)
+    16      8     number of token ids in the file (uint64)
+    24      4     vocab size of the tokenizer (uint32)
+    28      4     end-of-text id (uint32)
+    32      32    sha256 of the tokenizer.json that produced it (raw bytes)
+    64      192   reserved, zero
+    256     ...   token ids, little-endian
+
+All integers are little-endian. ``uint16`` is used whenever every id fits (vocab <= 65536).
+Each document's ids are followed by the end-of-text id and documents are concatenated, one
+stream per split (GPT-2's convention), cut into files of ``shard.shard_tokens`` ids.
+
+``data/manifest.json`` lists every shard with its split, token, document and UTF-8 byte counts
+and its sha256. It is written last: a data directory without a manifest is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from lmtrain.config import Config
+from lmtrain.corpus import Document, Split, check_sources, iter_both_splits
+from lmtrain.errors import ShardError
+from lmtrain.fsutil import (TMP_MARKER, atomic_write_json, commit_tmp, remove_stale_tmp,
+                            sha256_file, tmp_name)
+from lmtrain.rundir import data_dir, prepare_run_dir, tokenizer_path
+from lmtrain.tokenizer import eot_id, load_tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LMTSHARD"
+FORMAT_VERSION = 1
+HEADER_BYTES = 256
+_HEADER = struct.Struct("<8sIIQII32s")
+MANIFEST_NAME = "manifest.json"
+SPLITS: tuple[Split, ...] = ("train", "val")
+# Text handed to the encoder per batch: big enough to keep every encoder thread busy, small
+# enough that memory stays flat whatever the corpus size.
+BATCH_TEXT_BYTES = 4 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Header
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    dtype: str  # "uint16" or "uint32"
+    tokens: int
+    vocab_size: int
+    eot_id: int
+    tokenizer_sha256: str
+    version: int = FORMAT_VERSION
+
+    def pack(self) -> bytes:
+        itemsize = 2 if self.dtype == "uint16" else 4
+        raw = _HEADER.pack(MAGIC, self.version, itemsize, self.tokens, self.vocab_size,
+                           self.eot_id, bytes.fromhex(self.tokenizer_sha256))
+        return raw.ljust(HEADER_BYTES, b"\0")
+
+    @classmethod
+    def unpack(cls, raw: bytes, path: Path) -> "ShardHeader":
+        if len(raw) < HEADER_BYTES:
+            raise ShardError(f"{path}: truncated: {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte header")
+        magic, version, itemsize, tokens, vocab, eot, sha = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise ShardError(f"{path}: not an lmtrain shard (wrong magic {magic!r}, expected {MAGIC!r})")
+        if version != FORMAT_VERSION:
+            raise ShardError(f"{path}: shard format version {version}, this lmtrain reads {FORMAT_VERSION}")
+        if itemsize not in (2, 4):
+            raise ShardError(f"{path}: invalid token width {itemsize} bytes in the header")
+        return cls("uint16" if itemsize == 2 else "uint32", tokens, vocab, eot, sha.hex(), version)
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.dtype == "uint16" else 4
+
+    @property
+    def file_bytes(self) -> int:
+        return HEADER_BYTES + self.tokens * self.itemsize
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """The narrowest id type that holds every id of the vocabulary."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def read_header(path: Path) -> ShardHeader:
+    try:
+        with open(path, "rb") as f:
+            return ShardHeader.unpack(f.read(HEADER_BYTES), path)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file is missing; re-run `lmtrain shard --force`") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardRecord:
+    file: str
+    split: str
+    tokens: int
+    documents: int
+    utf8_bytes: int
+    sha256: str
+
+
+class ShardWriter:
+    """Writes one split's token stream into shard files of at most ``shard_tokens`` ids.
+
+    A shard is filled under a temporary name and renamed into place only when it is complete,
+    with its final header; ``abort`` removes whatever is half-written.
+    """
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int, vocab_size: int,
+                 eot: int, tokenizer_sha256: str) -> None:
+        import numpy as np
+
+        self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
+        self.vocab_size, self.eot, self.tokenizer_sha256 = vocab_size, eot, tokenizer_sha256
+        self.dtype = dtype_for_vocab(vocab_size)
+        self._np_dtype = np.dtype(self.dtype).newbyteorder("<")
+        self.records: list[ShardRecord] = []
+        self._file = None
+        self._tmp: Path | None = None
+        self._tokens = self._documents = self._bytes = 0
+
+    def write_document(self, ids: "np.ndarray", utf8_bytes: int) -> None:
+        """Append one document's ids (end-of-text included); it may straddle shards.
+
+        Its document and byte counts go to the shard where it ends.
+        """
+        start = 0
+        while start < len(ids):
+            if self._file is None:
+                self._open()
+            take = min(len(ids) - start, self.shard_tokens - self._tokens)
+            self._file.write(ids[start : start + take].astype(self._np_dtype, copy=False).tobytes())
+            self._tokens += take
+            start += take
+            if start == len(ids):
+                self._documents += 1
+                self._bytes += utf8_bytes
+            if self._tokens == self.shard_tokens:
+                self._finish()
+
+    def close(self) -> list[ShardRecord]:
+        if self._file is not None:
+            self._finish()
+        return self.records
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"{self.split}-{index:05d}.bin"
+
+    def _open(self) -> None:
+        self._tmp = tmp_name(self._path(len(self.records)))
+        self._file = open(self._tmp, "wb")
+        self._file.write(b"\0" * HEADER_BYTES)  # the real header goes in once the count is known
+        self._tokens = self._documents = self._bytes = 0
+
+    def _finish(self) -> None:
+        header = ShardHeader(self.dtype, self._tokens, self.vocab_size, self.eot, self.tokenizer_sha256)
+        self._file.seek(0)
+        self._file.write(header.pack())
+        self._file.close()
+        self._file = None
+        path = self._path(len(self.records))
+        digest = sha256_file(self._tmp)
+        commit_tmp(self._tmp, path)
+        self.records.append(ShardRecord(path.name, self.split, self._tokens, self._documents,
+                                        self._bytes, digest))
+
+
+# --------------------------------------------------------------------------------------------
+# The shard stage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardResult:
+    up_to_date: bool
+    data_dir: str
+    manifest: dict[str, Any]
+    seconds: float = 0.0
+    tokens_per_sec: float = 0.0
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> float:
+        total = self.manifest["splits"]
+        tokens = sum(s["tokens"] - s["documents"] for s in total.values())  # eot ids excluded
+        return sum(s["utf8_bytes"] for s in total.values()) / max(tokens, 1)
+
+
+def build_shards(config: Config, force: bool = False) -> ShardResult:
+    """Encode the corpus into train/val shards under ``RUN_DIR/data`` (or say they are current)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    run_dir = config.run_dir
+    tokenizer = load_tokenizer(run_dir)
+    tok_sha = sha256_file(tokenizer_path(run_dir))
+    eot = eot_id(tokenizer, config.tokenizer.special_tokens)
+    vocab_size = tokenizer.get_vocab_size()
+    out = data_dir(run_dir)
+    fingerprint = shard_fingerprint(config, tok_sha)
+
+    if not force and _is_up_to_date(out, fingerprint):
+        manifest = read_manifest(out)
+        return ShardResult(True, str(out), manifest, splits=manifest["splits"])
+
+    check_sources(config.data)
+    if config.shard.num_proc is not None:
+        # The encoder's thread pool (rayon) reads this when it first starts.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(config.shard.num_proc))
+    prepare_run_dir(config)
+    out.mkdir(exist_ok=True)
+    _clear_data_dir(out)
+
+    writers = {split: ShardWriter(out, split, config.shard.shard_tokens, vocab_size, eot, tok_sha)
+               for split in SPLITS}
+    start = time.perf_counter()
+    total_tokens = total_docs = 0
+    eot_array = np.array([eot], dtype=np.uint32)
+    try:
+        with tqdm(desc="shard", unit="tok", unit_scale=True, leave=False) as bar, \
+                ThreadPoolExecutor(max_workers=1) as pool:
+            # Encode batch k on a worker thread (the encoder releases the GIL) while this
+            # thread writes batch k-1 and reads batch k+1: reading and writing are then
+            # hidden behind the encoder.
+            pending = None
+            for batch in _batches(iter_both_splits(config.data)):
+                future = pool.submit(_encode, tokenizer, batch)
+                if pending is not None:
+                    total_tokens, total_docs = _write_encoded(writers, *pending, eot_array, bar,
+                                                              total_tokens, total_docs)
+                pending = (batch, future)
+            if pending is not None:
+                total_tokens, total_docs = _write_encoded(writers, *pending, eot_array, bar,
+                                                          total_tokens, total_docs)
+        records = [r for split in SPLITS for r in writers[split].close()]
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        _clear_data_dir(out)
+        raise
+    seconds = time.perf_counter() - start
+
+    manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha)
+    for split in SPLITS:
+        if manifest["splits"][split]["tokens"] == 0:
+            _clear_data_dir(out)
+            raise ShardError(_empty_split_message(split, config))
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    log.debug("shard: wrote %d shards to %s", len(records), out)
+    return ShardResult(False, str(out), manifest, seconds, total_tokens / max(seconds, 1e-9),
+                       manifest["splits"])
+
+
+def _encode(tokenizer, batch: list[tuple[Split, Document]]):
+    return tokenizer.encode_batch_fast([doc.text for _, doc in batch], add_special_tokens=False)
+
+
+def _write_encoded(writers, batch, future, eot_array, bar, total_tokens, total_docs):
+    import numpy as np
+
+    for (split, doc), enc in zip(batch, future.result()):
+        ids = np.concatenate([np.asarray(enc.ids, dtype=np.uint32), eot_array])
+        writers[split].write_document(ids, len(doc.text.encode("utf-8", "surrogatepass")))
+        total_tokens += len(ids)
+        total_docs += 1
+    bar.update(sum(len(enc.ids) + 1 for enc in future.result()))
+    bar.set_postfix(docs=total_docs, refresh=False)
+    return total_tokens, total_docs
+
+
+def _batches(docs: Iterable[tuple[Split, Document]]) -> Iterator[list[tuple[Split, Document]]]:
+    batch, size = [], 0
+    for item in docs:
+        batch.append(item)
+        size += len(item[1].text)
+        if size >= BATCH_TEXT_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _empty_split_message(split: str, config: Config) -> str:
+    if split == "val":
+        return (
+            f"the val split came out empty (data.val_fraction={config.data.val_fraction} of too few "
+            "documents): raise data.val_fraction, split a single-file corpus into more documents "
+            "with data.sample_by: paragraph (or line), give data.val_source, or add data"
+        )
+    return "the train split came out empty: lower data.val_fraction or add data"
+
+
+def _clear_data_dir(out: Path) -> None:
+    """Remove the manifest first (so the directory reads as incomplete), then the shards."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    remove_stale_tmp(out)
+    for path in out.glob("*.bin"):
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------
+
+
+def shard_fingerprint(config: Config, tokenizer_sha256: str) -> dict[str, Any]:
+    """Everything the shards' content depends on: when it is unchanged, they are up to date."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": tokenizer_sha256,
+        "special_tokens": list(config.tokenizer.special_tokens),
+        "data": asdict(config.data),
+        "shard_tokens": config.shard.shard_tokens,
+    }
+
+
+def make_manifest(fingerprint: dict, records: list[ShardRecord], vocab_size: int, eot: int,
+                  tokenizer_sha256: str) -> dict[str, Any]:
+    splits = {}
+    for split in SPLITS:
+        mine = [r for r in records if r.split == split]
+        splits[split] = {
+            "shards": len(mine),
+            "tokens": sum(r.tokens for r in mine),
+            "documents": sum(r.documents for r in mine),
+            "utf8_bytes": sum(r.utf8_bytes for r in mine),
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": tokenizer_sha256,
+        "vocab_size": vocab_size,
+        "dtype": dtype_for_vocab(vocab_size),
+        "eot_id": eot,
+        "header_bytes": HEADER_BYTES,
+        "fingerprint": fingerprint,
+        "splits": splits,
+        "shards": [asdict(r) for r in records],
+    }
+
+
+_MANIFEST_KEYS = ("format_version", "tokenizer_sha256", "vocab_size", "dtype", "eot_id", "splits", "shards")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST_NAME
+    if not path.exists():
+        raise ShardError(f"no shards at {directory} (no {MANIFEST_NAME}); run `lmtrain shard` first")
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{path} is not valid JSON ({exc}); re-run `lmtrain shard --force`") from None
+    missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ShardError(f"{path} is missing {', '.join(missing)}; re-run `lmtrain shard --force`")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ShardError(f"{path}: format version {manifest['format_version']}, this lmtrain reads {FORMAT_VERSION}")
+    for entry in manifest["shards"]:
+        _safe_shard_name(entry.get("file"), path)
+    return manifest
+
+
+def _safe_shard_name(name: Any, manifest_path: Path) -> str:
+    """A shard named by the manifest must be a plain file name inside the data directory."""
+    if (not isinstance(name, str) or not name or name != Path(name).name or name in (".", "..")
+            or "/" in name or "\\" in name or TMP_MARKER in name):
+        raise ShardError(f"{manifest_path}: refusing shard name {name!r}: it must be a plain file name "
+                         "inside the data directory")
+    return name
+
+
+def _is_up_to_date(out: Path, fingerprint: dict) -> bool:
+    try:
+        manifest = read_manifest(out)
+    except ShardError:
+        return False
+    if manifest.get("fingerprint") != fingerprint:
+        return False
+    for entry in manifest["shards"]:
+        path = out / entry["file"]
+        if not path.is_file() or path.stat().st_size != HEADER_BYTES + entry["tokens"] * _itemsize(manifest):
+            return False
+    return True
+
+
+def _itemsize(manifest: dict) -> int:
+    return 2 if manifest["dtype"] == "uint16" else 4
+
+
+# --------------------------------------------------------------------------------------------
+# Reader and verifier
+# --------------------------------------------------------------------------------------------
+
+
+def _check_shard(path: Path, entry: dict, manifest: dict) -> ShardHeader:
+    """Header and size of one shard against its manifest entry (no hashing)."""
+    header = read_header(path)
+    expected = {
+        "dtype": manifest["dtype"], "tokens": entry["tokens"], "vocab_size": manifest["vocab_size"],
+        "eot_id": manifest["eot_id"], "tokenizer_sha256": manifest["tokenizer_sha256"],
+    }
+    for key, want in expected.items():
+        got = getattr(header, key)
+        if got != want:
+            raise ShardError(f"{path}: header {key} is {got!r} but the manifest says {want!r}")
+    size = path.stat().st_size
+    if size != header.file_bytes:
+        what = "truncated" if size < header.file_bytes else "has trailing bytes"
+        raise ShardError(f"{path}: {what}: {size} bytes, the header promises {header.file_bytes}; "
+                         "re-run `lmtrain shard --force`")
+    return header
+
+
+def open_split(directory: Path, split: str, tokenizer_sha256: str | None = None) -> list["np.memmap"]:
+    """The split's shards as read-only ``numpy.memmap`` views of their token ids, in order.
+
+    Every header is checked against the manifest first; with ``tokenizer_sha256`` the manifest
+    must also come from that tokenizer. A mismatch is a ``ShardError``, never garbage tokens.
+    """
+    import numpy as np
+
+    manifest = read_manifest(directory)
+    if tokenizer_sha256 is not None and manifest["tokenizer_sha256"] != tokenizer_sha256:
+        raise ShardError(
+            f"the shards in {directory} were made with another tokenizer (sha256 "
+            f"{manifest['tokenizer_sha256'][:12]}…, the run's is {tokenizer_sha256[:12]}…); "
+            "re-run `lmtrain shard --force`"
+        )
+    arrays = []
+    for entry in manifest["shards"]:
+        if entry["split"] != split:
+            continue
+        path = directory / entry["file"]
+        header = _check_shard(path, entry, manifest)
+        if header.tokens:
+            arrays.append(np.memmap(path, dtype=np.dtype(header.dtype).newbyteorder("<"), mode="r",
+                                    offset=HEADER_BYTES, shape=(header.tokens,)))
+    if not arrays:
+        raise ShardError(f"{directory}: the manifest lists no {split} tokens; re-run `lmtrain shard --force`")
+    return arrays
+
+
+@dataclass
+class VerifyResult:
+    shards: int
+    tokens: int
+    bytes_read: int
+
+
+def verify_shards(directory: Path, tokenizer_sha256: str | None = None) -> VerifyResult:
+    """Re-read every shard: header, size and sha256 against the manifest; the first problem raises."""
+    manifest = read_manifest(directory)
+    if tokenizer_sha256 is not None and manifest["tokenizer_sha256"] != tokenizer_sha256:
+        raise ShardError(
+            f"{directory / MANIFEST_NAME}: made with tokenizer sha256 {manifest['tokenizer_sha256'][:12]}…, "
+            f"but the run's tokenizer.json is {tokenizer_sha256[:12]}…; re-run `lmtrain shard --force`"
+        )
+    tokens = bytes_read = 0
+    for split in SPLITS:
+        listed = [e for e in manifest["shards"] if e["split"] == split]
+        totals = manifest["splits"].get(split, {})
+        if sum(e["tokens"] for e in listed) != totals.get("tokens"):
+            raise ShardError(f"{directory / MANIFEST_NAME}: the {split} shards add up to "
+                             f"{sum(e['tokens'] for e in listed)} tokens but the split total says {totals.get('tokens')}")
+    for entry in manifest["shards"]:
+        path = directory / entry["file"]
+        _check_shard(path, entry, manifest)
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
+                             f"{entry['sha256'][:12]}… (the file changed after it was written)")
+        tokens += entry["tokens"]
+        bytes_read += path.stat().st_size
+    return VerifyResult(len(manifest["shards"]), tokens, bytes_read)
