@@ -28,6 +28,7 @@ import logging
 import os
 import struct
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ SPLITS: tuple[Split, ...] = ("train", "val")
 # Text handed to the encoder per batch: big enough to keep every encoder thread busy, small
 # enough that memory stays flat whatever the corpus size.
 BATCH_TEXT_BYTES = 4 << 20
+ENCODE_AHEAD = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +225,6 @@ class ShardResult:
 
 def build_shards(config: Config, force: bool = False) -> ShardResult:
     """Encode the corpus into train/val shards under ``RUN_DIR/data`` (or say they are current)."""
-    import numpy as np
     from tqdm.auto import tqdm
 
     run_dir = config.run_dir
@@ -250,23 +251,22 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
                for split in SPLITS}
     start = time.perf_counter()
     total_tokens = total_docs = 0
-    eot_array = np.array([eot], dtype=np.uint32)
     try:
         with tqdm(desc="shard", unit="tok", unit_scale=True, leave=False) as bar, \
-                ThreadPoolExecutor(max_workers=1) as pool:
-            # Encode batch k on a worker thread (the encoder releases the GIL) while this
-            # thread writes batch k-1 and reads batch k+1: reading and writing are then
-            # hidden behind the encoder.
-            pending = None
+                ThreadPoolExecutor(max_workers=ENCODE_AHEAD) as pool:
+            # Encoding runs on worker threads (the encoder releases the GIL), a few batches
+            # ahead, while this thread reads the next batch and writes finished ones: reading
+            # and writing hide behind the encoder, and no encoder thread idles at the end of
+            # a batch waiting for its slowest document.
+            pending: deque = deque()
             for batch in _batches(iter_both_splits(config.data)):
-                future = pool.submit(_encode, tokenizer, batch)
-                if pending is not None:
-                    total_tokens, total_docs = _write_encoded(writers, *pending, eot_array, bar,
-                                                              total_tokens, total_docs)
-                pending = (batch, future)
-            if pending is not None:
-                total_tokens, total_docs = _write_encoded(writers, *pending, eot_array, bar,
-                                                          total_tokens, total_docs)
+                pending.append((batch, pool.submit(_encode, tokenizer, batch)))
+                if len(pending) > ENCODE_AHEAD:
+                    total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), eot,
+                                                              bar, total_tokens, total_docs)
+            while pending:
+                total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), eot,
+                                                          bar, total_tokens, total_docs)
         records = [r for split in SPLITS for r in writers[split].close()]
     except BaseException:
         for writer in writers.values():
@@ -290,17 +290,20 @@ def _encode(tokenizer, batch: list[tuple[Split, Document]]):
     return tokenizer.encode_batch_fast([doc.text for _, doc in batch], add_special_tokens=False)
 
 
-def _write_encoded(writers, batch, future, eot_array, bar, total_tokens, total_docs):
+def _write_encoded(writers, batch, future, eot: int, bar, total_tokens, total_docs):
     import numpy as np
 
+    batch_tokens = 0
     for (split, doc), enc in zip(batch, future.result()):
-        ids = np.concatenate([np.asarray(enc.ids, dtype=np.uint32), eot_array])
-        writers[split].write_document(ids, len(doc.text.encode("utf-8", "surrogatepass")))
-        total_tokens += len(ids)
-        total_docs += 1
-    bar.update(sum(len(enc.ids) + 1 for enc in future.result()))
-    bar.set_postfix(docs=total_docs, refresh=False)
-    return total_tokens, total_docs
+        ids = enc.ids  # a fresh list each access: take it once
+        ids.append(eot)
+        writer = writers[split]
+        writer.write_document(np.asarray(ids, dtype=writer.dtype),
+                              len(doc.text.encode("utf-8", "surrogatepass")))
+        batch_tokens += len(ids)
+    bar.update(batch_tokens)
+    bar.set_postfix(docs=total_docs + len(batch), refresh=False)
+    return total_tokens + batch_tokens, total_docs + len(batch)
 
 
 def _batches(docs: Iterable[tuple[Split, Document]]) -> Iterator[list[tuple[Split, Document]]]:
