@@ -141,6 +141,48 @@ def shard(
     )
 
 
+@app.command()
+@user_errors
+def train(
+    config: Optional[Path] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    restart: bool = typer.Option(False, "--restart", help="Start over; old checkpoints and TensorBoard logs are moved aside."),
+) -> None:
+    """Train the GPT on the run's shards; resumes from the latest checkpoint if there is one."""
+    from lmtrain.train import TrainingInterrupted, train as run_training
+
+    cfg = _load(config, set_)
+    try:
+        result = run_training(cfg, restart=restart)
+    except TrainingInterrupted as stop:
+        where = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
+        typer.echo(f"stopped at step {stop.step}; wrote {where}\n"
+                   f"resume with: {_resume_hint(config, set_)}", err=True)
+        raise typer.Exit(128 + stop.signum) from None
+    if result.already_done:
+        typer.echo(f"training is already complete: step {result.step} of {result.max_steps} "
+                   f"(raise train.max_steps to train longer, or --restart)")
+        return
+    bpb = f"{result.val_bpb:.4f}" if result.val_bpb is not None else "n/a"
+    loss = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    typer.echo(
+        f"trained to step {result.step} of {result.max_steps}"
+        f"{' (time budget reached)' if result.stopped_by == 'max_minutes' else ''} in {result.seconds:.0f}s, "
+        f"{result.tokens_per_sec:,.0f} tokens/s; val loss {loss}, val bpb {bpb}\n"
+        f"checkpoint {result.checkpoint}\n"
+        f"tensorboard --logdir {result.run_dir / 'tb'}"
+    )
+
+
+def _resume_hint(config: Optional[Path], overrides: Optional[List[str]]) -> str:
+    parts = ["lmtrain train"]
+    if config is not None:
+        parts += ["--config", str(config)]
+    for item in overrides or []:
+        parts += ["--set", item if " " not in item else repr(item)]
+    return " ".join(parts)
+
+
 def main() -> None:
     app(prog_name="lmtrain")
 

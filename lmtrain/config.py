@@ -105,11 +105,84 @@ class ShardConfig:
 
 
 @dataclass
+class ModelConfig:
+    n_layer: int = _opt(4, ge=1, help="transformer blocks")
+    n_head: int = _opt(4, ge=1, help="attention heads per block")
+    n_embd: int = _opt(128, ge=8, help="width of the residual stream")
+    block_size: int = _opt(256, ge=8, help="context length in tokens")
+    dropout: float = _opt(0.0, ge=0.0, lt=1.0, help="dropout probability")
+    bias: bool = _opt(False, help="biases in linear layers and LayerNorm")
+    pos_embedding: Literal["learned", "rope"] = _opt("learned", help="learned (GPT-2) or rope")
+    norm: Literal["layernorm", "rmsnorm"] = _opt("layernorm", help="normalisation layer")
+    mlp: Literal["gelu", "swiglu"] = _opt("gelu", help="gelu with 4x width, or swiglu")
+    tie_embeddings: bool = _opt(True, help="share the token embedding with the LM head")
+    rope_theta: float = _opt(10000.0, gt=0.0, help="base of the rotary frequencies")
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(
+                f"model.pos_embedding: rope needs an even head size, but model.n_embd / model.n_head "
+                f"= {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _opt(16, ge=1, help="sequences per device per micro-step")
+    grad_accum: int = _opt(1, ge=1, help="micro-steps per optimiser step")
+    max_steps: int = _opt(1000, ge=1, help="optimiser steps in total")
+    max_minutes: Optional[float] = _opt(None, gt=0.0, help="wall-clock budget; stops, evaluates, checkpoints")
+    lr: float = _opt(1e-3, gt=0.0, le=1.0, help="peak learning rate")
+    min_lr: float = _opt(1e-4, ge=0.0, le=1.0, help="learning rate at the end of the decay")
+    warmup_steps: int = _opt(100, ge=0, help="linear warmup from 0 to lr")
+    schedule: Literal["cosine", "wsd", "constant"] = _opt("cosine", help="cosine, wsd or constant")
+    decay_fraction: float = _opt(0.2, gt=0.0, le=1.0, help="wsd: share of steps spent decaying")
+    weight_decay: float = _opt(0.1, ge=0.0, help="AdamW decoupled weight decay (matrices only)")
+    beta1: float = _opt(0.9, ge=0.0, lt=1.0, help="AdamW beta1")
+    beta2: float = _opt(0.95, ge=0.0, lt=1.0, help="AdamW beta2")
+    grad_clip: float = _opt(1.0, ge=0.0, help="clip the gradient norm to this; 0 turns clipping off")
+    eval_every: int = _opt(100, ge=1, help="steps between evaluations")
+    eval_batches: int = _opt(20, ge=1, help="val batches per evaluation")
+    checkpoint_every: int = _opt(500, ge=1, help="steps between checkpoints")
+    keep_checkpoints: int = _opt(3, ge=1, help="most recent checkpoints kept (plus best)")
+    log_every: int = _opt(10, ge=1, help="steps between log lines and TensorBoard points")
+    sample_every: int = _opt(0, ge=0, help="steps between TensorBoard text samples; 0 turns them off")
+    max_bad_steps: int = _opt(10, ge=1, help="non-finite steps in a row before training stops")
+    device: Literal["auto", "cpu", "cuda", "mps"] = _opt("auto", help="auto, cpu, cuda or mps")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _opt("auto", help="auto, bf16, fp16 or fp32")
+    compile: Literal["auto", "true", "false"] = _opt("auto", help="torch.compile: auto means on CUDA")
+    peak_tflops: Optional[float] = _opt(None, gt=0.0, help="device peak for MFU; overrides the table")
+
+    def check(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = _opt("", help="text to continue; empty starts from the end-of-text token")
+    max_new_tokens: int = _opt(200, ge=1, help="tokens to generate per sample")
+    temperature: float = _opt(0.8, ge=0.0, help="softmax temperature; 0 means greedy")
+    top_k: Optional[int] = _opt(50, ge=1, help="sample from the k most likely tokens; null for all")
+    top_p: float = _opt(1.0, gt=0.0, le=1.0, help="nucleus sampling: smallest set with this mass")
+    num_samples: int = _opt(1, ge=1, help="samples to generate")
+    seed: Optional[int] = _opt(None, ge=0, help="sampling seed; null means run.seed")
+    stop: list[str] = _opt([], help="stop generating at any of these strings")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,282 @@
+"""Checkpoints: save, find, load and prune, so that training can stop and resume at any moment.
+
+    RUN_DIR/checkpoints/step-00001000/
+        model.safetensors   the weights; the model config in its metadata
+        optimizer.pt        optimiser and grad-scaler state (tensors and plain containers only)
+        state.json          step, tokens seen, val losses, the config, RNG states
+    RUN_DIR/checkpoints/latest   a text file naming the newest complete checkpoint
+    RUN_DIR/checkpoints/best     ... and the one with the lowest val loss
+
+A checkpoint is filled in a temporary directory and renamed into place; only then are ``latest``
+and ``best`` replaced (atomically). So they never name an incomplete checkpoint, and a crash at
+any moment leaves the previous good one in place. Nothing here unpickles arbitrary objects:
+weights are safetensors, ``optimizer.pt`` is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtrain.errors import CheckpointError
+from lmtrain.fsutil import atomic_dir, atomic_write_text, remove_stale_tmp
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+POINTERS = ("latest", "best")
+_NAME = re.compile(r"^step-\d{8}$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state in a safe (JSON) form
+# --------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": _encode(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_encode(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [_decode(s) for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict, with a tied LM head stored once (safetensors refuses shared tensors)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(model_state_for_saving(model), str(path), metadata=metadata)
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; ``CheckpointError`` if it is not one."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every malformation
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}); "
+                              "the checkpoint is corrupt") from None
+    return tensors, metadata
+
+
+def load_weights_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    if getattr(model.config, "tie_embeddings", False):
+        tensors = dict(tensors)
+        tensors.pop("lm_head.weight", None)
+        tensors["lm_head.weight"] = tensors.get("wte.weight")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model "
+                                  f"expects {tuple(expected[key].shape)}")
+    model.load_state_dict(tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SavedCheckpoint:
+    path: Path
+    is_best: bool
+
+
+def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer_state: dict,
+                    state: dict[str, Any], keep: int) -> SavedCheckpoint:
+    """Write ``step-XXXXXXXX/`` atomically, then move ``latest`` (and ``best``) to it, then prune.
+
+    ``state`` must hold ``val_loss`` (the loss measured at this step, or None); ``best`` moves
+    when it is lower than the val loss of the checkpoint ``best`` names now.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(directory)
+    name = checkpoint_name(step)
+    final = directory / name
+    if final.exists():  # a rerun of the same step (resumed after a crash past it): replace
+        shutil.rmtree(final)
+    metadata = {"model_config": json.dumps(state["model_config"]), "step": str(step),
+                "format": "lmtrain-checkpoint-1"}
+    with atomic_dir(final) as tmp:
+        save_weights(model, tmp / MODEL_FILE, metadata)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    atomic_write_text(directory / "latest", name + "\n")
+    is_best = False
+    val_loss = state.get("val_loss")
+    if val_loss is not None:
+        best_loss = _pointer_val_loss(directory, "best")
+        if best_loss is None or val_loss <= best_loss:
+            atomic_write_text(directory / "best", name + "\n")
+            is_best = True
+    prune_checkpoints(directory, keep)
+    return SavedCheckpoint(final, is_best)
+
+
+def _pointer_val_loss(directory: Path, pointer: str) -> float | None:
+    try:
+        state = json.loads((resolve_checkpoint(directory, pointer) / STATE_FILE).read_text("utf-8"))
+        return state.get("val_loss")
+    except (CheckpointError, OSError, json.JSONDecodeError):
+        return None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints, never the ones a pointer names."""
+    protected = set()
+    for pointer in POINTERS:
+        try:
+            protected.add(resolve_checkpoint(directory, pointer).name)
+        except CheckpointError:
+            pass
+    steps = sorted(p for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name))
+    removed = []
+    for path in steps[:-keep] if keep > 0 else steps:
+        if path.name not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(directory: Path, name: str) -> Path:
+    """``latest``, ``best`` or ``step-XXXXXXXX`` -> that checkpoint's directory, inside ``directory``.
+
+    Names read from the pointer files are checked: a pointer that leads outside the checkpoints
+    directory (``..``, an absolute path, a symlink out) is refused.
+    """
+    if name in POINTERS:
+        pointer = directory / name
+        if not pointer.is_file():
+            raise CheckpointError(f"no checkpoint: {pointer} does not exist; train first")
+        target = pointer.read_text("utf-8", errors="replace").strip()
+        if not _NAME.match(target):
+            raise CheckpointError(f"{pointer} names {target!r}, which is not a checkpoint directory "
+                                  "name (step-XXXXXXXX); refusing it")
+        name = target
+    elif not _NAME.match(name):
+        raise CheckpointError(f"unknown checkpoint {name!r}: use latest, best or a step-XXXXXXXX directory")
+    path = directory / name
+    if path.is_symlink() or not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{path} points outside {directory}; refusing it")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    state: dict[str, Any]
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return self.state["model_config"]
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read weights and state of one checkpoint directory, checking that it is whole."""
+    for file in (MODEL_FILE, STATE_FILE):
+        if not (path / file).is_file():
+            raise CheckpointError(f"{path / file} is missing; the checkpoint is incomplete")
+    try:
+        state = json.loads((path / STATE_FILE).read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(state, dict) or "step" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path / STATE_FILE} lacks step or model_config; the checkpoint is corrupt")
+    tensors, metadata = read_weights(path / MODEL_FILE)
+    return LoadedCheckpoint(path, tensors, metadata, state)
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """``optimizer.pt`` through ``torch.load(weights_only=True)``: tensors and containers only."""
+    file = path / OPTIMIZER_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint cannot resume training")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything but tensors; others for truncation
+        raise CheckpointError(f"{file} was refused or is corrupt ({_first_line(exc)}); lmtrain only "
+                              "loads tensors and plain containers from it") from None
+
+
+def move_aside(directory: Path) -> Path | None:
+    """Rename a directory to ``NAME.old-<timestamp>`` (for --restart); nothing is deleted."""
+    if not directory.exists():
+        return None
+    target = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    directory.rename(target)
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,93 @@
+"""Training and validation batches, read straight from the memmapped shards.
+
+A training batch is ``batch_size`` windows of ``block_size + 1`` tokens (inputs and targets
+shifted by one), at random offsets. The offsets are a pure function of (seed, step, micro-batch)
+where the micro-batch index counts across ranks (``micro * world_size + rank``): resuming needs no
+loader state, every rank reads different data, and N ranks with grad_accum G read exactly what
+one process with grad_accum N*G reads.
+
+Validation reads a fixed set of windows, evenly spaced over the val split, the same at every
+evaluation, so val curves are comparable from point to point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmtrain.errors import ShardError
+from lmtrain.shards import open_split
+
+
+class TokenWindows:
+    """Random access to windows of ``window`` consecutive tokens of one split.
+
+    A window never crosses a shard boundary, so each is one slice of one memmap.
+    """
+
+    def __init__(self, data_dir: Path, split: str, window: int, tokenizer_sha256: str | None = None):
+        self.split, self.window = split, window
+        self.shards = open_split(data_dir, split, tokenizer_sha256)
+        starts = np.array([max(len(s) - window + 1, 0) for s in self.shards], dtype=np.int64)
+        if starts.sum() == 0:
+            longest = max(len(s) for s in self.shards)
+            raise ShardError(
+                f"the {split} split has no window of {window} tokens (its longest shard holds "
+                f"{longest}): lower model.block_size to at most {longest - 1}, or give the "
+                f"{split} split more data (data.val_fraction, data.val_source)"
+            )
+        self.cum_starts = np.concatenate([[0], np.cumsum(starts)])
+        self.num_windows = int(self.cum_starts[-1])  # distinct start positions
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def windows(self, positions: np.ndarray) -> np.ndarray:
+        """Windows at global start positions in [0, num_windows): an int64 array (n, window)."""
+        shard_idx = np.searchsorted(self.cum_starts, positions, side="right") - 1
+        out = np.empty((len(positions), self.window), dtype=np.int64)
+        for row, (s, pos) in enumerate(zip(shard_idx, positions)):
+            offset = int(pos - self.cum_starts[s])
+            out[row] = self.shards[s][offset : offset + self.window]
+        return out
+
+
+def micro_batch_positions(windows: TokenWindows, seed: int, step: int, micro_index: int,
+                          batch_size: int) -> np.ndarray:
+    """Start positions of one micro-batch: a pure function of its arguments."""
+    rng = np.random.default_rng([seed, step, micro_index])
+    return rng.integers(0, windows.num_windows, size=batch_size)
+
+
+def to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split windows into inputs and targets; pinned, non-blocking copies on CUDA."""
+    tokens = torch.from_numpy(windows)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+class TrainBatches:
+    """The training stream: ``get(step, micro)`` for this rank."""
+
+    def __init__(self, windows: TokenWindows, seed: int, batch_size: int, rank: int, world_size: int,
+                 device: torch.device):
+        self.windows, self.seed, self.batch_size = windows, seed, batch_size
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = micro * self.world_size + self.rank
+        positions = micro_batch_positions(self.windows, self.seed, step, index, self.batch_size)
+        return to_device(self.windows.windows(positions), self.device)
+
+
+def val_positions(windows: TokenWindows, count: int) -> np.ndarray:
+    """``count`` start positions spread evenly over the val split (non-overlapping when it can)."""
+    if count >= windows.num_windows:
+        return np.arange(windows.num_windows, dtype=np.int64)
+    return np.linspace(0, windows.num_windows - 1, count).round().astype(np.int64)

@@ -1,0 +1,78 @@
+"""torchrun / DistributedDataParallel setup.
+
+``torchrun --nproc_per_node=N -m lmtrain train --config C`` sets RANK, WORLD_SIZE and LOCAL_RANK
+in each process; we read them, join the process group (NCCL on CUDA, gloo on CPU) and give each
+process its own GPU. Without those variables everything runs as a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lmtrain.errors import LmtrainError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_environment() -> DistInfo:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    try:
+        return DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")),
+                        int(os.environ["WORLD_SIZE"]))
+    except ValueError:
+        raise LmtrainError("RANK, LOCAL_RANK and WORLD_SIZE must be integers (set by torchrun)") from None
+
+
+def init(info: DistInfo, device_type: str) -> None:
+    """Join the process group; every rank must call this."""
+    if not info.enabled or dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank (so every rank takes the same branch)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,270 @@
+"""The GPT: a decoder-only transformer in plain PyTorch, readable top to bottom.
+
+    tokens -> token embedding (+ learned positions) -> n_layer x Block -> final norm -> LM head
+
+    Block(x) = x + Attention(Norm(x))      causal self-attention, optionally with RoPE
+             = x + MLP(Norm(x))            GELU 4x, or SwiGLU
+
+Choices are config keys (``model.*``): learned or rotary positions, LayerNorm or RMSNorm, GELU
+or SwiGLU, tied or separate input/output embeddings. The embedding table is padded to a multiple
+of 64 rows because matmuls with such shapes are markedly faster on GPUs; the padded rows are
+sliced off the logits, so they are never sampled and never enter the loss.
+
+Generation keeps a key/value cache (``KVCache``): the prompt is processed once, then each new
+token costs one forward pass over one position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB_MULTIPLE = 64
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = False
+    pos_embedding: str = "learned"  # "learned" or "rope"
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"  # "gelu" or "swiglu"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-6)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim // 2) for positions 0..length-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of a (B, H, T, D) tensor by position."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Key/value cache for generation
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for ``batch`` sequences of ``length`` positions."""
+
+    def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype) -> None:
+        shape = (batch, config.n_head, length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = length
+        self.pos = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values at ``pos``; return every key/value so far."""
+        end = self.pos + k.size(2)
+        self.keys[layer][:, :, self.pos:end] = k
+        self.values[layer][:, :, self.pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.is_residual_projection = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rope = config.pos_embedding == "rope"
+
+    def forward(self, x, rope=None, cache: KVCache | None = None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            mask, causal = None, True
+        else:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)
+            if past == 0:
+                mask, causal = None, True
+            elif T == 1:
+                mask, causal = None, False  # one new query sees every cached position
+            else:
+                # New queries see all past positions and the new ones up to themselves.
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            # 2/3 of 4x keeps the parameter count of the GELU MLP (three matrices instead of two),
+            # rounded up to a multiple of 64 for fast matmuls.
+            hidden = math.ceil(int(8 * config.n_embd / 3) / 64) * 64
+            self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        else:
+            hidden = 4 * config.n_embd
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.up(x)
+        else:
+            h = F.gelu(self.up(x), approximate="tanh")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.norm1(x), rope, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_embedding == "rope":
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02), with the projections that write into the residual stream scaled
+        # by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None):
+        """Logits over the real vocabulary for every position; the mean loss if ``targets``."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        if targets is None and cache is not None:
+            x = x[:, -1:, :]  # generation needs the last position only
+        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    # ---------------------------------------------------------------------------------------
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters, each shared tensor counted once; without the embedding tables if asked."""
+        total = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            total -= self.wte.weight.numel()
+            if self.wpe is not None:
+                total -= self.wpe.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention.
+
+        N excludes the embedding tables but includes the LM head (a real matmul even when tied);
+        attention adds 12 * n_layer * n_embd * T (PaLM, appendix B).
+        """
+        c = self.config
+        T = seq_len or c.block_size
+        n = self.num_params(embeddings=False)
+        if c.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * T
