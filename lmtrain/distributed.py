@@ -76,3 +76,16 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def check_replicas_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device) -> None:
+    """Raise if the ranks' weights differ (a bug: DDP keeps them identical)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("DDP replicas have diverged: their weights differ across ranks")

@@ -515,6 +515,10 @@ class Trainer:
 
     def _save(self, step: int, val: dict[str, float] | None) -> None:
         self.last_checkpoint = None
+        if self.info.enabled:
+            dist_util.check_replicas_in_sync(self.model, self.info, self.device)
+            if self.info.is_main:
+                log.info("step %d: all %d replicas hold identical weights", step, self.info.world_size)
         if self.info.is_main:
             state = {
                 **{k: v for k, v in self.state.items()},

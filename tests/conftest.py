@@ -68,3 +68,47 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", "lmtrain", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=input,
     )
+
+
+TINY_TRAIN = {
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+    "train": {"batch_size": 4, "max_steps": 20, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4,
+              "eval_every": 5, "eval_batches": 2, "checkpoint_every": 10, "log_every": 1,
+              "keep_checkpoints": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def prepared_run(tmp_path_factory):
+    """A run directory with a tokenizer and shards (built once), for tests that train."""
+    from lmtrain.config import load_config
+    from lmtrain.shards import build_shards
+    from lmtrain.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = make_text_corpus(root / "corpus", n_docs=120)
+    cfg = load_config(None, [f"run.dir={root / 'run'}", f"data.source={corpus}", "tokenizer.vocab_size=300",
+                             "data.val_fraction=0.15", "shard.shard_tokens=8192"])
+    train_tokenizer(cfg)
+    build_shards(cfg)
+    return root / "run", corpus
+
+
+@pytest.fixture
+def tiny_run(tmp_path, prepared_run):
+    """A fresh copy of the prepared run and a config path for a tiny model; returns (config, run_dir)."""
+    import shutil
+
+    source_run, corpus = prepared_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for part in ("tokenizer", "data"):
+        shutil.copytree(source_run / part, run_dir / part)
+    config = write_config(tmp_path / "config.yaml", run_dir, corpus, **TINY_TRAIN)
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["val_fraction"] = 0.15
+    raw["shard"] = {"shard_tokens": 8192}
+    config.write_text(yaml.safe_dump(raw))
+    return config, run_dir

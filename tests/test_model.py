@@ -1,0 +1,102 @@
+"""The GPT: shapes, causality, parameter counts, every architecture option trains, cache = no cache."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lmtrain.config import load_config
+from lmtrain.errors import ConfigError
+from lmtrain.model import GPT, GPTConfig, KVCache
+
+VARIANTS = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    base = dict(vocab_size=301, n_layer=2, n_head=2, n_embd=32, block_size=16)
+    base.update(kw)
+    return GPT(GPTConfig(**base))
+
+
+def test_logits_cover_the_real_vocab_only():
+    model = tiny()
+    assert model.wte.weight.shape[0] == 320  # padded to a multiple of 64
+    logits, loss = model(torch.randint(0, 301, (3, 16)), torch.randint(0, 301, (3, 16)))
+    assert logits.shape == (3, 16, 301)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("pos, norm, mlp", VARIANTS)
+def test_future_tokens_never_change_past_logits(pos, norm, mlp):
+    model = tiny(pos_embedding=pos, norm=norm, mlp=mlp).eval()
+    idx = torch.randint(0, 301, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 301, (2, 6))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.equal(a[:, 10:], b[:, 10:])
+
+
+def test_parameter_counts_tied_and_untied():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    unique = sum(p.numel() for p in {id(p): p for p in tied.parameters()}.values())
+    assert tied.num_params() == unique
+    assert untied.num_params() - tied.num_params() == 320 * 32
+    wte, wpe = 320 * 32, 16 * 32
+    assert tied.num_params(embeddings=False) == tied.num_params() - wte - wpe
+    # 6N + attention, N counting the LM head matmul once.
+    n = tied.num_params(embeddings=False) + wte
+    assert tied.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
+
+
+@pytest.mark.parametrize("pos, norm, mlp", VARIANTS)
+def test_every_variant_learns(pos, norm, mlp):
+    model = tiny(pos_embedding=pos, norm=norm, mlp=mlp, bias=True)
+    data = torch.randint(0, 301, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        _, loss = model(data[:, :-1], data[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_kv_cache_matches_full_recomputation(pos):
+    model = tiny(pos_embedding=pos).eval()
+    idx = torch.randint(0, 301, (2, 12))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, 16, "cpu", torch.float32)
+    prefix, _ = model(idx[:, :5], cache=cache)
+    torch.testing.assert_close(prefix[:, -1], full[:, 4])
+    chunk, _ = model(idx[:, 5:8], cache=cache)  # several new positions at once, with a past
+    torch.testing.assert_close(chunk[:, -1], full[:, 7])
+    for t in range(8, 12):
+        step, _ = model(idx[:, t:t + 1], cache=cache)
+        torch.testing.assert_close(step[:, -1], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_embd=100", "model.n_head=3"], "model.n_embd (100) must be divisible by model.n_head (3)"),
+    (["model.n_embd=96", "model.n_head=32", "model.pos_embedding=rope"], "rope needs an even head size"),
+    (["model.mlp=relu"], "model.mlp: must be one of 'gelu', 'swiglu'"),
+    (["train.min_lr=0.1", "train.lr=0.01"], "train.min_lr (0.1) must not exceed train.lr (0.01)"),
+    (["train.lr=5"], "train.lr: must be > 0.0 and <= 1.0, got 5"),
+    (["train.batch_size=0"], "train.batch_size: must be >= 1, got 0"),
+])
+def test_invalid_shapes_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
