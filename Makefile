@@ -31,7 +31,7 @@ test-fast: install
 
 # The main job on the embedded default corpus.
 demo: install
-	$(BIN)/lmtrain tokenize --force
+	$(BIN)/lmtrain run
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -174,6 +174,143 @@ def train(
     )
 
 
+RunOption = typer.Option(..., "--run", "-r", help="The run directory (run.dir of its config).")
+CheckpointOption = typer.Option("latest", "--checkpoint", help="latest, best, or a step-XXXXXXXX directory name.")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+
+
+@app.command()
+@user_errors
+def sample(
+    run: Path = RunOption,
+    checkpoint: str = CheckpointOption,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue; '-' reads stdin."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file ('-' for stdin)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens per sample."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Softmax temperature (0: greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="How many samples."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same output (default: the config's)."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
+    device: str = DeviceOption,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (slow; for checks)."),
+) -> None:
+    """Generate text from a checkpoint; text streams to stdout, statistics go to stderr."""
+    from lmtrain.sample import SampleOptions, sample as run_sample
+
+    text = _read_prompt(prompt, prompt_file)
+    options = SampleOptions(checkpoint=checkpoint, prompt=text, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                            num_samples=num_samples, seed=seed, stop=list(stop or []), device=device,
+                            use_cache=not no_cache)
+    current = {"index": -1}
+    shown_prompt = {"text": None}
+
+    def on_text(index: int, piece: str) -> None:
+        if index != current["index"]:
+            if index > 0:
+                sys.stdout.write(f"\n\n---------- sample {index + 1} ----------\n")
+            elif shown_prompt["text"] is None and options.num_samples not in (None, 1):
+                sys.stdout.write("---------- sample 1 ----------\n")
+            current["index"] = index
+            if text:
+                sys.stdout.write(text)
+            shown_prompt["text"] = text
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    stats = run_sample(run, options, on_text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    typer.echo(f"[{stats.tokens} tokens in {stats.seconds:.2f}s, {stats.tokens_per_sec:,.1f} tokens/s, "
+               f"{stats.checkpoint.name} on {stats.device}]", err=True)
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional[str]:
+    from lmtrain.errors import LmtrainError
+
+    if prompt is not None and prompt_file is not None:
+        raise LmtrainError("give either --prompt or --prompt-file, not both")
+    if prompt == "-" or (prompt_file is not None and str(prompt_file) == "-"):
+        return sys.stdin.read()
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LmtrainError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
+    return prompt
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(
+    run: Path = RunOption,
+    checkpoint: str = CheckpointOption,
+    data: Optional[str] = typer.Option(None, "--data", help="Score this corpus (data.source syntax) instead of the val split."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=2, help="Score at most this many tokens."),
+    device: str = DeviceOption,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Loss, perplexity and bits per byte of a checkpoint on the val split or any corpus."""
+    import json
+
+    from lmtrain.evaluate import evaluate
+
+    result = evaluate(run, checkpoint, data, device, batch_size, max_tokens)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    rows = [("data", result.source), ("checkpoint", f"{result.checkpoint} (step {result.step})"),
+            ("tokens scored", f"{result.tokens:,}"), ("UTF-8 bytes", f"{result.bytes:,}"),
+            ("loss (nats/token)", f"{result.loss:.4f}"), ("perplexity", f"{result.ppl:.2f}"),
+            ("bits per byte", f"{result.bpb:.4f}")]
+    if result.unigram_bpb is not None:
+        rows.append(("unigram byte baseline bpb", f"{result.unigram_bpb:.4f}"))
+    width = max(len(name) for name, _ in rows)
+    typer.echo("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+
+
+@app.command()
+@user_errors
+def run(
+    config: Optional[Path] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """The whole pipeline: tokenize, shard, train, sample; finished stages are skipped."""
+    from lmtrain.pipeline import run_pipeline
+    from lmtrain.train import TrainingInterrupted
+
+    cfg = _load(config, set_)
+
+    def report(stage: str, message: str) -> None:
+        typer.echo(f"[{stage}] {message}", err=True)
+
+    prompt = cfg.sample.prompt
+
+    def on_sample_text(piece: str) -> None:
+        if not on_sample_text.started:
+            sys.stdout.write(prompt)
+            on_sample_text.started = True
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    on_sample_text.started = False
+    try:
+        result = run_pipeline(cfg, report, on_sample_text)
+    except TrainingInterrupted as stop:
+        typer.echo(f"stopped at step {stop.step}; wrote checkpoint {stop.checkpoint}\n"
+                   f"resume with: {_resume_hint(config, set_).replace('lmtrain train', 'lmtrain run')}", err=True)
+        raise typer.Exit(128 + stop.signum) from None
+    sys.stdout.write("\n")
+    baseline = f" (unigram byte baseline {result.unigram_bpb:.3f})" if result.unigram_bpb is not None else ""
+    bpb = f"{result.val_bpb:.4f}" if result.val_bpb is not None else "n/a"
+    typer.echo(f"\nval bpb {bpb}{baseline}\n"
+               f"watch it learn: tensorboard --logdir {cfg.run_dir / 'tb'}")
+
+
 def _resume_hint(config: Optional[Path], overrides: Optional[List[str]]) -> str:
     parts = ["lmtrain train"]
     if config is not None:

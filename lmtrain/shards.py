@@ -145,6 +145,8 @@ class ShardWriter:
         self.dtype = dtype_for_vocab(vocab_size)
         self._np_dtype = np.dtype(self.dtype).newbyteorder("<")
         self.records: list[ShardRecord] = []
+        # How often each byte value occurs in the split's text: the unigram byte baseline.
+        self.byte_counts = np.zeros(256, dtype=np.int64)
         self._file = None
         self._tmp: Path | None = None
         self._tokens = self._documents = self._bytes = 0
@@ -275,7 +277,8 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
         raise
     seconds = time.perf_counter() - start
 
-    manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha)
+    manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha,
+                             {split: writers[split].byte_counts.tolist() for split in SPLITS})
     for split in SPLITS:
         if manifest["splits"][split]["tokens"] == 0:
             _clear_data_dir(out)
@@ -298,8 +301,9 @@ def _write_encoded(writers, batch, future, eot: int, bar, total_tokens, total_do
         ids = enc.ids  # a fresh list each access: take it once
         ids.append(eot)
         writer = writers[split]
-        writer.write_document(np.asarray(ids, dtype=writer.dtype),
-                              len(doc.text.encode("utf-8", "surrogatepass")))
+        raw = doc.text.encode("utf-8", "surrogatepass")
+        writer.write_document(np.asarray(ids, dtype=writer.dtype), len(raw))
+        writer.byte_counts += np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256)
         batch_tokens += len(ids)
     bar.update(batch_tokens)
     bar.set_postfix(docs=total_docs + len(batch), refresh=False)
@@ -353,7 +357,7 @@ def shard_fingerprint(config: Config, tokenizer_sha256: str) -> dict[str, Any]:
 
 
 def make_manifest(fingerprint: dict, records: list[ShardRecord], vocab_size: int, eot: int,
-                  tokenizer_sha256: str) -> dict[str, Any]:
+                  tokenizer_sha256: str, byte_counts: dict[str, list[int]] | None = None) -> dict[str, Any]:
     splits = {}
     for split in SPLITS:
         mine = [r for r in records if r.split == split]
@@ -363,6 +367,8 @@ def make_manifest(fingerprint: dict, records: list[ShardRecord], vocab_size: int
             "documents": sum(r.documents for r in mine),
             "utf8_bytes": sum(r.utf8_bytes for r in mine),
         }
+        if byte_counts is not None:
+            splits[split]["byte_counts"] = byte_counts[split]
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tokenizer_sha256,
@@ -422,6 +428,24 @@ def _is_up_to_date(out: Path, fingerprint: dict) -> bool:
 
 def _itemsize(manifest: dict) -> int:
     return 2 if manifest["dtype"] == "uint16" else 4
+
+
+def unigram_byte_bpb(manifest: dict[str, Any]) -> float | None:
+    """Bits per byte of the val split under a unigram byte model fitted on the train split.
+
+    The floor any language model must clear: it knows how often each byte occurs, nothing more.
+    Add-one smoothing keeps bytes unseen in training finite.
+    """
+    import numpy as np
+
+    splits = manifest["splits"]
+    if "byte_counts" not in splits.get("train", {}) or "byte_counts" not in splits.get("val", {}):
+        return None
+    train = np.asarray(splits["train"]["byte_counts"], dtype=np.float64) + 1.0
+    val = np.asarray(splits["val"]["byte_counts"], dtype=np.float64)
+    if val.sum() == 0:
+        return None
+    return float(-(val * np.log2(train / train.sum())).sum() / val.sum())
 
 
 # --------------------------------------------------------------------------------------------

@@ -258,7 +258,8 @@ class Trainer:
         torch.manual_seed(self.config.run.seed)
         self.model = build_model(self.config, self.manifest["vocab_size"])
         self.state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val_loss": None,
-                                      "train_seconds": 0.0, "skipped_steps": 0}
+                                      "train_seconds": 0.0, "skipped_steps": 0,
+                                      "last_val": None}
         resume = self._find_resume_checkpoint()
         if resume is not None:
             loaded = ckpt.load_checkpoint(resume)

@@ -207,3 +207,15 @@ def test_cli_shard_and_verify(tmp_path, text_corpus):
     bad = run_cli("shard", "--config", str(config), "--verify")
     assert bad.returncode == 2
     assert "val-00000.bin: sha256" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unigram_byte_baseline(sharded):
+    import math
+
+    cfg, result = sharded
+    val_text = "".join(d.text for d in iter_split(cfg.data, "val")).encode()
+    train_text = "".join(d.text for d in iter_split(cfg.data, "train")).encode()
+    counts = [train_text.count(bytes([b])) + 1 for b in range(256)]
+    total = sum(counts)
+    expected = -sum(math.log2(counts[b] / total) for b in val_text) / len(val_text)
+    assert shards.unigram_byte_bpb(result.manifest) == pytest.approx(expected, rel=1e-9)

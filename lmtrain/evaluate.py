@@ -1,0 +1,131 @@
+"""`lmtrain eval`: loss, perplexity and bits per byte of a checkpoint on a corpus.
+
+Every token of the text is scored exactly once: the token stream is cut into consecutive windows
+of ``block_size + 1`` tokens that overlap by one (the last target of a window is the first input
+of the next). Bits per byte divide the summed loss by the text's UTF-8 bytes, so the number does
+not depend on the tokenizer and models with different vocabularies compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from lmtrain.inference import LoadedModel, load_model
+from lmtrain.rundir import data_dir
+from lmtrain.shards import open_split, read_manifest, unigram_byte_bpb
+
+
+@dataclass
+class EvalResult:
+    source: str
+    checkpoint: str
+    step: int
+    loss: float
+    ppl: float
+    bpb: float
+    tokens: int
+    bytes: int
+    unigram_bpb: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None = None,
+             device: str = "auto", batch_size: int = 8, max_tokens: int | None = None) -> EvalResult:
+    """Score a checkpoint on the run's val split, or on ``data_source`` (any ``data.source``)."""
+    loaded = load_model(run_dir, checkpoint, device)
+    unigram = None
+    if data_source is None:
+        manifest = read_manifest(data_dir(run_dir))
+        stream = np.concatenate(open_split(data_dir(run_dir), "val", manifest["tokenizer_sha256"]))
+        total_tokens = len(stream)
+        n_bytes = manifest["splits"]["val"]["utf8_bytes"]
+        if max_tokens is not None and max_tokens < total_tokens:
+            # A prefix of the split: scale its bytes by the share of tokens kept (an estimate).
+            n_bytes = round(n_bytes * max_tokens / total_tokens)
+            stream = stream[:max_tokens]
+        unigram = unigram_byte_bpb(manifest)
+        source = "val split"
+    else:
+        stream, n_bytes = _tokenize_source(loaded, data_source, max_tokens)
+        source = data_source
+    nll, scored = score_stream(loaded, np.asarray(stream, dtype=np.int64), batch_size)
+    loss = nll / max(scored, 1)
+    return EvalResult(source=source, checkpoint=loaded.checkpoint.name, step=loaded.step, loss=loss,
+                      ppl=math.exp(min(loss, 50.0)), bpb=nll / math.log(2) / max(n_bytes, 1),
+                      tokens=scored, bytes=n_bytes, unigram_bpb=unigram)
+
+
+def _tokenize_source(loaded: LoadedModel, source: str, max_tokens: int | None) -> tuple[np.ndarray, int]:
+    """All documents of ``source``, each followed by end-of-text, as one stream; and their bytes."""
+    from lmtrain.config import DataConfig
+    from lmtrain.corpus import check_sources, iter_documents
+    from lmtrain.errors import DataError
+
+    data = DataConfig(**{**vars(loaded.config.data), "source": source, "val_source": None})
+    check_sources(data)
+    pieces, n_bytes, count = [], 0, 0
+    for batch in _chunks(iter_documents(source, data), 256):
+        for doc, enc in zip(batch, loaded.tokenizer.encode_batch_fast([d.text for d in batch],
+                                                                      add_special_tokens=False)):
+            pieces.append(np.asarray(enc.ids + [loaded.eot_id], dtype=np.int64))
+            n_bytes += len(doc.text.encode("utf-8", "surrogatepass"))
+            count += len(pieces[-1])
+        if max_tokens is not None and count >= max_tokens:
+            break
+    if not pieces:
+        raise DataError(f"--data {source}: no non-empty documents")
+    return np.concatenate(pieces), n_bytes
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_stream(loaded: LoadedModel, stream: np.ndarray, batch_size: int) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of every token of ``stream`` but the first."""
+    model, device = loaded.model, loaded.device
+    block = model.config.block_size
+    starts = list(range(0, max(len(stream) - 1, 0), block))
+    total, scored = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        group = [stream[s : s + block + 1] for s in starts[i : i + batch_size]]
+        for window in _same_length_groups(group):
+            tokens = torch.from_numpy(np.stack(window)).to(device)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            ctx = (torch.autocast(device.type, dtype=loaded.amp_dtype) if loaded.amp_dtype
+                   else contextlib.nullcontext())
+            with ctx:
+                logits, _ = model(x)
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            total += float(nll)
+            scored += y.numel()
+    return total, scored
+
+
+def _same_length_groups(windows: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """Full windows together, the shorter last window on its own."""
+    full = [w for w in windows if len(w) == len(windows[0])]
+    rest = [w for w in windows if len(w) != len(windows[0])]
+    if full:
+        yield full
+    for w in rest:
+        if len(w) > 1:
+            yield [w]

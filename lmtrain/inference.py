@@ -1,0 +1,80 @@
+"""Loading a trained checkpoint for inference (sampling and evaluation).
+
+Builds the model from the checkpoint's own model config (the weights' shapes are the truth),
+checks that config against the run's ``config.yaml``, and picks the device and precision:
+the training precision on a GPU, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmtrain import checkpoint as ckpt
+from lmtrain.config import Config, load_config, resolved_config_path
+from lmtrain.errors import CheckpointError, RunDirError
+from lmtrain.model import GPT, GPTConfig
+from lmtrain.rundir import checkpoints_dir
+from lmtrain.tokenizer import eot_id, load_tokenizer
+from lmtrain.train import AMP_DTYPES, resolve_device
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: "Tokenizer"
+    config: Config
+    checkpoint: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    eot_id: int
+    step: int
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = resolved_config_path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"no run directory at {run_dir}")
+    if not path.exists():
+        raise RunDirError(f"{run_dir} has no config.yaml; is it a run directory?")
+    return load_config(path)
+
+
+def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") -> LoadedModel:
+    config = load_run_config(run_dir)
+    directory = checkpoints_dir(run_dir)
+    if not ckpt.list_checkpoints(directory):
+        raise CheckpointError(f"{run_dir} has no checkpoint yet; train first (`lmtrain train`)")
+    path = ckpt.resolve_checkpoint(directory, checkpoint)
+    loaded = ckpt.load_checkpoint(path)
+    try:
+        model_config = GPTConfig(**loaded.model_config)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: unreadable model config ({exc})") from None
+    _check_against_run_config(model_config, config, path)
+    tokenizer = load_tokenizer(run_dir)
+    if tokenizer.get_vocab_size() != model_config.vocab_size:
+        raise CheckpointError(f"{path}: the model has {model_config.vocab_size} tokens but the run's "
+                              f"tokenizer has {tokenizer.get_vocab_size()}")
+    torch_device = resolve_device(device)
+    model = GPT(model_config)
+    ckpt.load_weights_into(model, loaded.tensors, path / ckpt.MODEL_FILE)
+    model.to(torch_device).eval()
+    precision = loaded.state.get("precision", "fp32")
+    amp = AMP_DTYPES.get(precision) if torch_device.type == "cuda" else None
+    return LoadedModel(model, tokenizer, config, path, torch_device, amp,
+                       eot_id(tokenizer, config.tokenizer.special_tokens), int(loaded.state["step"]))
+
+
+def _check_against_run_config(model_config: GPTConfig, config: Config, path: Path) -> None:
+    have = model_config.to_dict()
+    diffs = [f"model.{key}: checkpoint {have[key]!r}, config {value!r}"
+             for key, value in vars(config.model).items() if key in have and have[key] != value]
+    if diffs:
+        raise CheckpointError(f"{path} does not match the run's config.yaml ({'; '.join(diffs)})")

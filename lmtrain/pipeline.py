@@ -1,0 +1,66 @@
+"""`lmtrain run`: tokenize, shard, train and sample one config, skipping what is already done.
+
+Each stage is the same library call its own command makes; ``run_pipeline`` only decides which
+ones still have work: a tokenizer that exists is kept, shards whose manifest matches are kept,
+training resumes from its latest checkpoint (or is already complete), and a sample is drawn at
+the end. Progress is reported through a callback, so the library prints nothing itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from lmtrain.config import Config
+from lmtrain.rundir import tokenizer_path
+
+
+@dataclass
+class PipelineResult:
+    tokenizer: str  # "trained" or "kept"
+    shards: str  # "built" or "up to date"
+    train: object  # TrainResult
+    sample: str
+    val_bpb: float | None
+    unigram_bpb: float | None
+
+
+def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda stage, msg: None,
+                 on_sample_text: Callable[[str], None] = lambda text: None) -> PipelineResult:
+    from lmtrain.sample import SampleOptions, sample
+    from lmtrain.shards import build_shards, unigram_byte_bpb
+    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.train import train
+
+    run_dir = config.run_dir
+    if tokenizer_path(run_dir).exists():
+        tokenizer_state = "kept"
+        report("tokenize", f"tokenizer present in {tokenizer_path(run_dir).parent}; skipped")
+    else:
+        stats = train_tokenizer(config)
+        tokenizer_state = "trained"
+        report("tokenize", f"vocab {stats.vocab_size}, {stats.bytes_per_token or 0:.3f} bytes/token, "
+                           f"{stats.documents} documents in {stats.train_seconds:.1f}s")
+
+    shards = build_shards(config)
+    splits = shards.splits
+    if shards.up_to_date:
+        report("shard", f"shards up to date (train {splits['train']['tokens']:,} tokens, "
+                        f"val {splits['val']['tokens']:,}); skipped")
+    else:
+        report("shard", f"train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens "
+                        f"in {shards.seconds:.1f}s")
+
+    result = train(config)
+    if result.already_done:
+        report("train", f"training complete at step {result.step}; skipped")
+    else:
+        what = f"resumed from {result.resumed_from}" if result.resumed_from else "trained"
+        report("train", f"{what} to step {result.step} in {result.seconds:.0f}s, "
+                        f"{result.tokens_per_sec:,.0f} tokens/s")
+
+    report("sample", f"prompt {config.sample.prompt!r}")
+    stats = sample(run_dir, SampleOptions(), on_text=lambda i, piece: on_sample_text(piece))
+    return PipelineResult(tokenizer_state, "up to date" if shards.up_to_date else "built", result,
+                          stats.samples[0] if stats.samples else "", result.val_bpb,
+                          unigram_byte_bpb(shards.manifest))

@@ -1,0 +1,173 @@
+"""`lmtrain sample`: generate text from a checkpoint, streamed as it is produced.
+
+Text is handed to a callback piece by piece. Pieces are whole characters: a token can end in
+the middle of a multi-byte UTF-8 character, so decoded text that ends in an incomplete character
+is held back until the next token completes it. Text that could still turn out to be the start
+of a stop string is held back too, so a stop string is never half printed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lmtrain.errors import ConfigError, LmtrainError
+from lmtrain.generate import SamplingParams, generate, generate_uncached
+from lmtrain.inference import LoadedModel, load_model
+
+REPLACEMENT = "\ufffd"
+
+
+@dataclass
+class SampleOptions:
+    """What to generate; ``None`` fields fall back to the run config's ``sample`` section."""
+
+    checkpoint: str = "latest"
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    greedy: bool = False
+    num_samples: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    device: str = "auto"
+    use_cache: bool = True
+
+
+@dataclass
+class SampleStats:
+    samples: list[str]
+    tokens: int
+    seconds: float
+    checkpoint: Path
+    device: str
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def sample(run_dir: Path, options: SampleOptions,
+           on_text: Callable[[int, str], None] = lambda i, text: None) -> SampleStats:
+    """Generate ``num_samples`` continuations; ``on_text(sample_index, piece)`` streams them."""
+    loaded = load_model(run_dir, options.checkpoint, options.device)
+    cfg = loaded.config.sample
+    params = SamplingParams(
+        temperature=0.0 if options.greedy else _pick(options.temperature, cfg.temperature),
+        top_k=_pick(options.top_k, cfg.top_k),
+        top_p=_pick(options.top_p, cfg.top_p),
+    )
+    validate_params(params)
+    max_new = _pick(options.max_new_tokens, cfg.max_new_tokens)
+    if max_new < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new}")
+    num_samples = _pick(options.num_samples, cfg.num_samples)
+    seed = _pick(options.seed, cfg.seed if cfg.seed is not None else loaded.config.run.seed)
+    stops = [s for s in (options.stop or cfg.stop) if s]
+    prompt_text = _pick(options.prompt, cfg.prompt)
+    prompt_ids = prompt_tokens(loaded, prompt_text)
+
+    generator = torch.Generator().manual_seed(seed)
+    texts, total_tokens = [], 0
+    start = time.perf_counter()
+    for index in range(num_samples):
+        text, n = _one_sample(loaded, prompt_ids, max_new, params, generator, stops, options.use_cache,
+                              lambda piece, i=index: on_text(i, piece))
+        texts.append(text)
+        total_tokens += n
+    seconds = time.perf_counter() - start
+    return SampleStats(texts, total_tokens, seconds, loaded.checkpoint, str(loaded.device))
+
+
+def validate_params(params: SamplingParams) -> None:
+    if params.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 means greedy), got {params.temperature}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ConfigError(f"--top-p must be in (0, 1], got {params.top_p}")
+    if params.top_k is not None and params.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {params.top_k}")
+
+
+def prompt_tokens(loaded: LoadedModel, text: str) -> list[int]:
+    """The prompt's ids; an empty prompt starts from the end-of-text token."""
+    if not text:
+        return [loaded.eot_id]
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+    block = loaded.model.config.block_size
+    if len(ids) >= block and loaded.model.config.pos_embedding == "learned":
+        raise LmtrainError(
+            f"the prompt is {len(ids)} tokens; with learned positions it must be shorter than the "
+            f"context (model.block_size = {block}), to leave room for new tokens"
+        )
+    return ids
+
+
+def _one_sample(loaded: LoadedModel, prompt_ids: list[int], max_new: int, params: SamplingParams,
+                generator: torch.Generator, stops: list[str], use_cache: bool,
+                emit: Callable[[str], None]) -> tuple[str, int]:
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=loaded.device)
+    loop = generate if use_cache else generate_uncached
+    stream = TextStream(loaded.tokenizer, stops, emit)
+    produced = 0
+    for token in loop(loaded.model, prompt, max_new, params, generator, loaded.amp_dtype):
+        token_id = int(token[0, 0])
+        produced += 1
+        if token_id == loaded.eot_id or stream.add(token_id):
+            break
+    return stream.finish(), produced
+
+
+class TextStream:
+    """Incremental detokenisation with hold-back for incomplete characters and stop strings."""
+
+    def __init__(self, tokenizer, stops: list[str], emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.stops, self.emit = tokenizer, stops, emit
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (complete characters only)
+        self.sent = 0  # characters of self.text already emitted
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.stopped = False
+
+    def add(self, token_id: int) -> bool:
+        """Take one token; return True when a stop string has been reached."""
+        self.ids.append(token_id)
+        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if decoded.endswith(REPLACEMENT):
+            return False  # an incomplete character: wait for the bytes that finish it
+        self.text = decoded
+        cut = self._stop_position()
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.stopped = True
+            self._flush(len(self.text))
+            return True
+        self._flush(len(self.text) - self.holdback)
+        return False
+
+    def finish(self) -> str:
+        if not self.stopped:
+            decoded = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+            self.text = decoded
+            self._flush(len(self.text))
+        return self.text
+
+    def _stop_position(self) -> int | None:
+        # Only the tail can hold a new stop string: search from just before what was emitted.
+        hits = [self.text.find(s, max(0, self.sent - len(s))) for s in self.stops]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def _flush(self, upto: int) -> None:
+        if upto > self.sent:
+            self.emit(self.text[self.sent:upto])
+            self.sent = upto
+
+
+def _pick(value, default):
+    return default if value is None else value

@@ -1,0 +1,33 @@
+"""`lmtrain run` end to end through the real CLI, twice: the second run skips finished stages."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_TRAIN, run_cli, write_config
+
+
+@pytest.mark.slow
+def test_run_twice_skips_finished_stages(tmp_path, text_corpus):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", text_corpus,
+                          model=TINY_TRAIN["model"], train={**TINY_TRAIN["train"], "max_steps": 10},
+                          sample={"prompt": "def ", "max_new_tokens": 20})
+    first = run_cli("run", "--config", str(config))
+    assert first.returncode == 0, first.stderr
+    assert "[tokenize] vocab 300" in first.stderr
+    assert "[shard] train" in first.stderr
+    assert "[train] trained to step 10" in first.stderr
+    assert first.stdout.startswith("def ")
+    assert "val bpb" in first.stdout and "unigram byte baseline" in first.stdout
+    assert "tensorboard --logdir" in first.stdout
+
+    second = run_cli("run", "--config", str(config))
+    assert second.returncode == 0, second.stderr
+    assert "[tokenize] tokenizer present" in second.stderr and "skipped" in second.stderr
+    assert "[shard] shards up to date" in second.stderr
+    assert "[train] training complete at step 10; skipped" in second.stderr
+    assert second.stdout.splitlines()[0] == first.stdout.splitlines()[0]  # same seed, same sample
+
+    longer = run_cli("run", "--config", str(config), "--set", "train.max_steps=15")
+    assert longer.returncode == 0, longer.stderr
+    assert "[train] resumed from step-00000010 to step 15" in longer.stderr

@@ -1,0 +1,130 @@
+"""Sampling: cache equals no cache, top-k 1 is greedy, seeds reproduce, stops, stdin, UTF-8 streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli
+from lmtrain.config import load_config
+from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
+from lmtrain.generate import SamplingParams, generate, generate_uncached
+from lmtrain.model import GPT, GPTConfig
+from lmtrain.sample import SampleOptions, TextStream, sample
+from lmtrain.train import train
+
+
+@pytest.fixture
+def trained(tiny_run):
+    config, run_dir = tiny_run
+    train(load_config(config, ["train.max_steps=10", "model.pos_embedding=rope"]))
+    return config, run_dir
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_cached_greedy_equals_uncached(pos):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=301, n_layer=2, n_head=2, n_embd=32, block_size=64,
+                          pos_embedding=pos)).eval()
+    prompt = torch.randint(0, 301, (2, 5))
+    greedy = SamplingParams(temperature=0.0)
+    cached = torch.cat(list(generate(model, prompt, 50, greedy)), dim=1)
+    uncached = torch.cat(list(generate_uncached(model, prompt, 50, greedy)), dim=1)
+    assert torch.equal(cached, uncached)
+
+
+def test_generation_past_the_context_slides(trained):
+    _, run_dir = trained
+    stats = sample(run_dir, SampleOptions(max_new_tokens=100, greedy=True, prompt="def"))
+    assert stats.tokens > 32  # block_size is 32
+
+
+def collect(run_dir, **kw):
+    pieces = []
+    stats = sample(run_dir, SampleOptions(**kw), on_text=lambda i, piece: pieces.append(piece))
+    assert "".join(pieces) == "".join(stats.samples)
+    return stats.samples
+
+
+def test_run_level_cache_matches_no_cache(trained):
+    _, run_dir = trained
+    with_cache = collect(run_dir, prompt="for ", greedy=True, max_new_tokens=20)
+    without = collect(run_dir, prompt="for ", greedy=True, max_new_tokens=20, use_cache=False)
+    assert with_cache == without
+
+
+def test_top_k_1_is_greedy_and_seeds_reproduce(trained):
+    _, run_dir = trained
+    greedy = collect(run_dir, prompt="x = ", greedy=True, max_new_tokens=15)
+    top1 = collect(run_dir, prompt="x = ", top_k=1, temperature=1.0, max_new_tokens=15, seed=5)
+    assert greedy == top1
+    a = collect(run_dir, prompt="x = ", temperature=1.0, max_new_tokens=30, seed=1, num_samples=2)
+    b = collect(run_dir, prompt="x = ", temperature=1.0, max_new_tokens=30, seed=1, num_samples=2)
+    c = collect(run_dir, prompt="x = ", temperature=1.0, max_new_tokens=30, seed=2, num_samples=2)
+    assert a == b and a != c and len(a) == 2
+
+
+def test_stop_strings_cut_before_the_stop(trained):
+    _, run_dir = trained
+    free = collect(run_dir, prompt="def ", greedy=True, max_new_tokens=40)[0]
+    assert len(free) > 4
+    stop = free[2:4]
+    stopped = collect(run_dir, prompt="def ", greedy=True, max_new_tokens=40, stop=[stop])[0]
+    assert stopped == free[: free.find(stop)]
+
+
+def test_utf8_streaming_never_splits_characters(prepared_run):
+    from lmtrain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(prepared_run[0])  # 300 tokens: non-ASCII stays byte by byte
+    text = "a🐍é中\u0301z"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    pieces = []
+    stream = TextStream(tokenizer, [], pieces.append)
+    for i in ids:
+        stream.add(i)
+    assert stream.finish() == text
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_errors(tiny_run, trained):
+    _, run_dir = trained
+    with pytest.raises(ConfigError, match=r"--top-p must be in \(0, 1\]"):
+        sample(run_dir, SampleOptions(top_p=1.5))
+    with pytest.raises(ConfigError, match="--temperature must be >= 0"):
+        sample(run_dir, SampleOptions(temperature=-1.0))
+    with pytest.raises(CheckpointError, match="unknown checkpoint 'nope'"):
+        sample(run_dir, SampleOptions(checkpoint="nope"))
+
+
+def test_long_prompt_with_learned_positions(tiny_run):
+    config, run_dir = tiny_run
+    train(load_config(config, ["train.max_steps=2"]))
+    with pytest.raises(LmtrainError, match="with learned positions it must be shorter than the context"):
+        sample(run_dir, SampleOptions(prompt="x = 1\n" * 200))
+
+
+def test_no_checkpoint_says_train_first(tiny_run):
+    config, run_dir = tiny_run
+    (run_dir / "config.yaml").write_text(load_config(config).to_yaml())
+    with pytest.raises(CheckpointError, match="train first"):
+        sample(run_dir, SampleOptions())
+
+
+def test_checkpoint_that_disagrees_with_config(trained):
+    config, run_dir = trained
+    (run_dir / "config.yaml").write_text(load_config(config, ["model.n_embd=64"]).to_yaml())
+    with pytest.raises(CheckpointError, match="model.n_embd: checkpoint 32, config 64"):
+        sample(run_dir, SampleOptions())
+
+
+def test_cli_stdin_prompt_and_stats(trained):
+    _, run_dir = trained
+    result = run_cli("sample", "--run", str(run_dir), "--prompt", "-", "--greedy", "-n", "10", input="class ")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("class ")
+    assert "tokens/s" in result.stderr
+    bad = run_cli("sample", "--run", str(run_dir), "--top-p", "0")
+    assert bad.returncode == 2 and "--top-p must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
