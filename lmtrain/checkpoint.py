@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lmtrain.errors import CheckpointError
-from lmtrain.fsutil import atomic_dir, atomic_write_text, remove_stale_tmp
+from lmtrain.fsutil import atomic_dir, atomic_write_text, describe_os_error, remove_stale_tmp
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -148,11 +148,17 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
         shutil.rmtree(final)
     metadata = {"model_config": json.dumps(state["model_config"]), "step": str(step),
                 "format": "lmtrain-checkpoint-1"}
-    with atomic_dir(final) as tmp:
-        save_weights(model, tmp / MODEL_FILE, metadata)
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-    atomic_write_text(directory / "latest", name + "\n")
+    try:
+        with atomic_dir(final) as tmp:
+            save_weights(model, tmp / MODEL_FILE, metadata)
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        atomic_write_text(directory / "latest", name + "\n")
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {describe_os_error(exc)}; the previous checkpoint "
+            f"({_pointer_name(directory, 'latest') or 'none'}) is intact and `lmtrain train` resumes from it"
+        ) from None
     is_best = False
     val_loss = state.get("val_loss")
     if val_loss is not None:
@@ -162,6 +168,13 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
             is_best = True
     prune_checkpoints(directory, keep)
     return SavedCheckpoint(final, is_best)
+
+
+def _pointer_name(directory: Path, pointer: str) -> str | None:
+    try:
+        return resolve_checkpoint(directory, pointer).name
+    except CheckpointError:
+        return None
 
 
 def _pointer_val_loss(directory: Path, pointer: str) -> float | None:

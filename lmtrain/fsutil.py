@@ -10,6 +10,7 @@ that owns the directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -109,6 +110,16 @@ def remove_stale_tmp(directory: Path) -> None:
             else:
                 with contextlib.suppress(OSError):
                     child.unlink()
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short reason for a failed write, naming the usual culprit."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        return f"{reason} (the disk is full)"
+    if exc.errno == errno.EDQUOT:
+        return f"{reason} (disk quota exceeded)"
+    return reason
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

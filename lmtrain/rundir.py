@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lmtrain.config import Config, resolved_config_path
 from lmtrain.errors import RunDirError
-from lmtrain.fsutil import atomic_write_text
+from lmtrain.fsutil import atomic_write_text, describe_os_error
 
 
 def tokenizer_dir(run_dir: Path) -> Path:
@@ -78,5 +78,8 @@ def prepare_run_dir(config: Config) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"cannot create run.dir {run_dir}: {exc.strerror}") from None
-    atomic_write_text(resolved_config_path(run_dir), config.to_yaml())
+    try:
+        atomic_write_text(resolved_config_path(run_dir), config.to_yaml())
+    except OSError as exc:
+        raise RunDirError(f"cannot write {resolved_config_path(run_dir)}: {describe_os_error(exc)}") from None
     return run_dir

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import struct
 import time
 from collections import deque
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from lmtrain.config import Config
 from lmtrain.corpus import Document, Split, check_sources, iter_both_splits
 from lmtrain.errors import ShardError
-from lmtrain.fsutil import (TMP_MARKER, atomic_write_json, commit_tmp, remove_stale_tmp,
+from lmtrain.fsutil import (TMP_MARKER, atomic_write_json, commit_tmp, describe_os_error, fsync_dir,
                             sha256_file, tmp_name)
 from lmtrain.rundir import data_dir, prepare_run_dir, tokenizer_path
 from lmtrain.tokenizer import eot_id, load_tokenizer
@@ -237,6 +238,7 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
     out = data_dir(run_dir)
     fingerprint = shard_fingerprint(config, tok_sha)
 
+    recover_interrupted_swap(out)
     if not force and _is_up_to_date(out, fingerprint):
         manifest = read_manifest(out)
         return ShardResult(True, str(out), manifest, splits=manifest["splits"])
@@ -246,10 +248,14 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
         # The encoder's thread pool (rayon) reads this when it first starts.
         os.environ.setdefault("RAYON_NUM_THREADS", str(config.shard.num_proc))
     prepare_run_dir(config)
-    out.mkdir(exist_ok=True)
-    _clear_data_dir(out)
+    # New shards are built in a staging directory beside data/ and swapped in only when whole,
+    # so the previous shards stay intact (and usable) until the new ones are complete.
+    for stale in run_dir.glob(f"{out.name}{TMP_MARKER}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = tmp_name(out)
+    staging.mkdir()
 
-    writers = {split: ShardWriter(out, split, config.shard.shard_tokens, vocab_size, eot, tok_sha)
+    writers = {split: ShardWriter(staging, split, config.shard.shard_tokens, vocab_size, eot, tok_sha)
                for split in SPLITS}
     start = time.perf_counter()
     total_tokens = total_docs = 0
@@ -270,20 +276,21 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
                 total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), eot,
                                                           bar, total_tokens, total_docs)
         records = [r for split in SPLITS for r in writers[split].close()]
-    except BaseException:
+        seconds = time.perf_counter() - start
+        manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha,
+                                 {split: writers[split].byte_counts.tolist() for split in SPLITS})
+        for split in SPLITS:
+            if manifest["splits"][split]["tokens"] == 0:
+                raise ShardError(_empty_split_message(split, config))
+        atomic_write_json(staging / MANIFEST_NAME, manifest)  # last: the set is now whole
+        _swap_in(staging, out)
+    except OSError as exc:
+        raise ShardError(f"could not write shards in {staging}: {describe_os_error(exc)}; "
+                         f"the previous shards in {out} (if any) are untouched") from None
+    finally:
         for writer in writers.values():
             writer.abort()
-        _clear_data_dir(out)
-        raise
-    seconds = time.perf_counter() - start
-
-    manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha,
-                             {split: writers[split].byte_counts.tolist() for split in SPLITS})
-    for split in SPLITS:
-        if manifest["splits"][split]["tokens"] == 0:
-            _clear_data_dir(out)
-            raise ShardError(_empty_split_message(split, config))
-    atomic_write_json(out / MANIFEST_NAME, manifest)
+        shutil.rmtree(staging, ignore_errors=True)
     log.debug("shard: wrote %d shards to %s", len(records), out)
     return ShardResult(False, str(out), manifest, seconds, total_tokens / max(seconds, 1e-9),
                        manifest["splits"])
@@ -332,12 +339,31 @@ def _empty_split_message(split: str, config: Config) -> str:
     return "the train split came out empty: lower data.val_fraction or add data"
 
 
-def _clear_data_dir(out: Path) -> None:
-    """Remove the manifest first (so the directory reads as incomplete), then the shards."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    remove_stale_tmp(out)
-    for path in out.glob("*.bin"):
-        path.unlink(missing_ok=True)
+def _old_name(out: Path) -> Path:
+    return out.with_name(out.name + ".old")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the complete ``staging`` directory.
+
+    Two renames: a crash between them leaves ``out`` missing and ``out.old`` whole, which
+    ``recover_interrupted_swap`` puts back.
+    """
+    old = _old_name(out)
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_swap(out: Path) -> None:
+    old = _old_name(out)
+    if not out.exists() and (old / MANIFEST_NAME).is_file():
+        old.rename(out)
+        log.warning("restored %s from an interrupted shard swap", out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +412,7 @@ _MANIFEST_KEYS = ("format_version", "tokenizer_sha256", "vocab_size", "dtype", "
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
+    recover_interrupted_swap(directory)
     path = directory / MANIFEST_NAME
     if not path.exists():
         raise ShardError(f"no shards at {directory} (no {MANIFEST_NAME}); run `lmtrain shard` first")
@@ -455,6 +482,8 @@ def unigram_byte_bpb(manifest: dict[str, Any]) -> float | None:
 
 def _check_shard(path: Path, entry: dict, manifest: dict) -> ShardHeader:
     """Header and size of one shard against its manifest entry (no hashing)."""
+    if path.is_symlink():
+        raise ShardError(f"{path} is a symbolic link; shards must be plain files inside the data directory")
     header = read_header(path)
     expected = {
         "dtype": manifest["dtype"], "tokens": entry["tokens"], "vocab_size": manifest["vocab_size"],

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from lmtrain.config import Config
 from lmtrain.corpus import check_sources, iter_split
 from lmtrain.errors import DataError, RunDirError, TokenizerError
-from lmtrain.fsutil import atomic_path, atomic_write_json, remove_stale_tmp, sha256_file
+from lmtrain.fsutil import atomic_path, atomic_write_json, describe_os_error, remove_stale_tmp, sha256_file
 from lmtrain.rundir import prepare_run_dir, tokenizer_dir, tokenizer_path
 
 if TYPE_CHECKING:
@@ -92,10 +92,15 @@ def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
     # Only now that everything succeeded does anything touch the run directory.
     run_dir = prepare_run_dir(config)
     out_dir = tokenizer_dir(run_dir)
-    out_dir.mkdir(exist_ok=True)
-    remove_stale_tmp(out_dir)
-    with atomic_path(out_path) as tmp:
-        tokenizer.save(str(tmp))
+    try:
+        out_dir.mkdir(exist_ok=True)
+        remove_stale_tmp(out_dir)
+        with atomic_path(out_path) as tmp:
+            tokenizer.save(str(tmp))
+    except Exception as exc:  # tokenizers reports failed writes as a bare Exception
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        raise TokenizerError(f"could not write {out_path}: {reason}; "
+                             "the previous tokenizer (if any) is untouched") from None
     stats = TokenizerStats(
         vocab_size=tokenizer.get_vocab_size(),
         special_tokens=list(tok_cfg.special_tokens),

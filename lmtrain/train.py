@@ -213,12 +213,36 @@ class StopSignals:
 def train(config: Config, restart: bool = False) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring."""
     info = dist_util.from_environment()
+    check_world_size(config.train, info)
     device = resolve_device(config.train.device, info.local_rank)
     dist_util.init(info, device.type)
     try:
         return Trainer(config, info, device).run(restart)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise out_of_memory(config, exc) from None
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+            raise out_of_memory(config, exc) from None
+        raise
     finally:
         dist_util.shutdown()
+
+
+def check_world_size(tc: TrainConfig, info: dist_util.DistInfo) -> None:
+    """Every rank must get an equal share of the validation windows (checked before joining)."""
+    val_windows = tc.eval_batches * tc.batch_size
+    if info.enabled and val_windows % info.world_size:
+        raise ConfigError(
+            f"train.eval_batches x train.batch_size = {val_windows} validation windows cannot be split "
+            f"evenly over {info.world_size} processes; make it a multiple of {info.world_size}"
+        )
+
+
+def out_of_memory(config: Config, exc: BaseException) -> TrainingError:
+    return TrainingError(
+        f"out of memory with train.batch_size={config.train.batch_size}, model.block_size="
+        f"{config.model.block_size}, model.n_embd={config.model.n_embd}: lower train.batch_size (and "
+        "raise train.grad_accum to keep the global batch), model.block_size or the model size")
 
 
 class Trainer:
@@ -235,8 +259,10 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------------
 
     def run(self, restart: bool) -> TrainResult:
-        if self.info.is_main:
-            prepare_run_dir(self.config)
+        # Everything is checked before anything is written: a mistake costs nothing.
+        from lmtrain.rundir import check_run_dir_usable
+
+        check_run_dir_usable(self.run_dir)
         tok_file = tokenizer_path(self.run_dir)
         if not tok_file.exists():
             raise LmtrainError(f"no tokenizer at {tok_file}; run `lmtrain tokenize` and `lmtrain shard` first")
@@ -245,12 +271,6 @@ class Trainer:
         if self.manifest["tokenizer_sha256"] != self.tokenizer_sha:
             raise LmtrainError(f"the shards in {data_dir(self.run_dir)} were made with another tokenizer; "
                                "re-run `lmtrain shard --force`")
-        if restart and self.info.is_main:
-            for moved in (ckpt.move_aside(self.ckpt_dir), ckpt.move_aside(tb_dir(self.run_dir))):
-                if moved is not None:
-                    log.info("--restart: moved %s aside", moved)
-        dist_util.barrier(self.info)
-
         window = self.config.model.block_size + 1
         self.train_windows = TokenWindows(data_dir(self.run_dir), "train", window, self.tokenizer_sha)
         self.val_windows = TokenWindows(data_dir(self.run_dir), "val", window, self.tokenizer_sha)
@@ -260,7 +280,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val_loss": None,
                                       "train_seconds": 0.0, "skipped_steps": 0,
                                       "last_val": None}
-        resume = self._find_resume_checkpoint()
+        resume = None if restart else self._find_resume_checkpoint()
         if resume is not None:
             loaded = ckpt.load_checkpoint(resume)
             self._check_compatible(loaded)
@@ -282,6 +302,14 @@ class Trainer:
                 raise CheckpointError(f"{resume / ckpt.OPTIMIZER_FILE} does not fit this optimiser ({exc})") from None
             ckpt.set_rng_state(loaded.state["rng"])
         self.resumed_from = resume.name if resume is not None else None
+
+        if self.info.is_main:
+            prepare_run_dir(self.config)
+            if restart:
+                for moved in (ckpt.move_aside(self.ckpt_dir), ckpt.move_aside(tb_dir(self.run_dir))):
+                    if moved is not None:
+                        log.info("--restart: moved %s aside", moved)
+        dist_util.barrier(self.info)
 
         if self.state["step"] >= self.tc.max_steps or self._budget_spent():
             return self._result(already_done=True, stopped_by="max_steps" if not self._budget_spent() else "max_minutes")
@@ -398,11 +426,6 @@ class Trainer:
                         log.info("train.max_minutes reached (%.1f min): stopping at step %d",
                                  self.state["train_seconds"] / 60, step)
                         break
-        except torch.OutOfMemoryError:
-            raise TrainingError(
-                f"out of memory with train.batch_size={tc.batch_size} and model.block_size="
-                f"{self.config.model.block_size}: lower train.batch_size (and raise train.grad_accum "
-                "to keep the global batch) or model.block_size") from None
         finally:
             bar.close()
             self._close_logs(file_handler)

@@ -1,0 +1,255 @@
+"""Bad input, as a table: each row is something a user could plausibly give, and the one line
+they get back. Every row goes through the real CLI and must exit 2 with that line on stderr,
+no traceback, and nothing written or overwritten.
+
+To add a case, add a row: an id, the state the run is in before the command (``none``,
+``tokenized``, ``sharded`` or ``trained``), an optional setup that breaks something, the command
+line ({cfg}, {run} and {tmp} are filled in), and the message expected on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_TRAIN, write_config
+from lmtrain.cli import app
+
+
+@dataclass
+class Case:
+    id: str
+    state: str
+    args: str
+    expected: str
+    setup: Callable[[Path, Path], None] | None = None  # (tmp, run_dir) -> None
+    env: dict = field(default_factory=dict)
+
+
+def cfg_text(text):
+    return lambda tmp, run: (tmp / "config.yaml").write_text(text)
+
+
+def cfg_bytes(raw):
+    return lambda tmp, run: (tmp / "config.yaml").write_bytes(raw)
+
+
+def write(path_in_tmp, content):
+    def setup(tmp, run):
+        path = tmp / path_in_tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return setup
+
+
+def truncate(rel, keep=1000):
+    def setup(tmp, run):
+        path = run / rel
+        path.write_bytes(path.read_bytes()[:keep])
+    return setup
+
+
+def patch_bytes(rel, offset, raw):
+    def setup(tmp, run):
+        blob = bytearray((run / rel).read_bytes())
+        blob[offset:offset + len(raw)] = raw
+        (run / rel).write_bytes(bytes(blob))
+    return setup
+
+
+def edit_manifest(edit):
+    def setup(tmp, run):
+        path = run / "data" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+    return setup
+
+
+def other_tokenizer(tmp, run):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
+    tok.add_tokens(["an_extra_token"])
+    tok.save(str(run / "tokenizer" / "tokenizer.json"))
+
+
+def parquet_without_text(tmp, run):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp / "d.parquet")
+
+
+LATEST = "checkpoints/step-00000004"
+T = "tokenize --config {cfg}"
+TRAIN = "train --config {cfg}"
+
+CASES = [
+    # -- the config file and --set ------------------------------------------------------------
+    Case("yaml-malformed", "none", T, "invalid YAML in", cfg_text("run:\n  name: [oops\n")),
+    Case("yaml-list", "none", T, "must be a mapping of sections", cfg_text("- run\n- data\n")),
+    Case("yaml-empty", "none", T, "is empty", cfg_text("")),
+    Case("yaml-not-utf8", "none", T, "is not UTF-8", cfg_bytes(b"run:\n  name: caf\xe9\n")),
+    Case("yaml-python-tag", "none", T, "tags that construct Python objects are not allowed",
+         cfg_text("run: !!python/object/apply:os.system ['echo pwned']\n")),
+    Case("unknown-section", "none", T, "unknown section 'tokeniser'; did you mean tokenizer?",
+         cfg_text("tokeniser:\n  vocab_size: 300\n")),
+    Case("unknown-key", "none", T, "unknown key model.n_layers; did you mean model.n_layer?",
+         cfg_text("model:\n  n_layers: 3\n")),
+    Case("wrong-type", "none", T, "model.n_layer: expected an integer, got a string 'four'",
+         cfg_text("model:\n  n_layer: four\n")),
+    Case("negative-size", "none", T + " --set model.n_layer=-1", "model.n_layer: must be >= 1, got -1"),
+    Case("zero-batch", "none", T + " --set train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
+    Case("lr-out-of-range", "none", T + " --set train.lr=3", "train.lr: must be > 0.0 and <= 1.0, got 3"),
+    Case("lr-negative", "none", T + " --set train.lr=-0.001", "train.lr: must be > 0.0"),
+    Case("set-without-equals", "none", T + " --set train.lr", "expected section.key=value"),
+    Case("set-unknown-key", "none", T + " --set train.lrr=0.1", "unknown key train.lrr; did you mean train.lr?"),
+    Case("set-bad-value", "none", T + " --set train.max_steps=lots", "train.max_steps: expected an integer"),
+    Case("set-bad-choice", "none", T + " --set model.norm=batchnorm", "model.norm: must be one of"),
+    Case("config-missing", "none", "tokenize --config {tmp}/missing.yaml", "config file not found"),
+    Case("heads-do-not-divide", "none", T + " --set model.n_head=5", "must be divisible by model.n_head (5)"),
+    Case("rope-odd-head", "none", T + " --set model.n_embd=36 --set model.n_head=4 --set model.pos_embedding=rope",
+         "rope needs an even head size"),
+    Case("min-lr-above-lr", "none", T + " --set train.min_lr=0.1 --set train.lr=0.01", "must not exceed train.lr"),
+    Case("no-val-split", "none", T + " --set data.val_fraction=0", "must be > 0 unless data.val_source"),
+    Case("vocab-too-small", "none", T + " --set tokenizer.vocab_size=200", "must be at least 257"),
+    # -- the run directory ----------------------------------------------------------------------
+    Case("run-dir-is-a-file", "none", T + " --set run.dir={tmp}/afile", "is a file, not a directory",
+         write("afile", "x")),
+    Case("run-dir-not-writable", "none", T + " --set run.dir=/proc/lmtrain-run", "is not writable"),
+    # -- the corpus ---------------------------------------------------------------------------
+    Case("source-missing", "none", T + " --set data.source={tmp}/nothing.txt", "no such file or directory"),
+    Case("source-empty", "none", T + " --set data.source={tmp}/blank", "no non-empty documents",
+         write("blank/a.txt", "   \n\n")),
+    Case("glob-no-match", "none", T + " --set data.source={tmp}/*.jsonl", "matches no files"),
+    Case("binary-file", "none", T + " --set data.source={tmp}/blob.txt", "blob.txt: not valid UTF-8",
+         write("blob.txt", bytes(range(256)) * 4)),
+    Case("unsupported-extension", "none", T + " --set data.source={tmp}/x.docx", "unsupported extension",
+         write("x.docx", "x")),
+    Case("jsonl-bad-line", "none", T + " --set data.source={tmp}/d.jsonl", "d.jsonl: line 3 is not valid JSON",
+         write("d.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": c}\n')),
+    Case("jsonl-missing-field", "none", T + " --set data.source={tmp}/d.jsonl", "no field 'text' (it has: 'body', 'id')",
+         write("d.jsonl", '{"body": "a", "id": 1}\n')),
+    Case("parquet-missing-column", "none", T + " --set data.source={tmp}/d.parquet", "no field 'text' (it has: 'body')",
+         parquet_without_text),
+    Case("unknown-builtin", "none", T + " --set data.source=builtin:wikipedia", "unknown builtin corpus 'wikipedia'"),
+    Case("hf-malformed", "none", T + " --set data.source=hf:a/b/c", "expected hf:owner/name"),
+    # -- the tokenizer ------------------------------------------------------------------------
+    Case("tokenizer-missing", "none", "shard --config {cfg}", "run `lmtrain tokenize` first"),
+    Case("tokenizer-corrupt", "tokenized", "shard --config {cfg}", "is not a valid tokenizer",
+         write("run/tokenizer/tokenizer.json", "{not json")),
+    Case("tokenizer-exists", "tokenized", T, "already exists; the run's shards and checkpoints depend on it"),
+    Case("tokenizer-from-another-run", "sharded", TRAIN, "were made with another tokenizer", other_tokenizer),
+    # -- the shards ---------------------------------------------------------------------------
+    Case("shards-missing", "tokenized", TRAIN, "run `lmtrain shard` first"),
+    Case("shard-truncated", "sharded", TRAIN, "truncated", truncate("data/train-00000.bin")),
+    Case("shard-wrong-magic", "sharded", TRAIN, "wrong magic", patch_bytes("data/val-00000.bin", 0, b"GARBAGE!")),
+    Case("manifest-missing", "sharded", TRAIN, "no manifest.json",
+         lambda tmp, run: (run / "data" / "manifest.json").unlink()),
+    Case("manifest-edited", "sharded", TRAIN, "header tokens is 8192 but the manifest says 8000",
+         edit_manifest(lambda m: m["shards"][0].update(tokens=8000))),
+    Case("manifest-path-escape", "sharded", TRAIN, "refusing shard name",
+         edit_manifest(lambda m: m["shards"][0].update(file="../../../etc/passwd"))),
+    Case("verify-finds-changed-bytes", "sharded", "shard --config {cfg} --verify", "sha256",
+         patch_bytes("data/val-00000.bin", 400, b"\x01\x02")),
+    Case("block-larger-than-val", "sharded", TRAIN + " --set model.block_size=60000", "has no window of 60001 tokens"),
+    # -- checkpoints --------------------------------------------------------------------------
+    Case("no-checkpoint", "sharded", "sample --run {run}", "train first",
+         lambda tmp, run: (run / "config.yaml").write_text((tmp / "config.yaml").read_text())),
+    Case("safetensors-truncated", "trained", TRAIN + " --set train.max_steps=8", "not a readable safetensors file",
+         truncate(LATEST + "/model.safetensors", 100)),
+    Case("optimizer-missing", "trained", TRAIN + " --set train.max_steps=8", "optimizer.pt is missing",
+         lambda tmp, run: (run / LATEST / "optimizer.pt").unlink()),
+    Case("state-corrupt", "trained", TRAIN + " --set train.max_steps=8", "state.json is not valid JSON",
+         write("run/" + LATEST + "/state.json", "{")),
+    Case("shape-mismatch", "trained", TRAIN + " --set train.max_steps=8 --set model.n_embd=64",
+         "model.n_embd: checkpoint 32, config 64"),
+    Case("latest-points-outside", "trained", TRAIN + " --set train.max_steps=8", "not a checkpoint directory name",
+         write("run/checkpoints/latest", "../../../etc\n")),
+    Case("weights-are-a-pickle", "trained", "sample --run {run}", "not a readable safetensors file",
+         write("run/" + LATEST + "/model.safetensors", b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00.")),
+    Case("out-of-memory", "sharded", TRAIN + " --set model.n_embd=65536 --set model.n_head=1", "out of memory"),
+    Case("no-cuda", "sharded", TRAIN + " --set train.device=cuda", "torch sees no CUDA device"),
+    Case("fp16-on-cpu", "sharded", TRAIN + " --set train.device=cpu --set train.precision=fp16", "fp16 needs a GPU"),
+    Case("world-size-does-not-divide", "sharded", TRAIN, "cannot be split evenly over 3 processes",
+         env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3"}),
+    # -- sample and eval ----------------------------------------------------------------------
+    Case("top-p-zero", "trained", "sample --run {run} --top-p 0", "--top-p must be in (0, 1]"),
+    Case("top-p-above-one", "trained", "sample --run {run} --top-p 1.5", "--top-p must be in (0, 1]"),
+    Case("negative-temperature", "trained", "sample --run {run} --temperature -0.5", "--temperature must be >= 0"),
+    Case("unknown-checkpoint", "trained", "sample --run {run} --checkpoint final", "unknown checkpoint 'final'"),
+    Case("checkpoint-path-escape", "trained", "sample --run {run} --checkpoint ../../etc", "unknown checkpoint"),
+    Case("prompt-file-missing", "trained", "sample --run {run} --prompt-file {tmp}/nope.txt", "cannot read --prompt-file"),
+    Case("prompt-too-long", "trained", "sample --run {run} --prompt-file {tmp}/long.txt",
+         "with learned positions it must be shorter", write("long.txt", "x = 1\n" * 100)),
+    Case("run-dir-missing", "none", "sample --run {tmp}/no-such-run", "no run directory"),
+    Case("eval-data-missing", "trained", "eval --run {run} --data {tmp}/nope.txt", "no such file or directory"),
+]
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory, prepared_run):
+    """Run directories in each state, built once; every case works on a copy."""
+    from lmtrain.config import load_config
+    from lmtrain.train import train
+
+    source_run, corpus = prepared_run
+    root = tmp_path_factory.mktemp("states")
+    (root / "none").mkdir()
+    tokenized = root / "tokenized" / "run"
+    shutil.copytree(source_run / "tokenizer", tokenized / "tokenizer")
+    sharded = root / "sharded" / "run"
+    for part in ("tokenizer", "data"):
+        shutil.copytree(source_run / part, sharded / part)
+    trained = root / "trained" / "run"
+    for part in ("tokenizer", "data"):
+        shutil.copytree(source_run / part, trained / part)
+    config = write_config(root / "trained.yaml", trained, corpus, **TINY_TRAIN)
+    train(load_config(config, ["train.max_steps=4", "data.val_fraction=0.15", "shard.shard_tokens=8192"]))
+    return root, corpus
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path, templates, monkeypatch):
+    root, corpus = templates
+    run_dir = tmp_path / "run"
+    if case.state != "none":
+        shutil.copytree(root / case.state / "run", run_dir)
+    cfg = write_config(tmp_path / "config.yaml", run_dir, corpus, **TINY_TRAIN)
+    import yaml
+
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["val_fraction"] = 0.15
+    raw["shard"] = {"shard_tokens": 8192}
+    cfg.write_text(yaml.safe_dump(raw))
+    if case.setup is not None:
+        case.setup(tmp_path, run_dir)
+    before = snapshot(tmp_path)
+    args = case.args.format(cfg=cfg, run=run_dir, tmp=tmp_path).split()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args, env=case.env)
+    assert isinstance(result.exception, SystemExit), f"crashed: {result.exception!r}\n{result.output}"
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert case.expected in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path) == before, "the failed command wrote or changed files"
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40
+    assert len({c.id for c in CASES}) == len(CASES)
