@@ -58,7 +58,7 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
              generator: torch.Generator | None = None,
              amp_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
@@ -87,7 +87,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: Samp
                 logits, _ = model(token, cache=cache)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_uncached(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                       generator: torch.Generator | None = None,
                       amp_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:

@@ -59,6 +59,11 @@ def make_norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
+def make_dropout(config: GPTConfig) -> nn.Module:
+    # Identity when off: a Dropout(0) still costs a call per layer, which shows in decoding.
+    return nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+
 # --------------------------------------------------------------------------------------------
 # Rotary position embedding
 # --------------------------------------------------------------------------------------------
@@ -115,7 +120,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = make_dropout(config)
         self.rope = config.pos_embedding == "rope"
 
     def forward(self, x, rope=None, cache: KVCache | None = None):
@@ -159,7 +164,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config)
 
     def forward(self, x):
         if self.swiglu:
@@ -193,7 +198,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = make_dropout(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)

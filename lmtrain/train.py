@@ -175,6 +175,112 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, Linux KiB
 
 
+def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                             fused=device.type == "cuda")
+
+
+def wrap_model(model: GPT, tc: TrainConfig, device: torch.device, info: dist_util.DistInfo) -> torch.nn.Module:
+    """The module the training step calls: compiled (CUDA by default) and DDP-wrapped as needed."""
+    use_compile = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    wrapped: torch.nn.Module = model
+    if use_compile:
+        wrapped = torch.compile(wrapped)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+class StepRunner:
+    """One optimiser step: grad_accum micro-batches, clipping, and the update unless non-finite.
+
+    Shared by the trainer and ``scripts/bench_train.py``, so the benchmark measures the very
+    step training runs. With ``timings`` (a dict) it also splits the step's time into data,
+    forward+backward and optimiser, synchronising the device at each boundary to do so.
+    """
+
+    def __init__(self, model: GPT, forward_model: torch.nn.Module, optimizer, scaler, tc: TrainConfig,
+                 precision: str, device: torch.device, info: dist_util.DistInfo) -> None:
+        self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
+        self.tc, self.precision, self.device, self.info = tc, precision, device, info
+
+    def run(self, step: int, batches, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        tc = self.tc
+        clock = _Clock(self.device, timings)
+        lr = lr_at(step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum):
+            clock.start()
+            x, y = batches.get(step, micro)
+            clock.stop("data")
+            last = micro == tc.grad_accum - 1
+            # DDP: synchronise gradients on the last micro-step only.
+            sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.forward_model.no_sync()
+            with sync:
+                with autocast_for(self.device, self.precision):
+                    _, loss = self.forward_model(x, y)
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.detach() / tc.grad_accum
+            clock.stop("forward_backward")
+        clock.start()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        good = self._apply(total, norm)
+        clock.stop("optimizer")
+        return total, norm, good
+
+    def _apply(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Apply the update unless the loss or gradient is non-finite (one host sync a step)."""
+        if self.precision == "fp16":
+            # The scaler skips steps with inf/nan gradients on its own (and lowers its scale);
+            # only a non-finite loss counts as a bad step.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            good = bool(torch.isfinite(loss))
+            if self.info.enabled:
+                good = not dist_util.any_rank(not good, self.info, self.device)
+        else:
+            good = bool(torch.isfinite(norm) & torch.isfinite(loss))
+            if self.info.enabled:
+                good = not dist_util.any_rank(not good, self.info, self.device)
+            if good:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return good
+
+
+class _Clock:
+    """Accumulates wall time per phase into ``timings`` (a no-op when it is None)."""
+
+    def __init__(self, device: torch.device, timings: dict | None) -> None:
+        self.device, self.timings = device, timings
+        self.t = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        if self.timings is not None:
+            self._sync()
+            self.t = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        if self.timings is not None:
+            self._sync()
+            now = time.perf_counter()
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.t
+            self.t = now
+
+
 # --------------------------------------------------------------------------------------------
 # Signals
 # --------------------------------------------------------------------------------------------
@@ -289,10 +395,7 @@ class Trainer:
             self.state.update({k: loaded.state[k] for k in self.state if k in loaded.state})
         self.model.to(self.device)
 
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.tc.weight_decay), lr=self.tc.lr,
-            betas=(self.tc.beta1, self.tc.beta2), fused=self.device.type == "cuda",
-        )
+        self.optimizer = make_optimizer(self.model, self.tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if resume is not None:
             try:
@@ -314,7 +417,9 @@ class Trainer:
         if self.state["step"] >= self.tc.max_steps or self._budget_spent():
             return self._result(already_done=True, stopped_by="max_steps" if not self._budget_spent() else "max_minutes")
 
-        self.forward_model = self._wrap_model()
+        self.forward_model = wrap_model(self.model, self.tc, self.device, self.info)
+        self.runner = StepRunner(self.model, self.forward_model, self.optimizer, self.scaler, self.tc,
+                                 self.precision, self.device, self.info)
         return self._loop()
 
     def _find_resume_checkpoint(self) -> Path | None:
@@ -334,20 +439,6 @@ class Trainer:
         if diffs:
             raise CheckpointError(f"cannot resume from {loaded.path}: {'; '.join(diffs)}; "
                                   "use --restart to start over (old checkpoints are kept aside)")
-
-    def _wrap_model(self) -> torch.nn.Module:
-        model = self.model
-        use_compile = self.tc.compile == "true" or (self.tc.compile == "auto" and self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if use_compile:
-            model = torch.compile(model)
-        if self.info.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return model
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -377,8 +468,7 @@ class Trainer:
         try:
             with StopSignals() as signals, logging_redirect_tqdm():
                 while step < tc.max_steps:
-                    loss, norm = self._step(step, batches)
-                    step_ok = self._step_was_good(loss, norm)
+                    loss, norm, step_ok = self._step(step, batches)
                     if step_ok:
                         bad_streak = 0
                     else:
@@ -438,46 +528,8 @@ class Trainer:
         result.tokens_per_sec = (step - start_step) * tokens_per_step / max(seconds, 1e-9)
         return result
 
-    def _step(self, step: int, batches: TrainBatches) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step over grad_accum micro-batches; returns (mean loss, grad norm)."""
-        tc = self.tc
-        lr = lr_at(step, tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        for micro in range(tc.grad_accum):
-            x, y = batches.get(step, micro)
-            last = micro == tc.grad_accum - 1
-            # DDP: synchronise gradients on the last micro-step only.
-            sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.forward_model.no_sync()
-            with sync:
-                with autocast_for(self.device, self.precision):
-                    _, loss = self.forward_model(x, y)
-                self.scaler.scale(loss / tc.grad_accum).backward()
-            total += loss.detach() / tc.grad_accum
-        self.scaler.unscale_(self.optimizer)
-        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return total, norm
-
-    def _step_was_good(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
-        """Apply the update unless the loss or gradient is non-finite (one host sync a step)."""
-        if self.precision == "fp16":
-            # The scaler skips steps with inf/nan gradients on its own (and lowers its scale);
-            # only a non-finite loss counts as a bad step.
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            good = bool(torch.isfinite(loss))
-            if self.info.enabled:
-                good = not dist_util.any_rank(not good, self.info, self.device)
-        else:
-            good = bool(torch.isfinite(norm) & torch.isfinite(loss))
-            if self.info.enabled:
-                good = not dist_util.any_rank(not good, self.info, self.device)
-            if good:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return good
+    def _step(self, step: int, batches: TrainBatches) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        return self.runner.run(step, batches)
 
     def _budget_spent(self) -> bool:
         return self.tc.max_minutes is not None and self.state["train_seconds"] >= self.tc.max_minutes * 60

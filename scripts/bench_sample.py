@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Benchmark generation: tokens/s with and without the key/value cache, at batch 1 and 8.
+
+    python scripts/bench_sample.py --run runs/default          # a trained checkpoint
+    python scripts/bench_sample.py --config configs/default.yaml [--set k=v ...]   # fresh weights
+
+Greedy decoding (so both paths produce the same tokens) of --new-tokens tokens after a
+--prompt-tokens prompt, through `lmtrain.generate` (what `lmtrain sample` runs), on the best
+device. Tokens/s counts new tokens over all sequences of the batch. Prints a table and one JSON
+line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from lmtrain.generate import SamplingParams, generate, generate_uncached  # noqa: E402
+
+
+def load(args):
+    from lmtrain.train import AMP_DTYPES, build_model, resolve_device, resolve_precision
+
+    if args.run is not None:
+        from lmtrain.inference import load_model
+
+        loaded = load_model(args.run, args.checkpoint, args.device)
+        return loaded.model, loaded.device, loaded.amp_dtype, f"{args.run} ({loaded.checkpoint.name})"
+    from lmtrain.config import load_config
+
+    cfg = load_config(args.config, args.sets)
+    device = resolve_device(args.device)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, cfg.tokenizer.vocab_size).to(device).eval()
+    amp = AMP_DTYPES[resolve_precision(cfg.train.precision, device)] if device.type == "cuda" else None
+    return model, device, amp, f"{args.config or 'embedded default'} (fresh weights)"
+
+
+def time_generation(loop, model, prompt, new_tokens, amp) -> float:
+    def sync():
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize(prompt.device)
+
+    params = SamplingParams(temperature=0.0)
+    for _ in loop(model, prompt, min(new_tokens, 8), params, None, amp):  # warm up
+        pass
+    sync()
+    start = time.perf_counter()
+    produced = 0
+    for _ in loop(model, prompt, new_tokens, params, None, amp):
+        produced += 1
+    sync()
+    return produced * prompt.size(0) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=None)
+    parser.add_argument("--checkpoint", default="latest")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--batches", default="1,8")
+    args = parser.parse_args()
+
+    model, device, amp, what = load(args)
+    block = model.config.block_size
+    new_tokens = args.new_tokens  # past block_size the cached loop slides, the uncached one crops
+    results = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), generator=g).to(device)
+        cached = time_generation(generate, model, prompt, new_tokens, amp)
+        uncached = time_generation(generate_uncached, model, prompt, new_tokens, amp)
+        results.append({"batch": batch, "cached_tokens_per_sec": round(cached, 1),
+                        "uncached_tokens_per_sec": round(uncached, 1), "speedup": round(cached / uncached, 2)})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"{what}: {model.num_params() / 1e6:.2f}M params, block {block}, {new_tokens} new tokens after "
+          f"{args.prompt_tokens}, greedy, on {name}")
+    print(f"  {'batch':>5}  {'cached tok/s':>14}  {'uncached tok/s':>15}  {'speedup':>8}")
+    for r in results:
+        print(f"  {r['batch']:>5}  {r['cached_tokens_per_sec']:>14,.1f}  {r['uncached_tokens_per_sec']:>15,.1f}  "
+              f"{r['speedup']:>7.2f}x")
+    print(json.dumps({"model": what, "device": name, "new_tokens": new_tokens, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Benchmark training throughput of a config: tokens/s, where the time goes, MFU, peak memory.
+
+    python scripts/bench_train.py --config configs/default.yaml [--set k=v ...] [--steps 30]
+                                  [--warmup 5] [--data RUN_DIR/data] [--split]
+
+Runs the very step `lmtrain train` runs (`lmtrain.train.StepRunner`: the same model, optimiser,
+autocast, torch.compile and clipping) for --steps steps after --warmup untimed ones, on synthetic
+tokens (uniform over the vocabulary) or, with --data, on a run's real shards. No run directory
+is needed.
+
+MFU is model FLOPs (6N + attention, per token) times tokens/s over the device's peak: on a GPU
+the dense bf16 peak from lmtrain's table (or --peak-tflops); on CPU the FLOP rate of a large fp32
+`torch.matmul` measured in this process, so CPU MFU says how close the step is to the machine's
+own best matmul.
+
+--split adds a second timed pass that synchronises the device between phases to split the step
+into data, forward+backward and optimiser (the main pass never synchronises inside a step).
+Prints a table and one JSON line with at least tokens_per_sec, mfu and peak_memory_mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from lmtrain import distributed as dist_util  # noqa: E402
+from lmtrain.config import load_config  # noqa: E402
+from lmtrain.train import (StepRunner, build_model, device_peak_tflops, make_optimizer,  # noqa: E402
+                           memory_mb, resolve_device, resolve_precision, wrap_model)
+
+
+class SyntheticBatches:
+    """Uniform random tokens, deterministic per (step, micro)."""
+
+    def __init__(self, vocab: int, batch: int, block: int, device: torch.device) -> None:
+        self.vocab, self.batch, self.block, self.device = vocab, batch, block, device
+
+    def get(self, step: int, micro: int):
+        g = torch.Generator().manual_seed(step * 1000 + micro)
+        tokens = torch.randint(0, self.vocab, (self.batch, self.block + 1), generator=g)
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        else:
+            tokens = tokens.to(self.device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--data", type=Path, default=None, help="a run's data/ directory (default: synthetic)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="synthetic vocab (default: tokenizer.vocab_size)")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--split", action="store_true", help="also measure the per-phase split")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, args.sets)
+    tc = cfg.train
+    info = dist_util.DistInfo()
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    if args.data is not None:
+        from lmtrain.data import TokenWindows, TrainBatches
+        from lmtrain.shards import read_manifest
+
+        vocab = read_manifest(args.data)["vocab_size"]
+        batches = TrainBatches(TokenWindows(args.data, "train", cfg.model.block_size + 1), cfg.run.seed,
+                               tc.batch_size, 0, 1, device)
+    else:
+        vocab = args.vocab_size or cfg.tokenizer.vocab_size
+        batches = SyntheticBatches(vocab, tc.batch_size, cfg.model.block_size, device)
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, vocab).to(device)
+    optimizer = make_optimizer(model, tc, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    runner = StepRunner(model, wrap_model(model, tc, device, info), optimizer, scaler, tc, precision, device, info)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    compile_start = time.perf_counter()
+    for step in range(args.warmup):
+        runner.run(step, batches)
+    sync()
+    warmup_seconds = time.perf_counter() - compile_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    start = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        loss, _, _ = runner.run(step, batches)
+    final_loss = float(loss)  # one sync at the end, like a logging step
+    sync()
+    seconds = time.perf_counter() - start
+
+    timings: dict[str, float] = {}
+    if args.split:
+        for step in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
+            runner.run(step, batches, timings)
+
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
+    tokens_per_sec = tokens_per_step * args.steps / seconds
+    flops_per_token = model.flops_per_token()
+    if device.type == "cpu":
+        peak_tflops = args.peak_tflops or cpu_matmul_tflops()
+        peak_source = "fp32 torch.matmul 2048^2 measured here"
+    else:
+        peak_tflops = device_peak_tflops(device, args.peak_tflops or tc.peak_tflops)
+        peak_source = "table" if args.peak_tflops is None else "--peak-tflops"
+    mfu = flops_per_token * tokens_per_sec / (peak_tflops * 1e12) if peak_tflops else None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    report = {
+        "config": str(args.config or "embedded default"), "overrides": args.sets, "device": device_name,
+        "precision": precision, "compiled": tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda"),
+        "params": model.num_params(), "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
+        "block_size": cfg.model.block_size, "steps": args.steps, "data": "real" if args.data else "synthetic",
+        "tokens_per_sec": round(tokens_per_sec, 1), "step_ms": round(1000 * seconds / args.steps, 2),
+        "flops_per_token": flops_per_token, "peak_tflops": peak_tflops, "peak_source": peak_source,
+        "mfu": round(mfu, 4) if mfu is not None else None, "peak_memory_mb": round(memory_mb(device), 1),
+        "warmup_seconds": round(warmup_seconds, 2), "final_loss": round(final_loss, 4),
+    }
+    if timings:
+        total = sum(timings.values())
+        report["time_split"] = {k: round(v / total, 4) for k, v in timings.items()}
+
+    print(f"device {device_name}, {precision}, {model.num_params() / 1e6:.2f}M params, "
+          f"batch {tc.batch_size} x accum {tc.grad_accum} x block {cfg.model.block_size}, {report['data']} data")
+    rows = [("tokens/s", f"{tokens_per_sec:,.0f}"), ("step (ms)", f"{report['step_ms']:.1f}"),
+            ("model FLOPs/token", f"{flops_per_token / 1e6:.2f} M"),
+            ("peak TFLOP/s", f"{peak_tflops:.2f} ({peak_source})" if peak_tflops else "unknown"),
+            ("MFU", f"{mfu:.1%}" if mfu is not None else "n/a"),
+            ("peak memory (MB)", f"{report['peak_memory_mb']:,.0f}"),
+            ("warmup/compile (s)", f"{warmup_seconds:.1f}")]
+    for phase, share in report.get("time_split", {}).items():
+        rows.append((f"time in {phase}", f"{share:.1%}"))
+    for name, value in rows:
+        print(f"  {name:<26}{value}")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
