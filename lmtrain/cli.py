@@ -206,18 +206,14 @@ def sample(
                             num_samples=num_samples, seed=seed, stop=list(stop or []), device=device,
                             use_cache=not no_cache)
     current = {"index": -1}
-    shown_prompt = {"text": None}
 
     def on_text(index: int, piece: str) -> None:
-        if index != current["index"]:
+        if index != current["index"]:  # a new sample: a separator, then its prompt
             if index > 0:
                 sys.stdout.write(f"\n\n---------- sample {index + 1} ----------\n")
-            elif shown_prompt["text"] is None and options.num_samples not in (None, 1):
-                sys.stdout.write("---------- sample 1 ----------\n")
             current["index"] = index
             if text:
                 sys.stdout.write(text)
-            shown_prompt["text"] = text
         sys.stdout.write(piece)
         sys.stdout.flush()
 

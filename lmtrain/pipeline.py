@@ -29,11 +29,17 @@ def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda sta
                  on_sample_text: Callable[[str], None] = lambda text: None) -> PipelineResult:
     from lmtrain.sample import SampleOptions, sample
     from lmtrain.shards import build_shards, unigram_byte_bpb
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.errors import RunDirError
+    from lmtrain.tokenizer import stale_tokenizer_reason, train_tokenizer
     from lmtrain.train import train
 
     run_dir = config.run_dir
     if tokenizer_path(run_dir).exists():
+        reason = stale_tokenizer_reason(config)
+        if reason is not None:
+            # Retraining it would silently invalidate the run's shards and checkpoints.
+            raise RunDirError(f"{reason}; start a new run (another run.name) or retrain it with "
+                              "`lmtrain tokenize --force` and then `lmtrain train --restart`")
         tokenizer_state = "kept"
         report("tokenize", f"tokenizer present in {tokenizer_path(run_dir).parent}; skipped")
     else:

@@ -77,6 +77,7 @@ def sample(run_dir: Path, options: SampleOptions,
     texts, total_tokens = [], 0
     start = time.perf_counter()
     for index in range(num_samples):
+        on_text(index, "")  # a sample starts (it may produce no text at all)
         text, n = _one_sample(loaded, prompt_ids, max_new, params, generator, stops, options.use_cache,
                               lambda piece, i=index: on_text(i, piece))
         texts.append(text)

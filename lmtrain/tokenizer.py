@@ -8,6 +8,7 @@ would no longer be x.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,30 @@ class TokenizerStats:
     measured_on: str  # "val" normally; "train" when the val split is empty
     sha256: str
     path: str
+    settings: dict = None  # the tokenizer and data config it was trained with (tokenizer_settings)
+
+
+def tokenizer_settings(config: Config) -> dict:
+    """What a trained tokenizer depends on: if these change, it is stale."""
+    return {"tokenizer": asdict(config.tokenizer), "data": asdict(config.data)}
+
+
+def stale_tokenizer_reason(config: Config) -> str | None:
+    """Why the run's tokenizer does not match ``config`` (None if it does, or cannot tell)."""
+    stats_path = tokenizer_dir(config.run_dir) / "stats.json"
+    try:
+        saved = json.loads(stats_path.read_text("utf-8")).get("settings")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    current = tokenizer_settings(config)
+    for section in ("tokenizer", "data"):
+        for key, value in current[section].items():
+            if key in saved.get(section, {}) and saved[section][key] != value:
+                return (f"the run's tokenizer was trained with {section}.{key}={saved[section][key]!r}, "
+                        f"the config now says {value!r}")
+    return None
 
 
 def build_tokenizer() -> "Tokenizer":
@@ -111,6 +136,7 @@ def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
         measured_on=measured_on,
         sha256=sha256_file(out_path),
         path=str(out_path),
+        settings=tokenizer_settings(config),
     )
     atomic_write_json(out_dir / "stats.json", asdict(stats))
     log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)

@@ -31,3 +31,11 @@ def test_run_twice_skips_finished_stages(tmp_path, text_corpus):
     longer = run_cli("run", "--config", str(config), "--set", "train.max_steps=15")
     assert longer.returncode == 0, longer.stderr
     assert "[train] resumed from step-00000010 to step 15" in longer.stderr
+
+
+def test_run_refuses_a_stale_tokenizer(tmp_path, text_corpus):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", text_corpus)
+    assert run_cli("tokenize", "--config", str(config)).returncode == 0
+    stale = run_cli("run", "--config", str(config), "--set", "tokenizer.vocab_size=320")
+    assert stale.returncode == 2
+    assert "trained with tokenizer.vocab_size=300, the config now says 320" in stale.stderr
