@@ -84,6 +84,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------
+# The loss, chunked: the LM head and cross-entropy without materialising every logit
+# --------------------------------------------------------------------------------------------
+
+# Logits held at once per chunk: about 4 MB of fp32, small enough to stay in the CPU's cache.
+CE_CHUNK_ELEMENTS = 1 << 20
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight[:vocab].T`` against ``targets``, computed chunk by chunk.
+
+    The standard path writes the (tokens x vocab) logits to memory, reads them for log-softmax,
+    writes that, and in backward zero-fills and rewrites a tensor of the same size: on a CPU that
+    memory traffic costs as much as a good part of the model's matmuls. Here each chunk of tokens
+    gets its logits, its loss and its gradient (softmax minus one-hot) while the chunk is still in
+    cache; the forward pass already computes d(loss)/dh and d(loss)/dweight, which backward only
+    scales. Same math, same matmuls, a fraction of the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size):
+        n = h.size(0)
+        chunk = max(16, CE_CHUNK_ELEMENTS // vocab_size)
+        w = weight[:vocab_size]
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, chunk):
+            h_c, t_c = h[start:start + chunk], targets[start:start + chunk, None]
+            logits = (h_c @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, t_c)).sum()
+            probs = logits.sub_(lse).exp_()  # softmax, in place
+            probs.scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=probs.dtype))
+            probs.div_(n)
+            g = probs.to(h.dtype)
+            grad_h[start:start + chunk] = g @ w
+            grad_w[:vocab_size].addmm_(g.t(), h_c)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+# --------------------------------------------------------------------------------------------
 # Key/value cache for generation
 # --------------------------------------------------------------------------------------------
 
@@ -225,7 +272,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None):
-        """Logits over the real vocabulary for every position; the mean loss if ``targets``."""
+        """Logits over the real vocabulary for every position; the mean loss if ``targets``.
+
+        When training on a CPU (targets given, gradients on) only the loss is computed and the
+        logits come back as None.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -242,6 +293,13 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
+        if targets is not None and torch.is_grad_enabled() and x.device.type == "cpu":
+            # Training on a CPU: the fused, chunked head + loss (see ChunkedLinearCrossEntropy);
+            # the logits themselves are not needed. GPUs keep the standard path, which
+            # torch.compile fuses on its own.
+            loss = ChunkedLinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight,
+                                                   targets.reshape(-1), self.config.vocab_size)
+            return None, loss
         if targets is None and cache is not None:
             x = x[:, -1:, :]  # generation needs the last position only
         logits = self.lm_head(x)[..., : self.config.vocab_size]

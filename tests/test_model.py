@@ -24,7 +24,8 @@ def tiny(**kw) -> GPT:
 def test_logits_cover_the_real_vocab_only():
     model = tiny()
     assert model.wte.weight.shape[0] == 320  # padded to a multiple of 64
-    logits, loss = model(torch.randint(0, 301, (3, 16)), torch.randint(0, 301, (3, 16)))
+    with torch.no_grad():
+        logits, loss = model(torch.randint(0, 301, (3, 16)), torch.randint(0, 301, (3, 16)))
     assert logits.shape == (3, 16, 301)
     assert loss.shape == () and torch.isfinite(loss)
 
@@ -100,3 +101,23 @@ def test_invalid_shapes_are_config_errors(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_equals_the_standard_loss_and_gradients(tie, monkeypatch):
+    from lmtrain import model as model_module
+
+    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", 301 * 7)  # several chunks, a ragged last one
+    model = tiny(tie_embeddings=tie)
+    idx, targets = torch.randint(0, 301, (3, 16)), torch.randint(0, 301, (3, 16))
+    logits_none, fused = model(idx, targets)
+    assert logits_none is None
+    fused.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model.eval()(idx)  # the standard head
+    standard = torch.nn.functional.cross_entropy(logits.reshape(-1, 301), targets.reshape(-1))
+    standard.backward()
+    torch.testing.assert_close(fused, standard, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
