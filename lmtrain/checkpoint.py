@@ -238,6 +238,12 @@ def list_checkpoints(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
+def model_config_diffs(checkpoint_config: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``model.KEY: checkpoint A, config B`` for every model key the two disagree on."""
+    return [f"model.{key}: checkpoint {checkpoint_config.get(key)!r}, config {value!r}"
+            for key, value in wanted.items() if key in checkpoint_config and checkpoint_config[key] != value]
+
+
 @dataclass
 class LoadedCheckpoint:
     path: Path

@@ -155,10 +155,7 @@ def train(
     try:
         result = run_training(cfg, restart=restart)
     except TrainingInterrupted as stop:
-        where = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
-        typer.echo(f"stopped at step {stop.step}; wrote {where}\n"
-                   f"resume with: {_resume_hint(config, set_)}", err=True)
-        raise typer.Exit(128 + stop.signum) from None
+        _stopped(stop, _resume_hint("train", config, set_))
     if result.already_done:
         typer.echo(f"training is already complete: step {result.step} of {result.max_steps} "
                    f"(raise train.max_steps to train longer, or --restart)")
@@ -297,9 +294,7 @@ def run(
     try:
         result = run_pipeline(cfg, report, on_sample_text)
     except TrainingInterrupted as stop:
-        typer.echo(f"stopped at step {stop.step}; wrote checkpoint {stop.checkpoint}\n"
-                   f"resume with: {_resume_hint(config, set_).replace('lmtrain train', 'lmtrain run')}", err=True)
-        raise typer.Exit(128 + stop.signum) from None
+        _stopped(stop, _resume_hint("run", config, set_))
     sys.stdout.write("\n")
     baseline = f" (unigram byte baseline {result.unigram_bpb:.3f})" if result.unigram_bpb is not None else ""
     bpb = f"{result.val_bpb:.4f}" if result.val_bpb is not None else "n/a"
@@ -307,8 +302,15 @@ def run(
                f"watch it learn: tensorboard --logdir {cfg.run_dir / 'tb'}")
 
 
-def _resume_hint(config: Optional[Path], overrides: Optional[List[str]]) -> str:
-    parts = ["lmtrain train"]
+def _stopped(stop, hint: str) -> None:
+    """Training stopped on a signal: say where it saved and how to go on; exit 128 + signal."""
+    where = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
+    typer.echo(f"stopped at step {stop.step}; wrote {where}\nresume with: {hint}", err=True)
+    raise typer.Exit(128 + stop.signum) from None
+
+
+def _resume_hint(command: str, config: Optional[Path], overrides: Optional[List[str]]) -> str:
+    parts = ["lmtrain", command]
     if config is not None:
         parts += ["--config", str(config)]
     for item in overrides or []:

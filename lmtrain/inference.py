@@ -73,8 +73,6 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
 
 
 def _check_against_run_config(model_config: GPTConfig, config: Config, path: Path) -> None:
-    have = model_config.to_dict()
-    diffs = [f"model.{key}: checkpoint {have[key]!r}, config {value!r}"
-             for key, value in vars(config.model).items() if key in have and have[key] != value]
+    diffs = ckpt.model_config_diffs(model_config.to_dict(), vars(config.model))
     if diffs:
         raise CheckpointError(f"{path} does not match the run's config.yaml ({'; '.join(diffs)})")

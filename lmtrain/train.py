@@ -430,8 +430,7 @@ class Trainer:
     def _check_compatible(self, loaded: ckpt.LoadedCheckpoint) -> None:
         want = self.model.config.to_dict()
         have = loaded.model_config
-        diffs = [f"model.{k}: checkpoint {have.get(k)!r}, config {v!r}" for k, v in want.items()
-                 if k != "vocab_size" and have.get(k) != v]
+        diffs = ckpt.model_config_diffs(have, {k: v for k, v in want.items() if k != "vocab_size"})
         if have.get("vocab_size") != want["vocab_size"]:
             diffs.append(f"vocab size: checkpoint {have.get('vocab_size')}, tokenizer {want['vocab_size']}")
         if loaded.state.get("tokenizer_sha256") not in (None, self.tokenizer_sha):
@@ -575,7 +574,9 @@ class Trainer:
         from lmtrain.generate import SamplingParams, generate
         from lmtrain.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(self.run_dir)
+        if not hasattr(self, "_sample_tokenizer"):
+            self._sample_tokenizer = load_tokenizer(self.run_dir)
+        tokenizer = self._sample_tokenizer
         prompt_text = self.config.sample.prompt
         ids = tokenizer.encode(prompt_text, add_special_tokens=False).ids if prompt_text else [self.manifest["eot_id"]]
         prompt = torch.tensor([ids[-self.config.model.block_size:]], device=self.device)
