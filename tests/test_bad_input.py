@@ -10,7 +10,6 @@ line ({cfg}, {run} and {tmp} are filled in), and the message expected on stderr.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
