@@ -8,7 +8,6 @@ not depend on the tokenizer and models with different vocabularies compare.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from lmtrain.inference import LoadedModel, load_model
+from lmtrain.model import amp_context
 from lmtrain.rundir import data_dir
 from lmtrain.shards import open_split, read_manifest, unigram_byte_bpb
 
@@ -109,9 +109,7 @@ def score_stream(loaded: LoadedModel, stream: np.ndarray, batch_size: int) -> tu
         for window in _same_length_groups(group):
             tokens = torch.from_numpy(np.stack(window)).to(device)
             x, y = tokens[:, :-1], tokens[:, 1:]
-            ctx = (torch.autocast(device.type, dtype=loaded.amp_dtype) if loaded.amp_dtype
-                   else contextlib.nullcontext())
-            with ctx:
+            with amp_context(device, loaded.amp_dtype):
                 logits, _ = model(x)
             nll = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")

@@ -12,13 +12,12 @@ positions they were trained on.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from lmtrain.model import GPT, KVCache
+from lmtrain.model import GPT, KVCache, amp_context
 
 
 @dataclass
@@ -52,12 +51,6 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 @torch.inference_mode()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
              generator: torch.Generator | None = None,
@@ -70,7 +63,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: Samp
         context = context[:, -block:]
     dtype = amp_dtype or next(model.parameters()).dtype
     cache = KVCache(model.config, batch, block, device, dtype)
-    with _autocast(device, amp_dtype):
+    with amp_context(device, amp_dtype):
         logits, _ = model(context, cache=cache)
     for _ in range(max_new_tokens):
         token = next_token(logits[:, -1, :], params, generator)
@@ -80,10 +73,10 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: Samp
             # Slide: keep the last half of the window, rebuild the cache over it.
             context = context[:, -(block // 2):]
             cache = KVCache(model.config, batch, block, device, dtype)
-            with _autocast(device, amp_dtype):
+            with amp_context(device, amp_dtype):
                 logits, _ = model(context, cache=cache)
         else:
-            with _autocast(device, amp_dtype):
+            with amp_context(device, amp_dtype):
                 logits, _ = model(token, cache=cache)
 
 
@@ -95,7 +88,7 @@ def generate_uncached(model: GPT, prompt: torch.Tensor, max_new_tokens: int, par
     block = model.config.block_size
     context = prompt
     for _ in range(max_new_tokens):
-        with _autocast(prompt.device, amp_dtype):
+        with amp_context(prompt.device, amp_dtype):
             logits, _ = model(context[:, -block:])
         token = next_token(logits[:, -1, :], params, generator)
         yield token

@@ -30,7 +30,7 @@ from lmtrain.config import Config, TrainConfig
 from lmtrain.data import TokenWindows, TrainBatches, to_device, val_positions
 from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
 from lmtrain.fsutil import sha256_file
-from lmtrain.model import GPT, GPTConfig
+from lmtrain.model import GPT, GPTConfig, amp_context
 from lmtrain.rundir import checkpoints_dir, data_dir, prepare_run_dir, tb_dir, tokenizer_path
 from lmtrain.shards import read_manifest
 
@@ -112,10 +112,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def autocast_for(device: torch.device, precision: str):
-    dtype = AMP_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return amp_context(device, AMP_DTYPES[precision])
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -374,9 +371,7 @@ class Trainer:
             raise LmtrainError(f"no tokenizer at {tok_file}; run `lmtrain tokenize` and `lmtrain shard` first")
         self.tokenizer_sha = sha256_file(tok_file)
         self.manifest = read_manifest(data_dir(self.run_dir))
-        if self.manifest["tokenizer_sha256"] != self.tokenizer_sha:
-            raise LmtrainError(f"the shards in {data_dir(self.run_dir)} were made with another tokenizer; "
-                               "re-run `lmtrain shard --force`")
+        # TokenWindows (open_split) refuses shards made with another tokenizer.
         window = self.config.model.block_size + 1
         self.train_windows = TokenWindows(data_dir(self.run_dir), "train", window, self.tokenizer_sha)
         self.val_windows = TokenWindows(data_dir(self.run_dir), "val", window, self.tokenizer_sha)
@@ -414,8 +409,10 @@ class Trainer:
                         log.info("--restart: moved %s aside", moved)
         dist_util.barrier(self.info)
 
-        if self.state["step"] >= self.tc.max_steps or self._budget_spent():
-            return self._result(already_done=True, stopped_by="max_steps" if not self._budget_spent() else "max_minutes")
+        if self._budget_spent():
+            return self._result(already_done=True, stopped_by="max_minutes")
+        if self.state["step"] >= self.tc.max_steps:
+            return self._result(already_done=True, stopped_by="max_steps")
 
         self.forward_model = wrap_model(self.model, self.tc, self.device, self.info)
         self.runner = StepRunner(self.model, self.forward_model, self.optimizer, self.scaler, self.tc,
@@ -460,7 +457,7 @@ class Trainer:
         window_steps, window_start, window_tokens = 0, time.perf_counter(), 0
         run_start = time.perf_counter()
         seconds_before = self.state["train_seconds"]
-        last_eval_step, val = None, None
+        val = None
         stopped_by, interrupted = "max_steps", None
         bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", unit="step",
                    disable=not info.is_main, dynamic_ncols=True, leave=False)
@@ -494,7 +491,7 @@ class Trainer:
                         window_loss = torch.zeros((), device=self.device)
                         window_steps, window_start, window_tokens = 0, time.perf_counter(), 0
                     self.state["train_seconds"] = seconds_before + time.perf_counter() - run_start
-                    stop_time = tc.max_minutes is not None and self._budget_spent()
+                    stop_time = self._budget_spent()
                     stop_signal = signals.signum is not None
                     if info.enabled:
                         stop_time = dist_util.any_rank(stop_time, info, self.device)
@@ -502,11 +499,10 @@ class Trainer:
                     final = step == tc.max_steps or stop_time or stop_signal
                     if step % tc.eval_every == 0 or final or step % tc.checkpoint_every == 0:
                         val = self._evaluate(step)
-                        last_eval_step = step
                     if tc.sample_every and step % tc.sample_every == 0 and info.is_main:
                         self._log_sample(step)
                     if step % tc.checkpoint_every == 0 or final:
-                        self._save(step, val if last_eval_step == step else None)
+                        self._save(step, val)  # every checkpoint step has just evaluated
                     if stop_signal:
                         interrupted = signals.signum or signal.SIGTERM
                         break
@@ -590,7 +586,7 @@ class Trainer:
             # Markdown: indent by four spaces so code keeps its layout.
             self.writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)
 
-    def _save(self, step: int, val: dict[str, float] | None) -> None:
+    def _save(self, step: int, val: dict[str, float]) -> None:
         self.last_checkpoint = None
         if self.info.enabled:
             dist_util.check_replicas_in_sync(self.model, self.info, self.device)
@@ -599,7 +595,7 @@ class Trainer:
         if self.info.is_main:
             state = {
                 **{k: v for k, v in self.state.items()},
-                "val_loss": val["val_loss"] if val else None,
+                "val_loss": val["val_loss"],
                 "model_config": self.model.config.to_dict(),
                 "tokenizer_sha256": self.tokenizer_sha,
                 "config": self.config.to_dict(),

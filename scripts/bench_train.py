@@ -53,6 +53,17 @@ class SyntheticBatches:
         return tokens[:, :-1], tokens[:, 1:]
 
 
+def build_runner(cfg, vocab: int, device: torch.device, precision: str) -> tuple[torch.nn.Module, StepRunner]:
+    """The model and the training step exactly as `lmtrain train` builds them (one process)."""
+    info = dist_util.DistInfo()
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, vocab).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    runner = StepRunner(model, wrap_model(model, cfg.train, device, info), make_optimizer(model, cfg.train, device),
+                        scaler, cfg.train, precision, device, info)
+    return model, runner
+
+
 def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.matmul(a, b)
@@ -76,7 +87,6 @@ def main() -> None:
 
     cfg = load_config(args.config, args.sets)
     tc = cfg.train
-    info = dist_util.DistInfo()
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     if args.data is not None:
@@ -90,11 +100,7 @@ def main() -> None:
         vocab = args.vocab_size or cfg.tokenizer.vocab_size
         batches = SyntheticBatches(vocab, tc.batch_size, cfg.model.block_size, device)
 
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, vocab).to(device)
-    optimizer = make_optimizer(model, tc, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    runner = StepRunner(model, wrap_model(model, tc, device, info), optimizer, scaler, tc, precision, device, info)
+    model, runner = build_runner(cfg, vocab, device, precision)
 
     def sync():
         if device.type == "cuda":

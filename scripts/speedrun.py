@@ -23,23 +23,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
-from lmtrain import distributed as dist_util  # noqa: E402
 from lmtrain.config import load_config  # noqa: E402
-from lmtrain.train import StepRunner, build_model, make_optimizer, resolve_device, wrap_model  # noqa: E402
+from lmtrain.train import resolve_device  # noqa: E402
 
 
 def seconds_per_step(cfg, steps: int = 8) -> float:
     sys.path.insert(0, str(REPO / "scripts"))
-    from bench_train import SyntheticBatches
+    from bench_train import SyntheticBatches, build_runner
 
     device = resolve_device("cpu")
-    torch.manual_seed(0)
-    model = build_model(cfg, cfg.tokenizer.vocab_size)
-    runner = StepRunner(model, wrap_model(model, cfg.train, device, dist_util.DistInfo()),
-                        make_optimizer(model, cfg.train, device), torch.amp.GradScaler("cpu", enabled=False),
-                        cfg.train, "fp32", device, dist_util.DistInfo())
+    _, runner = build_runner(cfg, cfg.tokenizer.vocab_size, device, "fp32")
     batches = SyntheticBatches(cfg.tokenizer.vocab_size, cfg.train.batch_size, cfg.model.block_size, device)
     for step in range(2):
         runner.run(step, batches)
