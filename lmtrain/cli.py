@@ -193,6 +193,7 @@ def sample(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
     device: str = DeviceOption,
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (slow; for checks)."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="On CUDA, decode eagerly instead of replaying a captured graph."),
 ) -> None:
     """Generate text from a checkpoint; text streams to stdout, statistics go to stderr."""
     from lmtrain.sample import SampleOptions, sample as run_sample
@@ -201,7 +202,7 @@ def sample(
     options = SampleOptions(checkpoint=checkpoint, prompt=text, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                             num_samples=num_samples, seed=seed, stop=list(stop or []), device=device,
-                            use_cache=not no_cache)
+                            use_cache=not no_cache, cuda_graph=not no_cuda_graph)
     current = {"index": -1}
 
     def on_text(index: int, piece: str) -> None:

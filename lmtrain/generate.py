@@ -5,6 +5,11 @@ once, then one position per forward pass. ``generate_uncached`` runs the whole s
 ``block_size`` tokens) through the model for every new token; it is slow, and kept as the
 reference the cached loop is tested against (and as ``lmtrain sample --no-cache``).
 
+The cached loop runs through a ``Decoder``. On a CPU it is the model called eagerly over a cache
+that grows step by step. On CUDA, one-token steps of a small batch are all launch overhead in
+eager mode (a 124M model's step is some 200 small kernels), so the decoder keeps a copy of the
+weights in the inference dtype, a static cache, and replays the step as one captured CUDA graph.
+
 Past ``block_size`` positions the cached loop slides its window: it keeps the last half of the
 context, recomputes the cache over it, and goes on. Both position schemes stay within the
 positions they were trained on.
@@ -12,6 +17,7 @@ positions they were trained on.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -51,33 +57,108 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
 
 
+class Decoder:
+    """The model over a key/value cache: ``prefill`` a context, then ``step`` one token at a time.
+
+    ``cuda_graph`` (default: on CUDA) captures the one-token step once, at construction, and
+    replays it: the step's inputs and outputs are fixed tensors, the cache is static, and the
+    weights are a copy in ``amp_dtype`` (casting fp32 weights on every step would move four
+    times the bytes a bf16 step needs). A decoder serves any number of generations of its batch
+    size, so the capture is paid once.
+    """
+
+    def __init__(self, model: GPT, batch: int, amp_dtype: torch.dtype | None = None,
+                 cuda_graph: bool | None = None) -> None:
+        device = next(model.parameters()).device
+        self.block = model.config.block_size
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a model on a CUDA device")
+            model = _cast_weights(model, amp_dtype) if amp_dtype is not None else model
+            amp_dtype = None  # the weights are already in the inference dtype
+        self.model, self.amp_dtype, self.device = model, amp_dtype, device
+        dtype = amp_dtype or next(model.parameters()).dtype
+        self.cache = KVCache(model.config, batch, self.block, device, dtype, static=self.cuda_graph)
+        self.graph = self._capture(batch) if self.cuda_graph else None
+
+    @property
+    def full(self) -> bool:
+        return self.cache.pos >= self.block
+
+    @torch.inference_mode()
+    def prefill(self, context: torch.Tensor) -> torch.Tensor:
+        """Start over from ``context`` (B, T <= block_size); return the last position's logits."""
+        self.cache.reset()
+        return self._forward(context)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token per sequence (B, 1); return the logits for the next (B, V)."""
+        if self.graph is None:
+            return self._forward(token)
+        self.token.copy_(token)
+        self.graph.replay()  # also advances the cache's device-side position
+        self.cache.pos += 1
+        return self.logits
+
+    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+        with amp_context(self.device, self.amp_dtype):
+            logits, _ = self.model(idx, cache=self.cache)
+        return logits[:, -1, :]
+
+    @torch.inference_mode()
+    def _capture(self, batch: int) -> "torch.cuda.CUDAGraph":
+        # Warm up on a side stream (as torch.cuda.graphs asks), capture one step, then put the
+        # cache back to empty: what the warm-up wrote is masked out until real steps overwrite it.
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(self.token)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.cache.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward(self.token)
+        self.cache.reset()
+        return graph
+
+
+def _cast_weights(model: GPT, dtype: torch.dtype) -> GPT:
+    """A copy of ``model`` whose parameters are ``dtype``; buffers (the RoPE tables) stay fp32."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    cast = copy.deepcopy(model)  # keeps tied weights tied
+    for param in cast.parameters():
+        param.data = param.data.to(dtype)
+    return cast.eval()
+
+
 @torch.inference_mode()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
              generator: torch.Generator | None = None,
-             amp_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
-    """Yield (B, 1) tensors of new tokens, one per step, using a key/value cache."""
+             amp_dtype: torch.dtype | None = None, decoder: Decoder | None = None) -> Iterator[torch.Tensor]:
+    """Yield (B, 1) tensors of new tokens, one per step, using a key/value cache.
+
+    ``decoder`` may be passed to reuse one (and its captured graph) across calls; it must have
+    been built for this model, batch size and ``amp_dtype``.
+    """
     block = model.config.block_size
-    batch, device = prompt.size(0), prompt.device
-    context = prompt
-    if context.size(1) > block:
-        context = context[:, -block:]
-    dtype = amp_dtype or next(model.parameters()).dtype
-    cache = KVCache(model.config, batch, block, device, dtype)
-    with amp_context(device, amp_dtype):
-        logits, _ = model(context, cache=cache)
+    decoder = decoder or Decoder(model, prompt.size(0), amp_dtype)
+    context = prompt[:, -block:]
+    logits = decoder.prefill(context)
     for _ in range(max_new_tokens):
-        token = next_token(logits[:, -1, :], params, generator)
+        token = next_token(logits, params, generator)
         yield token
         context = torch.cat([context, token], dim=1)
-        if cache.pos >= block:
+        if decoder.full:
             # Slide: keep the last half of the window, rebuild the cache over it.
             context = context[:, -(block // 2):]
-            cache = KVCache(model.config, batch, block, device, dtype)
-            with amp_context(device, amp_dtype):
-                logits, _ = model(context, cache=cache)
+            logits = decoder.prefill(context)
         else:
-            with amp_context(device, amp_dtype):
-                logits, _ = model(token, cache=cache)
+            logits = decoder.step(token)
 
 
 @torch.inference_mode()

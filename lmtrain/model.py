@@ -145,21 +145,69 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, for ``batch`` sequences of ``length`` positions."""
+    """Preallocated keys and values of every layer, for ``batch`` sequences of ``length`` positions.
 
-    def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype) -> None:
+    The model calls ``begin(T)`` before a pass over T new positions (it returns their positions
+    and sets the attention mask), ``update`` in each layer, and ``advance(T)`` after the pass.
+
+    By default the position lives on the host and attention spans only the filled part: the
+    least work in eager mode. With ``static=True`` the position also lives in a device tensor and
+    attention always spans the whole buffer, masked: every one-token step then has the same
+    shapes and reads no host value, which is what capturing it as a CUDA graph needs
+    (``generate.Decoder``).
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype, static: bool = False) -> None:
         shape = (batch, config.n_head, length, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = length
-        self.pos = 0  # positions filled so far
+        self.static = static
+        self.pos = 0  # positions filled so far (kept on the host in both modes)
+        self.pos_tensor = torch.zeros((), dtype=torch.long, device=device) if static else None
+        self.mask: torch.Tensor | None = None
+        self.causal = True
+        self._positions: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.pos = 0
+        if self.static:
+            self.pos_tensor.zero_()
+
+    def begin(self, T: int, device) -> torch.Tensor | None:
+        """Set the mask for T new queries; return their positions (None: ``pos .. pos+T-1``)."""
+        if self.static:
+            positions = self.pos_tensor + torch.arange(T, device=device)
+            self.mask = torch.arange(self.length, device=device) <= positions[:, None]  # (T, length)
+            self.causal = False
+            self._positions = positions
+            return positions
+        past = self.pos
+        if past == 0:
+            self.mask, self.causal = None, True
+        elif T == 1:
+            self.mask, self.causal = None, False  # one new query sees every cached position
+        else:
+            # New queries see all past positions and the new ones up to themselves.
+            self.mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+            self.causal = False
+        return None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values at ``pos``; return every key/value so far."""
+        """Store this pass's keys/values; return the keys/values attention should see."""
+        if self.static:
+            self.keys[layer].index_copy_(2, self._positions, k)
+            self.values[layer].index_copy_(2, self._positions, v)
+            return self.keys[layer], self.values[layer]
         end = self.pos + k.size(2)
         self.keys[layer][:, :, self.pos:end] = k
         self.values[layer][:, :, self.pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+        if self.static:
+            self.pos_tensor += T
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,16 +238,8 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             mask, causal = None, True
         else:
-            past = cache.pos
             k, v = cache.update(self.layer, k, v)
-            if past == 0:
-                mask, causal = None, True
-            elif T == 1:
-                mask, causal = None, False  # one new query sees every cached position
-            else:
-                # New queries see all past positions and the new ones up to themselves.
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                causal = False
+            mask, causal = cache.mask, cache.causal
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -294,18 +334,23 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
+        # Positions as a device tensor when the cache is static (no host value may enter a
+        # captured step), else as a range.
+        positions = cache.begin(T, idx.device) if cache is not None else None
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
+            x = x + self.wpe(positions if positions is not None else torch.arange(start, start + T, device=idx.device))
+        elif positions is not None:
             # Shaped (T, 1, 1, head_dim/2) to broadcast over (B, T, q|k, head, head_dim/2).
+            rope = (self.rope_cos[positions, None, None], self.rope_sin[positions, None, None])
+        else:
             rope = (self.rope_cos[start:start + T, None, None], self.rope_sin[start:start + T, None, None])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.norm_f(x)
         if targets is not None and torch.is_grad_enabled() and x.device.type == "cpu":
             # Training on a CPU: the fused, chunked head + loss (see ChunkedLinearCrossEntropy);

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from lmtrain.errors import ConfigError, LmtrainError
-from lmtrain.generate import SamplingParams, generate, generate_uncached
+from lmtrain.generate import Decoder, SamplingParams, generate, generate_uncached
 from lmtrain.inference import LoadedModel, load_model
 
 REPLACEMENT = "\ufffd"
@@ -38,6 +38,7 @@ class SampleOptions:
     stop: list[str] = field(default_factory=list)
     device: str = "auto"
     use_cache: bool = True
+    cuda_graph: bool = True  # on CUDA: replay the one-token step as a captured graph
 
 
 @dataclass
@@ -76,9 +77,13 @@ def sample(run_dir: Path, options: SampleOptions,
     generator = torch.Generator().manual_seed(seed)
     texts, total_tokens = [], 0
     start = time.perf_counter()
+    # One decoder for every sample, so a CUDA graph is captured once per run.
+    decoder = (Decoder(loaded.model, 1, loaded.amp_dtype,
+                       cuda_graph=options.cuda_graph and loaded.device.type == "cuda")
+               if options.use_cache else None)
     for index in range(num_samples):
         on_text(index, "")  # a sample starts (it may produce no text at all)
-        text, n = _one_sample(loaded, prompt_ids, max_new, params, generator, stops, options.use_cache,
+        text, n = _one_sample(loaded, prompt_ids, max_new, params, generator, stops, decoder,
                               lambda piece, i=index: on_text(i, piece))
         texts.append(text)
         total_tokens += n
@@ -110,13 +115,17 @@ def prompt_tokens(loaded: LoadedModel, text: str) -> list[int]:
 
 
 def _one_sample(loaded: LoadedModel, prompt_ids: list[int], max_new: int, params: SamplingParams,
-                generator: torch.Generator, stops: list[str], use_cache: bool,
+                generator: torch.Generator, stops: list[str], decoder: Decoder | None,
                 emit: Callable[[str], None]) -> tuple[str, int]:
+    """One sample, through ``decoder`` (the cached loop) or, when it is None, the uncached one."""
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=loaded.device)
-    loop = generate if use_cache else generate_uncached
+    if decoder is not None:
+        tokens = generate(loaded.model, prompt, max_new, params, generator, loaded.amp_dtype, decoder=decoder)
+    else:
+        tokens = generate_uncached(loaded.model, prompt, max_new, params, generator, loaded.amp_dtype)
     stream = TextStream(loaded.tokenizer, stops, emit)
     produced = 0
-    for token in loop(loaded.model, prompt, max_new, params, generator, loaded.amp_dtype):
+    for token in tokens:
         token_id = int(token[0, 0])
         produced += 1
         if token_id == loaded.eot_id or stream.add(token_id):

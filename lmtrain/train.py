@@ -567,7 +567,7 @@ class Trainer:
         return val
 
     def _log_sample(self, step: int) -> None:
-        from lmtrain.generate import SamplingParams, generate
+        from lmtrain.generate import Decoder, SamplingParams, generate
         from lmtrain.tokenizer import load_tokenizer
 
         if not hasattr(self, "_sample_tokenizer"):
@@ -579,7 +579,10 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.run.seed)
         params = SamplingParams(temperature=self.config.sample.temperature, top_k=self.config.sample.top_k)
         self.model.eval()
-        new = [int(t) for t in generate(self.model, prompt, 64, params, generator, AMP_DTYPES[self.precision])]
+        amp = AMP_DTYPES[self.precision]
+        # Eager decoding: 64 tokens do not repay a CUDA graph's capture and weight copy.
+        decoder = Decoder(self.model, 1, amp, cuda_graph=False)
+        new = [int(t) for t in generate(self.model, prompt, 64, params, generator, amp, decoder=decoder)]
         self.model.train()
         text = tokenizer.decode(ids + new, skip_special_tokens=False)
         if self.writer is not None:

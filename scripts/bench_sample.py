@@ -6,8 +6,10 @@
 
 Greedy decoding (so both paths produce the same tokens) of --new-tokens tokens after a
 --prompt-tokens prompt, through `lmtrain.generate` (what `lmtrain sample` runs), on the best
-device. Tokens/s counts new tokens over all sequences of the batch. Prints a table and one JSON
-line.
+device. Tokens/s counts new tokens over all sequences of the batch. On CUDA the cached path is
+timed twice: replaying the captured CUDA graph (what `lmtrain sample` does there) and eagerly;
+the decoder is built (and its graph captured) before timing, as `lmtrain sample` builds it once
+per run. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lmtrain.generate import SamplingParams, generate, generate_uncached  # noqa: E402
+from lmtrain.generate import Decoder, SamplingParams, generate, generate_uncached  # noqa: E402
 
 
 def load(args):
@@ -43,18 +45,18 @@ def load(args):
     return model, device, amp, f"{args.config or 'embedded default'} (fresh weights)"
 
 
-def time_generation(loop, model, prompt, new_tokens, amp) -> float:
+def time_generation(loop, model, prompt, new_tokens, amp, **kw) -> float:
     def sync():
         if prompt.device.type == "cuda":
             torch.cuda.synchronize(prompt.device)
 
     params = SamplingParams(temperature=0.0)
-    for _ in loop(model, prompt, min(new_tokens, 8), params, None, amp):  # warm up
+    for _ in loop(model, prompt, min(new_tokens, 8), params, None, amp, **kw):  # warm up
         pass
     sync()
     start = time.perf_counter()
     produced = 0
-    for _ in loop(model, prompt, new_tokens, params, None, amp):
+    for _ in loop(model, prompt, new_tokens, params, None, amp, **kw):
         produced += 1
     sync()
     return produced * prompt.size(0) / (time.perf_counter() - start)
@@ -75,23 +77,38 @@ def main() -> None:
     model, device, amp, what = load(args)
     block = model.config.block_size
     new_tokens = args.new_tokens  # past block_size the cached loop slides, the uncached one crops
+    on_cuda = device.type == "cuda"
     results = []
     for batch in [int(b) for b in args.batches.split(",")]:
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), generator=g).to(device)
-        cached = time_generation(generate, model, prompt, new_tokens, amp)
-        uncached = time_generation(generate_uncached, model, prompt, new_tokens, amp)
-        results.append({"batch": batch, "cached_tokens_per_sec": round(cached, 1),
-                        "uncached_tokens_per_sec": round(uncached, 1), "speedup": round(cached / uncached, 2)})
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        row = {"batch": batch}
+        if on_cuda:
+            capture_start = time.perf_counter()
+            decoder = Decoder(model, batch, amp, cuda_graph=True)
+            row["graph_capture_seconds"] = round(time.perf_counter() - capture_start, 3)
+            row["cached_tokens_per_sec"] = round(time_generation(generate, model, prompt, new_tokens, amp,
+                                                                 decoder=decoder), 1)
+            del decoder
+            eager = Decoder(model, batch, amp, cuda_graph=False)
+            row["cached_eager_tokens_per_sec"] = round(time_generation(generate, model, prompt, new_tokens, amp,
+                                                                       decoder=eager), 1)
+        else:
+            row["cached_tokens_per_sec"] = round(time_generation(generate, model, prompt, new_tokens, amp), 1)
+        row["uncached_tokens_per_sec"] = round(time_generation(generate_uncached, model, prompt, new_tokens, amp), 1)
+        row["speedup"] = round(row["cached_tokens_per_sec"] / row["uncached_tokens_per_sec"], 2)
+        results.append(row)
+    name = torch.cuda.get_device_name(device) if on_cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{what}: {model.num_params() / 1e6:.2f}M params, block {block}, {new_tokens} new tokens after "
           f"{args.prompt_tokens}, greedy, on {name}")
-    print(f"  {'batch':>5}  {'cached tok/s':>14}  {'uncached tok/s':>15}  {'speedup':>8}")
+    cached_label = "cached+graph tok/s" if on_cuda else "cached tok/s"
+    eager_col = f"  {'cached eager':>13}" if on_cuda else ""
+    print(f"  {'batch':>5}  {cached_label:>18}{eager_col}  {'uncached tok/s':>15}  {'speedup':>8}")
     for r in results:
-        print(f"  {r['batch']:>5}  {r['cached_tokens_per_sec']:>14,.1f}  {r['uncached_tokens_per_sec']:>15,.1f}  "
+        eager = f"  {r['cached_eager_tokens_per_sec']:>13,.1f}" if on_cuda else ""
+        print(f"  {r['batch']:>5}  {r['cached_tokens_per_sec']:>18,.1f}{eager}  {r['uncached_tokens_per_sec']:>15,.1f}  "
               f"{r['speedup']:>7.2f}x")
     print(json.dumps({"model": what, "device": name, "new_tokens": new_tokens, "results": results}))
-
 
 if __name__ == "__main__":
     main()

@@ -16,12 +16,16 @@ own best matmul.
 
 --split adds a second timed pass that synchronises the device between phases to split the step
 into data, forward+backward and optimiser (the main pass never synchronises inside a step).
+--lock FILE holds an exclusive lock on FILE for the timed steps only: several benchmarks (one per
+batch size, say) can then compile at the same time and still take their timings one at a time.
 Prints a table and one JSON line with at least tokens_per_sec, mfu and peak_memory_mb.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import sys
 import time
@@ -73,6 +77,19 @@ def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+@contextlib.contextmanager
+def exclusive(path: Path | None):
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None)
@@ -83,6 +100,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="synthetic vocab (default: tokenizer.vocab_size)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--split", action="store_true", help="also measure the per-phase split")
+    parser.add_argument("--lock", type=Path, default=None, help="time while holding an exclusive lock on this file")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.sets)
@@ -114,17 +132,17 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    start = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.steps):
-        loss, _, _ = runner.run(step, batches)
-    final_loss = float(loss)  # one sync at the end, like a logging step
-    sync()
-    seconds = time.perf_counter() - start
-
     timings: dict[str, float] = {}
-    if args.split:
-        for step in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
-            runner.run(step, batches, timings)
+    with exclusive(args.lock):
+        start = time.perf_counter()
+        for step in range(args.warmup, args.warmup + args.steps):
+            loss, _, _ = runner.run(step, batches)
+        final_loss = float(loss)  # one sync at the end, like a logging step
+        sync()
+        seconds = time.perf_counter() - start
+        if args.split:
+            for step in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
+                runner.run(step, batches, timings)
 
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
     tokens_per_sec = tokens_per_step * args.steps / seconds

@@ -69,12 +69,13 @@ def test_every_variant_learns(pos, norm, mlp):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_kv_cache_matches_full_recomputation(pos):
+def test_kv_cache_matches_full_recomputation(pos, static):
     model = tiny(pos_embedding=pos).eval()
     idx = torch.randint(0, 301, (2, 12))
     full, _ = model(idx)
-    cache = KVCache(model.config, 2, 16, "cpu", torch.float32)
+    cache = KVCache(model.config, 2, 16, "cpu", torch.float32, static=static)
     prefix, _ = model(idx[:, :5], cache=cache)
     torch.testing.assert_close(prefix[:, -1], full[:, 4])
     chunk, _ = model(idx[:, 5:8], cache=cache)  # several new positions at once, with a past
