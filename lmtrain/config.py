@@ -155,6 +155,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = _opt("auto", help="auto, cpu, cuda or mps")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _opt("auto", help="auto, bf16, fp16 or fp32")
     compile: Literal["auto", "true", "false"] = _opt("auto", help="torch.compile: auto means on CUDA")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _opt(
+        "default", help="torch.compile mode; reduce-overhead replays CUDA graphs")
     peak_tflops: Optional[float] = _opt(None, gt=0.0, help="device peak for MFU; overrides the table")
 
     def check(self) -> None:

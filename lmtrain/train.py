@@ -185,7 +185,7 @@ def wrap_model(model: GPT, tc: TrainConfig, device: torch.device, info: dist_uti
         torch.backends.cudnn.allow_tf32 = True
     wrapped: torch.nn.Module = model
     if use_compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, mode=tc.compile_mode)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
