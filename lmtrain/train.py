@@ -205,6 +205,8 @@ class StepRunner:
                  precision: str, device: torch.device, info: dist_util.DistInfo) -> None:
         self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
         self.tc, self.precision, self.device, self.info = tc, precision, device, info
+        self.cuda_graphs = (device.type == "cuda" and forward_model is not model
+                            and tc.compile_mode in ("reduce-overhead", "max-autotune"))
 
     def run(self, step: int, batches, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         tc = self.tc
@@ -221,6 +223,9 @@ class StepRunner:
             # DDP: synchronise gradients on the last micro-step only.
             sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.forward_model.no_sync()
             with sync:
+                if self.cuda_graphs:
+                    # Each micro-step is a new replay; earlier outputs are consumed by now.
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast_for(self.device, self.precision):
                     _, loss = self.forward_model(x, y)
                 self.scaler.scale(loss / tc.grad_accum).backward()

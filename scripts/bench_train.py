@@ -77,6 +77,20 @@ def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+def profile_steps(runner: StepRunner, batches, steps, device: torch.device, top: int = 25) -> None:
+    """Print the ops that take the most time over ``steps`` (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in steps:
+            runner.run(step, batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
 @contextlib.contextmanager
 def exclusive(path: Path | None):
     if path is None:
@@ -100,6 +114,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="synthetic vocab (default: tokenizer.vocab_size)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--split", action="store_true", help="also measure the per-phase split")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N steps with torch.profiler and print the top ops")
     parser.add_argument("--lock", type=Path, default=None, help="time while holding an exclusive lock on this file")
     args = parser.parse_args()
 
@@ -143,6 +159,8 @@ def main() -> None:
         if args.split:
             for step in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
                 runner.run(step, batches, timings)
+        if args.profile:
+            profile_steps(runner, batches, range(10_000, 10_000 + args.profile), device)
 
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
     tokens_per_sec = tokens_per_step * args.steps / seconds
