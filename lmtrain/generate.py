@@ -9,6 +9,8 @@ The cached loop runs through a ``Decoder``. On a CPU it is the model called eage
 that grows step by step. On CUDA, one-token steps of a small batch are all launch overhead in
 eager mode (a 124M model's step is some 200 small kernels), so the decoder keeps a copy of the
 weights in the inference dtype, a static cache, and replays the step as one captured CUDA graph.
+``compile=True`` instead runs the step through ``torch.compile`` over a static cache: on a CPU
+that removes most of the per-op dispatch of a small model's step, after seconds of compilation.
 
 Past ``block_size`` positions the cached loop slides its window: it keeps the last half of the
 context, recomputes the cache over it, and goes on. Both position schemes stay within the
@@ -68,10 +70,14 @@ class Decoder:
     """
 
     def __init__(self, model: GPT, batch: int, amp_dtype: torch.dtype | None = None,
-                 cuda_graph: bool | None = None) -> None:
+                 cuda_graph: bool | None = None, compile: bool = False) -> None:
         device = next(model.parameters()).device
         self.block = model.config.block_size
-        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and not compile
+        if cuda_graph and compile:
+            raise ValueError("a decoder either compiles its step or captures it as a CUDA graph, not both")
+        self.cuda_graph = cuda_graph
         if self.cuda_graph:
             if device.type != "cuda":
                 raise ValueError("CUDA graphs need a model on a CUDA device")
@@ -79,7 +85,12 @@ class Decoder:
             amp_dtype = None  # the weights are already in the inference dtype
         self.model, self.amp_dtype, self.device = model, amp_dtype, device
         dtype = amp_dtype or next(model.parameters()).dtype
-        self.cache = KVCache(model.config, batch, self.block, device, dtype, static=self.cuda_graph)
+        self.cache = KVCache(model.config, batch, self.block, device, dtype, static=self.cuda_graph or compile)
+        # The compiled step sees the same shapes at every position (static cache): one compile.
+        # On a CPU the C++ wrapper saves a further ~10% of a small model's step (Python glue).
+        options = {"cpp_wrapper": True} if device.type == "cpu" else None
+        self.step_model = (torch.compile(model, dynamic=False, fullgraph=True, options=options)
+                           if compile else model)
         self.graph = self._capture(batch) if self.cuda_graph else None
 
     @property
@@ -90,21 +101,27 @@ class Decoder:
     def prefill(self, context: torch.Tensor) -> torch.Tensor:
         """Start over from ``context`` (B, T <= block_size); return the last position's logits."""
         self.cache.reset()
-        return self._forward(context)
+        logits = self._forward(context)
+        if self.cache.static:
+            self.cache.pos = context.size(1)
+        return logits
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token per sequence (B, 1); return the logits for the next (B, V)."""
         if self.graph is None:
-            return self._forward(token)
-        self.token.copy_(token)
-        self.graph.replay()  # also advances the cache's device-side position
-        self.cache.pos += 1
-        return self.logits
+            logits = self._forward(token, self.step_model)
+        else:
+            self.token.copy_(token)
+            self.graph.replay()  # also advances the cache's device-side position
+            logits = self.logits
+        if self.cache.static:
+            self.cache.pos += 1
+        return logits
 
-    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def _forward(self, idx: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         with amp_context(self.device, self.amp_dtype):
-            logits, _ = self.model(idx, cache=self.cache)
+            logits, _ = (self.model if model is None else model)(idx, cache=self.cache)
         return logits[:, -1, :]
 
     @torch.inference_mode()

@@ -205,9 +205,12 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, T: int) -> None:
-        self.pos += T
         if self.static:
+            # Only the device-side position: a step replayed as a graph (or compiled) runs no
+            # host code, so the host-side ``pos`` is kept by whoever drives the cache.
             self.pos_tensor += T
+        else:
+            self.pos += T
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,11 +334,11 @@ class GPT(nn.Module):
         logits come back as None.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
+        # A static cache's position is a device tensor (no host value may enter a captured or
+        # compiled step); whoever drives it keeps it in range.
+        start = cache.pos if cache is not None and not cache.static else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
-        # Positions as a device tensor when the cache is static (no host value may enter a
-        # captured step), else as a range.
         positions = cache.begin(T, idx.device) if cache is not None else None
         x = self.wte(idx)
         rope = None

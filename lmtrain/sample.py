@@ -39,6 +39,7 @@ class SampleOptions:
     device: str = "auto"
     use_cache: bool = True
     cuda_graph: bool = True  # on CUDA: replay the one-token step as a captured graph
+    compile: bool = False  # torch.compile the one-token step instead
 
 
 @dataclass
@@ -78,8 +79,10 @@ def sample(run_dir: Path, options: SampleOptions,
     texts, total_tokens = [], 0
     start = time.perf_counter()
     # One decoder for every sample, so a CUDA graph is captured once per run.
-    decoder = (Decoder(loaded.model, 1, loaded.amp_dtype,
-                       cuda_graph=options.cuda_graph and loaded.device.type == "cuda")
+    if options.compile and not options.use_cache:
+        raise ConfigError("--compile compiles the cached step; it cannot go with --no-cache")
+    graph = options.cuda_graph and loaded.device.type == "cuda" and not options.compile
+    decoder = (Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=graph, compile=options.compile)
                if options.use_cache else None)
     for index in range(num_samples):
         on_text(index, "")  # a sample starts (it may produce no text at all)

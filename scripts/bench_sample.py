@@ -9,7 +9,9 @@ Greedy decoding (so both paths produce the same tokens) of --new-tokens tokens a
 device. Tokens/s counts new tokens over all sequences of the batch. On CUDA the cached path is
 timed twice: replaying the captured CUDA graph (what `lmtrain sample` does there) and eagerly;
 the decoder is built (and its graph captured) before timing, as `lmtrain sample` builds it once
-per run. Prints a table and one JSON line.
+per run. --compile also times the cached path with the step compiled by torch.compile
+(`lmtrain sample --compile`), compilation outside the timing and reported on its own.
+Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
     args = parser.parse_args()
 
     model, device, amp, what = load(args)
@@ -96,6 +99,14 @@ def main() -> None:
         else:
             row["cached_tokens_per_sec"] = round(time_generation(generate, model, prompt, new_tokens, amp), 1)
         row["uncached_tokens_per_sec"] = round(time_generation(generate_uncached, model, prompt, new_tokens, amp), 1)
+        if args.compile:
+            compiled = Decoder(model, batch, amp, compile=True)
+            compile_start = time.perf_counter()
+            for _ in generate(model, prompt, 2, SamplingParams(temperature=0.0), None, amp, decoder=compiled):
+                pass
+            row["compile_seconds"] = round(time.perf_counter() - compile_start, 1)
+            row["cached_compiled_tokens_per_sec"] = round(time_generation(generate, model, prompt, new_tokens, amp,
+                                                                          decoder=compiled), 1)
         row["speedup"] = round(row["cached_tokens_per_sec"] / row["uncached_tokens_per_sec"], 2)
         results.append(row)
     name = torch.cuda.get_device_name(device) if on_cuda else f"cpu ({torch.get_num_threads()} threads)"
@@ -103,11 +114,18 @@ def main() -> None:
           f"{args.prompt_tokens}, greedy, on {name}")
     cached_label = "cached+graph tok/s" if on_cuda else "cached tok/s"
     eager_col = f"  {'cached eager':>13}" if on_cuda else ""
-    print(f"  {'batch':>5}  {cached_label:>18}{eager_col}  {'uncached tok/s':>15}  {'speedup':>8}")
+    compiled_col = f"  {'cached compiled':>16}  {'speedup':>8}" if args.compile else ""
+    print(f"  {'batch':>5}  {cached_label:>18}{eager_col}  {'uncached tok/s':>15}  {'speedup':>8}{compiled_col}")
     for r in results:
         eager = f"  {r['cached_eager_tokens_per_sec']:>13,.1f}" if on_cuda else ""
+        compiled = ""
+        if args.compile:
+            ratio = r["cached_compiled_tokens_per_sec"] / r["uncached_tokens_per_sec"]
+            compiled = f"  {r['cached_compiled_tokens_per_sec']:>16,.1f}  {ratio:>7.2f}x"
         print(f"  {r['batch']:>5}  {r['cached_tokens_per_sec']:>18,.1f}{eager}  {r['uncached_tokens_per_sec']:>15,.1f}  "
-              f"{r['speedup']:>7.2f}x")
+              f"{r['speedup']:>7.2f}x{compiled}")
+    if args.compile:
+        print("  compile time (s): " + ", ".join(f"batch {r['batch']} {r['compile_seconds']}" for r in results))
     print(json.dumps({"model": what, "device": name, "new_tokens": new_tokens, "results": results}))
 
 if __name__ == "__main__":

@@ -87,6 +87,16 @@ def test_run_level_cache_matches_no_cache(trained):
     assert with_cache == without
 
 
+def test_compiled_step_gives_the_same_text(trained):
+    # `--compile` runs the one-token step through torch.compile over a static cache; 60 tokens on
+    # a 32-token context cover the slide too.
+    _, run_dir = trained
+    args = ("sample", "--run", str(run_dir), "--prompt", "def ", "--greedy", "-n", "60")
+    eager, compiled = run_cli(*args), run_cli(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout
+
+
 def test_top_k_1_is_greedy_and_seeds_reproduce(trained):
     _, run_dir = trained
     greedy = collect(run_dir, prompt="x = ", greedy=True, max_new_tokens=15)
