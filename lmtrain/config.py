@@ -162,6 +162,12 @@ class TrainConfig:
     def check(self) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.grad_accum > 1:
+            # A replayed graph reuses its output memory, and with accumulation the gradients of
+            # one micro-step are still held when the next replay overwrites them.
+            raise ConfigError(f"train.compile_mode {self.compile_mode} replays CUDA graphs and needs "
+                              f"train.grad_accum 1 (got {self.grad_accum}); raise train.batch_size instead, "
+                              f"or use compile_mode default or max-autotune-no-cudagraphs")
 
 
 @dataclass

@@ -118,6 +118,8 @@ CASES = [
     Case("rope-odd-head", "none", T + " --set model.n_embd=36 --set model.n_head=4 --set model.pos_embedding=rope",
          "rope needs an even head size"),
     Case("min-lr-above-lr", "none", T + " --set train.min_lr=0.1 --set train.lr=0.01", "must not exceed train.lr"),
+    Case("cuda-graphs-with-accumulation", "none", T + " --set train.compile_mode=reduce-overhead --set train.grad_accum=4",
+         "needs train.grad_accum 1"),
     Case("no-val-split", "none", T + " --set data.val_fraction=0", "must be > 0 unless data.val_source"),
     Case("vocab-too-small", "none", T + " --set tokenizer.vocab_size=200", "must be at least 257"),
     # -- the run directory ----------------------------------------------------------------------
