@@ -65,8 +65,9 @@ class Decoder:
     ``cuda_graph`` (default: on CUDA) captures the one-token step once, at construction, and
     replays it: the step's inputs and outputs are fixed tensors, the cache is static, and the
     weights are a copy in ``amp_dtype`` (casting fp32 weights on every step would move four
-    times the bytes a bf16 step needs). A decoder serves any number of generations of its batch
-    size, so the capture is paid once.
+    times the bytes a bf16 step needs). ``compile`` instead compiles the step (static cache too)
+    on its first use. A decoder serves any number of generations of its batch size, so the
+    capture or compilation is paid once.
     """
 
     def __init__(self, model: GPT, batch: int, amp_dtype: torch.dtype | None = None,

@@ -75,15 +75,16 @@ def sample(run_dir: Path, options: SampleOptions,
     prompt_text = _pick(options.prompt, cfg.prompt)
     prompt_ids = prompt_tokens(loaded, prompt_text)
 
-    generator = torch.Generator().manual_seed(seed)
-    texts, total_tokens = [], 0
-    start = time.perf_counter()
-    # One decoder for every sample, so a CUDA graph is captured once per run.
     if options.compile and not options.use_cache:
         raise ConfigError("--compile compiles the cached step; it cannot go with --no-cache")
+    # One decoder for every sample, so a CUDA graph is captured once per run (before the clock
+    # starts: tokens/s is the generation's; a compiled step compiles on its first use, inside it).
     graph = options.cuda_graph and loaded.device.type == "cuda" and not options.compile
     decoder = (Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=graph, compile=options.compile)
                if options.use_cache else None)
+    generator = torch.Generator().manual_seed(seed)
+    texts, total_tokens = [], 0
+    start = time.perf_counter()
     for index in range(num_samples):
         on_text(index, "")  # a sample starts (it may produce no text at all)
         text, n = _one_sample(loaded, prompt_ids, max_new, params, generator, stops, decoder,
