@@ -21,50 +21,48 @@ def trained(tiny_run):
     return config, run_dir
 
 
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def tiny_model_and_prompt(pos: str, block_size: int, device: str = "cpu"):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=301, n_layer=2, n_head=2, n_embd=32, block_size=block_size,
+                          pos_embedding=pos)).to(device).eval()
+    return model, torch.randint(0, 301, (2, 5)).to(device)
+
+
+def tokens(loop, model, prompt, n, **kw) -> torch.Tensor:
+    return torch.cat(list(loop(model, prompt, n, GREEDY, **kw)), dim=1)
+
+
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_cached_greedy_equals_uncached(pos):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=301, n_layer=2, n_head=2, n_embd=32, block_size=64,
-                          pos_embedding=pos)).eval()
-    prompt = torch.randint(0, 301, (2, 5))
-    greedy = SamplingParams(temperature=0.0)
-    cached = torch.cat(list(generate(model, prompt, 50, greedy)), dim=1)
-    uncached = torch.cat(list(generate_uncached(model, prompt, 50, greedy)), dim=1)
-    assert torch.equal(cached, uncached)
+    model, prompt = tiny_model_and_prompt(pos, block_size=64)
+    assert torch.equal(tokens(generate, model, prompt, 50), tokens(generate_uncached, model, prompt, 50))
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_static_cache_decoding_equals_uncached(pos):
     # The static cache is what the CUDA graph decoder replays; run eagerly here, it must give
     # the reference tokens too, across a slide past block_size.
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=301, n_layer=2, n_head=2, n_embd=32, block_size=32,
-                          pos_embedding=pos)).eval()
-    prompt = torch.randint(0, 301, (2, 5))
-    greedy = SamplingParams(temperature=0.0)
+    model, prompt = tiny_model_and_prompt(pos, block_size=32)
     decoder = Decoder(model, 2, cuda_graph=False)
     decoder.cache = KVCache(model.config, 2, 32, "cpu", torch.float32, static=True)
-    cached = torch.cat(list(generate(model, prompt, 60, greedy, decoder=decoder)), dim=1)
-    uncached = torch.cat(list(generate_uncached(model, prompt, 60, greedy)), dim=1)
+    cached = tokens(generate, model, prompt, 60, decoder=decoder)
+    uncached = tokens(generate_uncached, model, prompt, 60)
     assert torch.equal(cached[:, :27], uncached[:, :27])  # the loops crop differently past block_size
-    again = torch.cat(list(generate(model, prompt, 60, greedy, decoder=decoder)), dim=1)
-    assert torch.equal(again, cached)  # a decoder is reusable
+    assert torch.equal(tokens(generate, model, prompt, 60, decoder=decoder), cached)  # a decoder is reusable
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_cuda_graph_decoding_equals_eager(pos):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=301, n_layer=2, n_head=2, n_embd=32, block_size=32,
-                          pos_embedding=pos)).cuda().eval()
-    prompt = torch.randint(0, 301, (2, 5), device="cuda")
-    greedy = SamplingParams(temperature=0.0)
+    model, prompt = tiny_model_and_prompt(pos, block_size=32, device="cuda")
     graphed = Decoder(model, 2, cuda_graph=True)
     eager = Decoder(model, 2, cuda_graph=False)
     for _ in range(2):  # the second run replays the same captured graph
-        with_graph = torch.cat(list(generate(model, prompt, 60, greedy, decoder=graphed)), dim=1)
-        without = torch.cat(list(generate(model, prompt, 60, greedy, decoder=eager)), dim=1)
-        assert torch.equal(with_graph, without)
+        assert torch.equal(tokens(generate, model, prompt, 60, decoder=graphed),
+                           tokens(generate, model, prompt, 60, decoder=eager))
 
 
 def test_generation_past_the_context_slides(trained):
