@@ -78,21 +78,20 @@ class Decoder:
             cuda_graph = device.type == "cuda" and not compile
         if cuda_graph and compile:
             raise ValueError("a decoder either compiles its step or captures it as a CUDA graph, not both")
-        self.cuda_graph = cuda_graph
-        if self.cuda_graph:
+        if cuda_graph:
             if device.type != "cuda":
                 raise ValueError("CUDA graphs need a model on a CUDA device")
             model = _cast_weights(model, amp_dtype) if amp_dtype is not None else model
             amp_dtype = None  # the weights are already in the inference dtype
         self.model, self.amp_dtype, self.device = model, amp_dtype, device
         dtype = amp_dtype or next(model.parameters()).dtype
-        self.cache = KVCache(model.config, batch, self.block, device, dtype, static=self.cuda_graph or compile)
+        self.cache = KVCache(model.config, batch, self.block, device, dtype, static=cuda_graph or compile)
         # The compiled step sees the same shapes at every position (static cache): one compile.
         # On a CPU the C++ wrapper saves a further ~10% of a small model's step (Python glue).
         options = {"cpp_wrapper": True} if device.type == "cpu" else None
         self.step_model = (torch.compile(model, dynamic=False, fullgraph=True, options=options)
                            if compile else model)
-        self.graph = self._capture(batch) if self.cuda_graph else None
+        self.graph = self._capture(batch) if cuda_graph else None
 
     @property
     def full(self) -> bool:

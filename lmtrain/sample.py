@@ -79,8 +79,9 @@ def sample(run_dir: Path, options: SampleOptions,
         raise ConfigError("--compile compiles the cached step; it cannot go with --no-cache")
     # One decoder for every sample, so a CUDA graph is captured once per run (before the clock
     # starts: tokens/s is the generation's; a compiled step compiles on its first use, inside it).
-    graph = options.cuda_graph and loaded.device.type == "cuda" and not options.compile
-    decoder = (Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=graph, compile=options.compile)
+    # The decoder's own default picks a CUDA graph on CUDA unless compiling; the flag only opts out.
+    decoder = (Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=None if options.cuda_graph else False,
+                       compile=options.compile)
                if options.use_cache else None)
     generator = torch.Generator().manual_seed(seed)
     texts, total_tokens = [], 0
