@@ -194,7 +194,7 @@ def sample(
     device: str = DeviceOption,
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (slow; for checks)."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="On CUDA, decode eagerly instead of replaying a captured graph."),
-    compile_step: bool = typer.Option(False, "--compile", help="torch.compile the one-token step (CPU: faster long generations after seconds of compiling)."),
+    compile_step: bool = typer.Option(False, "--compile", help="Compile the one-token step: on a CPU ahead of time (about 10 s, then 2-2.5x faster decoding), on CUDA with torch.compile."),
 ) -> None:
     """Generate text from a checkpoint; text streams to stdout, statistics go to stderr."""
     from lmtrain.sample import SampleOptions, sample as run_sample

@@ -169,6 +169,15 @@ class KVCache:
         self.causal = True
         self._positions: torch.Tensor | None = None
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor], pos_tensor: torch.Tensor) -> "KVCache":
+        """A static cache over existing buffers: how an exported step receives the decoder's cache."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.length = list(keys), list(values), keys[0].size(2)
+        cache.static, cache.pos, cache.pos_tensor = True, 0, pos_tensor
+        cache.mask, cache.causal, cache._positions = None, True, None
+        return cache
+
     def reset(self) -> None:
         self.pos = 0
         if self.static:

@@ -39,7 +39,7 @@ class SampleOptions:
     device: str = "auto"
     use_cache: bool = True
     cuda_graph: bool = True  # on CUDA: replay the one-token step as a captured graph
-    compile: bool = False  # torch.compile the one-token step instead
+    compile: bool = False  # compile the one-token step (AOTInductor on a CPU, torch.compile on CUDA)
 
 
 @dataclass
@@ -77,8 +77,9 @@ def sample(run_dir: Path, options: SampleOptions,
 
     if options.compile and not options.use_cache:
         raise ConfigError("--compile compiles the cached step; it cannot go with --no-cache")
-    # One decoder for every sample, so a CUDA graph is captured once per run (before the clock
-    # starts: tokens/s is the generation's; a compiled step compiles on its first use, inside it).
+    # One decoder for every sample, so a CUDA graph is captured (or, on a CPU, the step compiled)
+    # once per run, before the clock starts: tokens/s is the generation's. On CUDA a compiled
+    # step compiles on its first use, inside it.
     # The decoder's own default picks a CUDA graph on CUDA unless compiling; the flag only opts out.
     decoder = (Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=None if options.cuda_graph else False,
                        compile=options.compile)

@@ -65,6 +65,19 @@ def test_cuda_graph_decoding_equals_eager(pos):
                            tokens(generate, model, prompt, 60, decoder=eager))
 
 
+def test_ahead_of_time_compiled_step_equals_eager_decoding():
+    # On a CPU `compile=True` exports the step and builds it with AOTInductor; learned positions
+    # here (the CLI test below covers RoPE), across a slide, twice through the same library.
+    model, prompt = tiny_model_and_prompt("learned", block_size=32)
+    compiled = Decoder(model, 2, compile=True)
+    assert compiled.compiled_step is not None
+    eager = tokens(generate, model, prompt, 60)
+    for _ in range(2):
+        assert torch.equal(tokens(generate, model, prompt, 60, decoder=compiled), eager)
+    with pytest.raises(ValueError, match=r"steps \(2, 1\) tokens"):
+        compiled.step(torch.zeros((1, 1), dtype=torch.long))  # the library would read out of bounds
+
+
 def test_generation_past_the_context_slides(trained):
     _, run_dir = trained
     stats = sample(run_dir, SampleOptions(max_new_tokens=100, greedy=True, prompt="def"))
@@ -86,7 +99,7 @@ def test_run_level_cache_matches_no_cache(trained):
 
 
 def test_compiled_step_gives_the_same_text(trained):
-    # `--compile` runs the one-token step through torch.compile over a static cache; 60 tokens on
+    # `--compile` runs the one-token step compiled over a static cache; 60 tokens on
     # a 32-token context cover the slide too.
     _, run_dir = trained
     args = ("sample", "--run", str(run_dir), "--prompt", "def ", "--greedy", "-n", "60")
