@@ -61,7 +61,22 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+    return draw(probs.cpu(), generator).to(logits.device)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V), by inverse CDF: one uniform number per row.
+
+    ``torch.multinomial`` draws a random number per category, some 100 us a row on a CPU at a
+    4K vocabulary: as long as a small model's whole compiled step.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    # u in (0, total]: never 0 (which would pick a leading zero-probability category) and never
+    # past the last cdf value (which rounding could do to a u in [0, total)).
+    u = (1 - torch.rand((probs.size(0), 1), generator=generator, dtype=torch.float64)) * cdf[:, -1:]
+    # The first category whose cdf reaches u: P(i) = P(cdf[i-1] < u <= cdf[i]) = p_i / total,
+    # and a category of probability 0 never has cdf[i-1] < cdf[i].
+    return torch.searchsorted(cdf, u)
 
 
 class Decoder:

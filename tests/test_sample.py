@@ -8,7 +8,7 @@ import torch
 from conftest import run_cli
 from lmtrain.config import load_config
 from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
-from lmtrain.generate import Decoder, SamplingParams, generate, generate_uncached
+from lmtrain.generate import Decoder, SamplingParams, draw, generate, generate_uncached
 from lmtrain.model import GPT, GPTConfig, KVCache
 from lmtrain.sample import SampleOptions, TextStream, sample
 from lmtrain.train import train
@@ -63,6 +63,17 @@ def test_cuda_graph_decoding_equals_eager(pos):
     for _ in range(2):  # the second run replays the same captured graph
         assert torch.equal(tokens(generate, model, prompt, 60, decoder=graphed),
                            tokens(generate, model, prompt, 60, decoder=eager))
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_zero():
+    # Inverse-CDF sampling: zero-probability categories first, between and last are never drawn
+    # (top-k and top-p zero out categories), the others at their rates; rows are independent.
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    draws = torch.cat([draw(probs, g) for _ in range(20000)], dim=1)
+    counts = torch.stack([torch.bincount(row, minlength=6) for row in draws]).float() / 20000
+    assert counts[0, [0, 2, 5]].sum() == 0 and counts[1, 4] == 1
+    assert torch.allclose(counts[0], probs[0], atol=0.015)
 
 
 def test_ahead_of_time_compiled_step_equals_eager_decoding():
