@@ -145,6 +145,7 @@ class TextStream:
     def __init__(self, tokenizer, stops: list[str], emit: Callable[[str], None]) -> None:
         self.tokenizer, self.stops, self.emit = tokenizer, stops, emit
         self.ids: list[int] = []
+        self.decoded = 0  # self.ids[:decoded] are in self.text; the rest end mid-character
         self.text = ""  # decoded so far (complete characters only)
         self.sent = 0  # characters of self.text already emitted
         self.holdback = max((len(s) for s in stops), default=1) - 1
@@ -153,10 +154,13 @@ class TextStream:
     def add(self, token_id: int) -> bool:
         """Take one token; return True when a stop string has been reached."""
         self.ids.append(token_id)
-        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if decoded.endswith(REPLACEMENT):
+        # Byte-level BPE decodes by concatenating bytes, so only the tokens since the last whole
+        # character need decoding (decoding all of them every token would grow with the sample).
+        piece = self.tokenizer.decode(self.ids[self.decoded:], skip_special_tokens=False)
+        if piece.endswith(REPLACEMENT):
             return False  # an incomplete character: wait for the bytes that finish it
-        self.text = decoded
+        self.text += piece
+        self.decoded = len(self.ids)
         cut = self._stop_position()
         if cut is not None:
             self.text = self.text[:cut]

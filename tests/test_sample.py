@@ -155,6 +155,23 @@ def test_utf8_streaming_never_splits_characters(prepared_run):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_streamed_text_equals_decoding_everything_at_once(prepared_run):
+    # The stream decodes only the tokens since the last whole character; on any sequence of
+    # ids, even invalid UTF-8 byte runs, what it emits must equal one decode of all of them.
+    from lmtrain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(prepared_run[0])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, tokenizer.get_vocab_size(), (200,), generator=g).tolist()
+        pieces = []
+        stream = TextStream(tokenizer, [], pieces.append)
+        for i in ids:
+            stream.add(i)
+        whole = tokenizer.decode(ids, skip_special_tokens=False)
+        assert stream.finish() == whole and "".join(pieces) == whole
+
+
 def test_errors(tiny_run, trained):
     _, run_dir = trained
     with pytest.raises(ConfigError, match=r"--top-p must be in \(0, 1\]"):
