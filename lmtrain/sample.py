@@ -81,9 +81,7 @@ def sample(run_dir: Path, options: SampleOptions,
     # once per run, before the clock starts: tokens/s is the generation's. On CUDA a compiled
     # step compiles on its first use, inside it.
     # The decoder's own default picks a CUDA graph on CUDA unless compiling; the flag only opts out.
-    decoder = (Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=None if options.cuda_graph else False,
-                       compile=options.compile)
-               if options.use_cache else None)
+    decoder = _decoder(loaded, options) if options.use_cache else None
     generator = torch.Generator().manual_seed(seed)
     texts, total_tokens = [], 0
     start = time.perf_counter()
@@ -95,6 +93,20 @@ def sample(run_dir: Path, options: SampleOptions,
         total_tokens += n
     seconds = time.perf_counter() - start
     return SampleStats(texts, total_tokens, seconds, loaded.checkpoint, str(loaded.device))
+
+
+def _decoder(loaded: LoadedModel, options: SampleOptions) -> Decoder:
+    try:
+        return Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=None if options.cuda_graph else False,
+                       compile=options.compile)
+    except Exception as error:
+        if not options.compile:
+            raise
+        # Building the step needs a working C++ compiler on a CPU: an environment the user can
+        # fix, or avoid by decoding without --compile.
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise LmtrainError(f"--compile could not build the decoding step ({type(error).__name__}: "
+                           f"{first_line}); sample without --compile") from error
 
 
 def validate_params(params: SamplingParams) -> None:

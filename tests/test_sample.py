@@ -119,6 +119,15 @@ def test_compiled_step_gives_the_same_text(trained):
     assert compiled.stdout == eager.stdout
 
 
+def test_compile_without_a_compiler_is_one_clear_line(trained):
+    _, run_dir = trained
+    result = run_cli("sample", "--run", str(run_dir), "--compile", "-n", "5",
+                     env={"CXX": "/nonexistent/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
+    assert result.returncode == 2
+    assert "--compile could not build the decoding step" in result.stderr
+    assert "sample without --compile" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_top_k_1_is_greedy_and_seeds_reproduce(trained):
     _, run_dir = trained
     greedy = collect(run_dir, prompt="x = ", greedy=True, max_new_tokens=15)
