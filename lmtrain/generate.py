@@ -113,6 +113,8 @@ class Decoder:
         # On a CPU, Dynamo's guards and the Python wrapper around a torch.compile'd graph cost as
         # much as a small model's kernels, so the step is compiled ahead of time there instead.
         compile_here = compile and device.type == "cpu"
+        if compile_here and amp_dtype is not None:
+            raise ValueError("a step compiled ahead of time on a CPU runs in the weights' dtype; pass no amp_dtype")
         self.compiled_step = compile_step_ahead_of_time(model, self.cache, batch) if compile_here else None
         self.step_model = (torch.compile(model, dynamic=False, fullgraph=True)
                            if compile and not compile_here else model)
