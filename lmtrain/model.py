@@ -159,24 +159,26 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype, static: bool = False) -> None:
         shape = (batch, config.n_head, length, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = length
-        self.static = static
-        self.pos = 0  # positions filled so far (kept on the host in both modes)
-        self.pos_tensor = torch.zeros((), dtype=torch.long, device=device) if static else None
-        self.mask: torch.Tensor | None = None
-        self.causal = True
-        self._positions: torch.Tensor | None = None
+        self._attach([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+                     [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+                     torch.zeros((), dtype=torch.long, device=device) if static else None)
 
     @classmethod
     def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor], pos_tensor: torch.Tensor) -> "KVCache":
         """A static cache over existing buffers: how an exported step receives the decoder's cache."""
         cache = cls.__new__(cls)
-        cache.keys, cache.values, cache.length = list(keys), list(values), keys[0].size(2)
-        cache.static, cache.pos, cache.pos_tensor = True, 0, pos_tensor
-        cache.mask, cache.causal, cache._positions = None, True, None
+        cache._attach(list(keys), list(values), pos_tensor)
         return cache
+
+    def _attach(self, keys: list[torch.Tensor], values: list[torch.Tensor], pos_tensor: torch.Tensor | None) -> None:
+        self.keys, self.values = keys, values
+        self.length = keys[0].size(2)
+        self.static = pos_tensor is not None
+        self.pos = 0  # positions filled so far (kept on the host in both modes)
+        self.pos_tensor = pos_tensor
+        self.mask: torch.Tensor | None = None
+        self.causal = True
+        self._positions: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.pos = 0
