@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import shutil
 import time
@@ -26,8 +27,11 @@ from typing import Any
 
 import torch
 
+from lmtrain import distributed as dist_util
 from lmtrain.errors import CheckpointError
 from lmtrain.fsutil import atomic_dir, atomic_write_text, describe_os_error, remove_stale_tmp
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -299,3 +303,98 @@ def move_aside(directory: Path) -> Path | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# During training: when to save, saving, and resuming
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Owns ``RUN_DIR/checkpoints`` for a training run: whether a save is due, the save itself
+    (rank 0 writes; every rank first checks that the replicas agree), pruning and the pointers."""
+
+    def __init__(self, directory: Path, every: int, keep: int, info: dist_util.DistInfo,
+                 device: torch.device) -> None:
+        self.directory, self.every, self.keep = directory, every, keep
+        self.info, self.device = info, device
+        self.last: Path | None = None  # the checkpoint this run wrote last
+
+    def due(self, step: int, final: bool) -> bool:
+        """Every ``train.checkpoint_every`` steps, and at the end (done, out of time, or stopped)."""
+        return step % self.every == 0 or final
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, or None when the run has none."""
+        if not (self.directory / "latest").exists():
+            return None
+        return resolve_checkpoint(self.directory, "latest")
+
+    def save(self, step: int, model: torch.nn.Module, optimizer_state, state: dict[str, Any]) -> Path:
+        """Write ``step-XXXXXXXX`` (``optimizer_state()`` is called on rank 0 only)."""
+        if self.info.enabled:
+            dist_util.check_replicas_in_sync(model, self.info, self.device)
+            if self.info.is_main:
+                log.info("step %d: all %d replicas hold identical weights", step, self.info.world_size)
+        if self.info.is_main:
+            saved = save_checkpoint(self.directory, step, model, optimizer_state(), state, self.keep)
+            self.last = saved.path
+            log.info("step %d: checkpoint %s%s", step, saved.path, " (best)" if saved.is_best else "")
+        else:
+            self.last = self.directory / checkpoint_name(step)
+        dist_util.barrier(self.info)
+        return self.last
+
+
+@dataclass
+class Resume:
+    """A checkpoint to resume from, read and checked: ``build_training`` loads it into the model,
+    the optimiser and the scaler; ``restore_rng`` puts the random number generators back."""
+
+    checkpoint: LoadedCheckpoint
+    optimizer_state: dict
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.checkpoint.state
+
+    @classmethod
+    def load(cls, path: Path, model_config: dict[str, Any], tokenizer_sha256: str) -> "Resume":
+        """Read ``path`` and refuse it, naming what differs, if it does not fit this run."""
+        loaded = load_checkpoint(path)
+        check_resumable(loaded, model_config, tokenizer_sha256)
+        return cls(loaded, load_optimizer_state(path))
+
+    def weights(self, model: torch.nn.Module) -> None:
+        load_weights_into(model, self.checkpoint.tensors, self.path / MODEL_FILE)
+
+    def optimizer(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        try:
+            optimizer.load_state_dict(self.optimizer_state["optimizer"])
+            scaler.load_state_dict(self.optimizer_state["scaler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{self.path / OPTIMIZER_FILE} does not fit this optimiser ({exc})") from None
+
+    def restore_rng(self) -> None:
+        try:
+            set_rng_state(self.state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.path / STATE_FILE}: unreadable rng state ({_first_line(exc)}); "
+                                  "the checkpoint is corrupt") from None
+
+
+def check_resumable(loaded: LoadedCheckpoint, model_config: dict[str, Any], tokenizer_sha256: str) -> None:
+    """Refuse to resume from a checkpoint of another model shape or tokenizer, naming what differs."""
+    have = loaded.model_config
+    diffs = model_config_diffs(have, {k: v for k, v in model_config.items() if k != "vocab_size"})
+    if have.get("vocab_size") != model_config["vocab_size"]:
+        diffs.append(f"vocab size: checkpoint {have.get('vocab_size')}, tokenizer {model_config['vocab_size']}")
+    if loaded.state.get("tokenizer_sha256") not in (None, tokenizer_sha256):
+        diffs.append("the tokenizer changed since the checkpoint was written")
+    if diffs:
+        raise CheckpointError(f"cannot resume from {loaded.path}: {'; '.join(diffs)}; "
+                              "use --restart to start over (old checkpoints are kept aside)")

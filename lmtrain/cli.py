@@ -129,12 +129,12 @@ def shard(
     splits = result.splits
     if result.up_to_date:
         typer.echo(f"shards are up to date in {result.data_dir} "
-                   f"(train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,}); "
+                   f"(train {splits['train'].tokens:,} tokens, val {splits['val'].tokens:,}); "
                    "--force rebuilds them")
         return
     typer.echo(
-        f"shards: train {splits['train']['tokens']:,} tokens in {splits['train']['shards']} shard(s), "
-        f"val {splits['val']['tokens']:,} tokens in {splits['val']['shards']} shard(s); "
+        f"shards: train {splits['train'].tokens:,} tokens in {splits['train'].shards} shard(s), "
+        f"val {splits['val'].tokens:,} tokens in {splits['val'].shards} shard(s); "
         f"{result.bytes_per_token:.3f} bytes/token; {result.seconds:.1f}s, "
         f"{result.tokens_per_sec / 1e6:.2f}M tokens/s\n"
         f"wrote {result.data_dir}"

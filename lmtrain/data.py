@@ -6,6 +6,9 @@ where the micro-batch index counts across ranks (``micro * world_size + rank``):
 loader state, every rank reads different data, and N ranks with grad_accum G read exactly what
 one process with grad_accum N*G reads.
 
+``SyntheticBatches`` gives uniform random tokens in the same form, for benchmarks and tests that
+need no shards.
+
 Validation reads a fixed set of windows, evenly spaced over the val split, the same at every
 evaluation, so val curves are comparable from point to point.
 """
@@ -84,6 +87,23 @@ class TrainBatches:
         index = micro * self.world_size + self.rank
         positions = micro_batch_positions(self.windows, self.seed, step, index, self.batch_size)
         return to_device(self.windows.windows(positions), self.device)
+
+
+class SyntheticBatches:
+    """Uniform random tokens over ``vocab``, a pure function of (step, micro): ``get`` like
+    ``TrainBatches``, for timing the training step without a corpus."""
+
+    def __init__(self, vocab: int, batch_size: int, block_size: int, device: torch.device) -> None:
+        self.vocab, self.batch_size, self.block_size, self.device = vocab, batch_size, block_size, device
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(step * 1000 + micro)
+        tokens = torch.randint(0, self.vocab, (self.batch_size, self.block_size + 1), generator=g)
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        else:
+            tokens = tokens.to(self.device)
+        return tokens[:, :-1], tokens[:, 1:]
 
 
 def val_positions(windows: TokenWindows, count: int) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""`lmtrain eval`: loss, perplexity and bits per byte of a checkpoint on a corpus.
+"""Loss, perplexity and bits per byte: of a checkpoint on a corpus (`lmtrain eval`), and of the
+model being trained on the val split (``val_loss``, which training calls).
 
-Every token of the text is scored exactly once: the token stream is cut into consecutive windows
+``bits_per_byte`` and ``perplexity`` are the one definition both use. In `lmtrain eval` every token of the text is scored exactly once: the token stream is cut into consecutive windows
 of ``block_size + 1`` tokens that overlap by one (the last target of a window is the first input
 of the next). Bits per byte divide the summed loss by the text's UTF-8 bytes, so the number does
 not depend on the tokenizer and models with different vocabularies compare.
@@ -16,10 +17,50 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from lmtrain import distributed as dist_util
+from lmtrain.data import TokenWindows, to_device
+from lmtrain.device import autocast
 from lmtrain.inference import LoadedModel, load_model
-from lmtrain.model import amp_context
 from lmtrain.rundir import data_dir
-from lmtrain.shards import open_split, read_manifest, unigram_byte_bpb
+from lmtrain.shards import open_split, read_manifest
+
+
+def bits_per_byte(total_nats: float, utf8_bytes: int) -> float:
+    """Summed loss (nats) over the UTF-8 bytes of the text it was measured on, in bits: a number
+    that does not depend on the tokenizer, so models with different vocabularies compare."""
+    return total_nats / utf8_bytes / math.log(2)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: an untrained model's loss must not overflow
+
+
+def val_metrics(loss: float, tokens: int, utf8_bytes: int) -> dict[str, float]:
+    """val_loss, val_ppl and val_bpb of a mean loss over a split of ``tokens`` and ``utf8_bytes``."""
+    return {"val_loss": loss, "val_ppl": perplexity(loss), "val_bpb": bits_per_byte(loss * tokens, utf8_bytes)}
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, windows: TokenWindows, positions: np.ndarray, batch_size: int,
+             device: torch.device, amp_dtype: torch.dtype | None,
+             info: dist_util.DistInfo | None = None) -> float:
+    """Mean loss of ``model`` over the windows at ``positions`` (each rank scores its share)."""
+    info = info or dist_util.DistInfo()
+    mine = positions[info.rank :: info.world_size]
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for i in range(0, len(mine), batch_size):
+        x, y = to_device(windows.windows(mine[i : i + batch_size]), device)
+        with autocast(device, amp_dtype):
+            _, loss = model(x, y)
+        total += loss.float() * len(x)
+        count += len(x)
+    model.train()
+    if info.enabled:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    return (total / count).item()
 
 
 @dataclass
@@ -45,14 +86,14 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
     unigram = None
     if data_source is None:
         manifest = read_manifest(data_dir(run_dir))
-        stream = np.concatenate(open_split(data_dir(run_dir), "val", manifest["tokenizer_sha256"]))
+        stream = np.concatenate(open_split(data_dir(run_dir), "val", manifest.tokenizer_sha256))
         total_tokens = len(stream)
-        n_bytes = manifest["splits"]["val"]["utf8_bytes"]
+        n_bytes = manifest.splits["val"].utf8_bytes
         if max_tokens is not None and max_tokens < total_tokens:
             # A prefix of the split: scale its bytes by the share of tokens kept (an estimate).
             n_bytes = round(n_bytes * max_tokens / total_tokens)
             stream = stream[:max_tokens]
-        unigram = unigram_byte_bpb(manifest)
+        unigram = manifest.unigram_byte_bpb()
         source = "val split"
     else:
         stream, n_bytes = _tokenize_source(loaded, data_source, max_tokens)
@@ -60,7 +101,7 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
     nll, scored = score_stream(loaded, np.asarray(stream, dtype=np.int64), batch_size)
     loss = nll / max(scored, 1)
     return EvalResult(source=source, checkpoint=loaded.checkpoint.name, step=loaded.step, loss=loss,
-                      ppl=math.exp(min(loss, 50.0)), bpb=nll / math.log(2) / max(n_bytes, 1),
+                      ppl=perplexity(loss), bpb=bits_per_byte(nll, max(n_bytes, 1)),
                       tokens=scored, bytes=n_bytes, unigram_bpb=unigram)
 
 
@@ -109,7 +150,7 @@ def score_stream(loaded: LoadedModel, stream: np.ndarray, batch_size: int) -> tu
         for window in _same_length_groups(group):
             tokens = torch.from_numpy(np.stack(window)).to(device)
             x, y = tokens[:, :-1], tokens[:, 1:]
-            with amp_context(device, loaded.amp_dtype):
+            with autocast(device, loaded.amp_dtype):
                 logits, _ = model(x)
             nll = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")

@@ -14,9 +14,15 @@ CPU ahead of time with AOTInductor (``torch.export`` then a shared library, call
 guards and no Python graph wrapper, which are half a small model's step), on CUDA with
 ``torch.compile``.
 
-Past ``block_size`` positions the cached loop slides its window: it keeps the last half of the
-context, recomputes the cache over it, and goes on. Both position schemes stay within the
-positions they were trained on.
+What holds between the two loops: as long as prompt and output fit in ``block_size`` positions,
+they see the same context and greedy decoding gives the same tokens (tested). Past it, the
+uncached loop crops to the last ``block_size`` tokens at every step, while the cached loop slides
+its window when the cache is full: it keeps the last three quarters of the context (``SLIDE_KEEP``),
+recomputes the cache over them, and steps on until it is full again, so it always sees between
+three quarters of a window and a whole one. From the first slide on the two may differ. Keeping
+more would mean re-prefilling more often (keeping 3/4 costs one prefill of 3/4 of a window every
+quarter window of new tokens; ``scripts/bench_sample.py`` measures it). Both position schemes stay
+within the positions they were trained on.
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmtrain.model import GPT, KVCache, amp_context
+from lmtrain.device import autocast
+from lmtrain.kvcache import KVCache
+from lmtrain.model import GPT
+
+# When the cache is full, the share of the window the cached loop keeps (and recomputes).
+SLIDE_KEEP = 0.75
 
 
 @dataclass
@@ -153,7 +164,7 @@ class Decoder:
         return logits
 
     def _forward(self, idx: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
-        with amp_context(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype):
             logits, _ = (self.model if model is None else model)(idx, cache=self.cache)
         return logits[:, -1, :]
 
@@ -226,6 +237,11 @@ def _cast_weights(model: GPT, dtype: torch.dtype) -> GPT:
     return cast.eval()
 
 
+def slide_keep(block_size: int) -> int:
+    """Tokens of context the cached loop keeps when it slides (at least one, at most block - 1)."""
+    return min(block_size - 1, max(1, int(block_size * SLIDE_KEEP)))
+
+
 @torch.inference_mode()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
              generator: torch.Generator | None = None,
@@ -244,8 +260,8 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: Samp
         yield token
         context = torch.cat([context, token], dim=1)
         if decoder.full:
-            # Slide: keep the last half of the window, rebuild the cache over it.
-            context = context[:, -(block // 2):]
+            # Slide: keep the last SLIDE_KEEP of the window, rebuild the cache over it.
+            context = context[:, -slide_keep(block):]
             logits = decoder.prefill(context)
         else:
             logits = decoder.step(token)
@@ -259,7 +275,7 @@ def generate_uncached(model: GPT, prompt: torch.Tensor, max_new_tokens: int, par
     block = model.config.block_size
     context = prompt
     for _ in range(max_new_tokens):
-        with amp_context(prompt.device, amp_dtype):
+        with autocast(prompt.device, amp_dtype):
             logits, _ = model(context[:, -block:])
         token = next_token(logits[:, -1, :], params, generator)
         yield token

@@ -15,11 +15,11 @@ import torch
 
 from lmtrain import checkpoint as ckpt
 from lmtrain.config import Config, load_config, resolved_config_path
+from lmtrain.device import inference_amp_dtype, resolve_device
 from lmtrain.errors import CheckpointError, RunDirError
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.rundir import checkpoints_dir
 from lmtrain.tokenizer import eot_id, load_tokenizer
-from lmtrain.train import AMP_DTYPES, resolve_device
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -62,12 +62,11 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
     if tokenizer.get_vocab_size() != model_config.vocab_size:
         raise CheckpointError(f"{path}: the model has {model_config.vocab_size} tokens but the run's "
                               f"tokenizer has {tokenizer.get_vocab_size()}")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     model = GPT(model_config)
     ckpt.load_weights_into(model, loaded.tensors, path / ckpt.MODEL_FILE)
     model.to(torch_device).eval()
-    precision = loaded.state.get("precision", "fp32")
-    amp = AMP_DTYPES.get(precision) if torch_device.type == "cuda" else None
+    amp = inference_amp_dtype(loaded.state.get("precision", "fp32"), torch_device)
     return LoadedModel(model, tokenizer, config, path, torch_device, amp,
                        eot_id(tokenizer, config.tokenizer.special_tokens), int(loaded.state["step"]))
 

@@ -28,7 +28,7 @@ class PipelineResult:
 def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda stage, msg: None,
                  on_sample_text: Callable[[str], None] = lambda text: None) -> PipelineResult:
     from lmtrain.sample import SampleOptions, sample
-    from lmtrain.shards import build_shards, unigram_byte_bpb
+    from lmtrain.shards import build_shards
     from lmtrain.errors import RunDirError
     from lmtrain.tokenizer import stale_tokenizer_reason, train_tokenizer
     from lmtrain.train import train
@@ -51,10 +51,10 @@ def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda sta
     shards = build_shards(config)
     splits = shards.splits
     if shards.up_to_date:
-        report("shard", f"shards up to date (train {splits['train']['tokens']:,} tokens, "
-                        f"val {splits['val']['tokens']:,}); skipped")
+        report("shard", f"shards up to date (train {splits['train'].tokens:,} tokens, "
+                        f"val {splits['val'].tokens:,}); skipped")
     else:
-        report("shard", f"train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens "
+        report("shard", f"train {splits['train'].tokens:,} tokens, val {splits['val'].tokens:,} tokens "
                         f"in {shards.seconds:.1f}s")
 
     result = train(config)
@@ -69,4 +69,4 @@ def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda sta
     stats = sample(run_dir, SampleOptions(), on_text=lambda i, piece: on_sample_text(piece))
     return PipelineResult(tokenizer_state, "up to date" if shards.up_to_date else "built", result,
                           stats.samples[0] if stats.samples else "", result.val_bpb,
-                          unigram_byte_bpb(shards.manifest))
+                          shards.manifest.unigram_byte_bpb())

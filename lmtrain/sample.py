@@ -203,3 +203,21 @@ class TextStream:
 
 def _pick(value, default):
     return default if value is None else value
+
+
+def sample_text(model, tokenizer, prompt: str, eot: int, params: SamplingParams, seed: int,
+                amp_dtype: torch.dtype | None, max_new_tokens: int = 64) -> str:
+    """A short sample from a model in training (TensorBoard's text tab): the prompt and what follows.
+
+    Decoded eagerly: 64 tokens do not repay a CUDA graph's capture and weight copy. The model is
+    put back in training mode afterwards.
+    """
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eot]
+    device = next(model.parameters()).device
+    context = torch.tensor([ids[-model.config.block_size:]], device=device)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    decoder = Decoder(model, 1, amp_dtype, cuda_graph=False)
+    new = [int(t) for t in generate(model, context, max_new_tokens, params, generator, amp_dtype, decoder=decoder)]
+    model.train()
+    return tokenizer.decode(ids + new, skip_special_tokens=False)

@@ -31,7 +31,7 @@ import struct
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -214,16 +214,19 @@ class ShardWriter:
 class ShardResult:
     up_to_date: bool
     data_dir: str
-    manifest: dict[str, Any]
+    manifest: "Manifest"
     seconds: float = 0.0
     tokens_per_sec: float = 0.0
-    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> dict[str, "SplitTotals"]:
+        return self.manifest.splits
 
     @property
     def bytes_per_token(self) -> float:
-        total = self.manifest["splits"]
-        tokens = sum(s["tokens"] - s["documents"] for s in total.values())  # eot ids excluded
-        return sum(s["utf8_bytes"] for s in total.values()) / max(tokens, 1)
+        totals = self.manifest.splits.values()
+        tokens = sum(s.tokens - s.documents for s in totals)  # eot ids excluded
+        return sum(s.utf8_bytes for s in totals) / max(tokens, 1)
 
 
 def build_shards(config: Config, force: bool = False) -> ShardResult:
@@ -240,8 +243,7 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
 
     recover_interrupted_swap(out)
     if not force and _is_up_to_date(out, fingerprint):
-        manifest = read_manifest(out)
-        return ShardResult(True, str(out), manifest, splits=manifest["splits"])
+        return ShardResult(True, str(out), read_manifest(out))
 
     check_sources(config.data)
     if config.shard.num_proc is not None:
@@ -280,9 +282,9 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
         manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha,
                                  {split: writers[split].byte_counts.tolist() for split in SPLITS})
         for split in SPLITS:
-            if manifest["splits"][split]["tokens"] == 0:
+            if manifest.splits[split].tokens == 0:
                 raise ShardError(_empty_split_message(split, config))
-        atomic_write_json(staging / MANIFEST_NAME, manifest)  # last: the set is now whole
+        atomic_write_json(staging / MANIFEST_NAME, manifest.to_dict())  # last: the set is now whole
         _swap_in(staging, out)
     except OSError as exc:
         raise ShardError(f"could not write shards in {staging}: {describe_os_error(exc)}; "
@@ -292,8 +294,7 @@ def build_shards(config: Config, force: bool = False) -> ShardResult:
             writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
     log.debug("shard: wrote %d shards to %s", len(records), out)
-    return ShardResult(False, str(out), manifest, seconds, total_tokens / max(seconds, 1e-9),
-                       manifest["splits"])
+    return ShardResult(False, str(out), manifest, seconds, total_tokens / max(seconds, 1e-9))
 
 
 def _encode(tokenizer, batch: list[tuple[Split, Document]]):
@@ -382,52 +383,114 @@ def shard_fingerprint(config: Config, tokenizer_sha256: str) -> dict[str, Any]:
     }
 
 
+@dataclass
+class SplitTotals:
+    """One split's totals: training uses ``utf8_bytes`` for bits per byte, and ``byte_counts`` (how
+    often each byte value occurs in the split's text) gives the unigram byte baseline."""
+
+    shards: int
+    tokens: int
+    documents: int
+    utf8_bytes: int
+    byte_counts: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.byte_counts is None:
+            del out["byte_counts"]
+        return out
+
+
+@dataclass
+class Manifest:
+    """``data/manifest.json``: what the shards hold and what made them."""
+
+    format_version: int
+    tokenizer_sha256: str
+    vocab_size: int
+    dtype: str
+    eot_id: int
+    header_bytes: int
+    fingerprint: dict[str, Any]
+    splits: dict[str, SplitTotals]
+    shards: list[ShardRecord]
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.dtype == "uint16" else 4
+
+    def entries(self, split: str) -> list[ShardRecord]:
+        return [entry for entry in self.shards if entry.split == split]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in ("format_version", "tokenizer_sha256", "vocab_size", "dtype",
+                                                  "eot_id", "header_bytes", "fingerprint")},
+                "splits": {name: totals.to_dict() for name, totals in self.splits.items()},
+                "shards": [asdict(entry) for entry in self.shards]}
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: Path) -> "Manifest":
+        """Validate what ``manifest.json`` holds; a ``ShardError`` naming the file if it is off."""
+        missing = [k for k in _MANIFEST_KEYS if not isinstance(raw, dict) or k not in raw]
+        if missing:
+            raise ShardError(f"{path} is missing {', '.join(missing)}; re-run `lmtrain shard --force`")
+        if raw["format_version"] != FORMAT_VERSION:
+            raise ShardError(f"{path}: format version {raw['format_version']}, this lmtrain reads {FORMAT_VERSION}")
+        try:
+            splits = {name: SplitTotals(**totals) for name, totals in raw["splits"].items()}
+            shards = [ShardRecord(**entry) for entry in raw["shards"]]
+        except (TypeError, AttributeError) as exc:
+            raise ShardError(f"{path}: malformed splits or shards ({exc}); re-run `lmtrain shard --force`") from None
+        for entry in shards:
+            _safe_shard_name(entry.file, path)
+        return cls(raw["format_version"], raw["tokenizer_sha256"], raw["vocab_size"], raw["dtype"],
+                   raw["eot_id"], raw.get("header_bytes", HEADER_BYTES), raw.get("fingerprint", {}),
+                   splits, shards)
+
+    def unigram_byte_bpb(self) -> float | None:
+        """Bits per byte of the val split under a unigram byte model fitted on the train split.
+
+        The floor any language model must clear: it knows how often each byte occurs, nothing
+        more. Add-one smoothing keeps bytes unseen in training finite.
+        """
+        import numpy as np
+
+        train, val = self.splits.get("train"), self.splits.get("val")
+        if train is None or val is None or train.byte_counts is None or val.byte_counts is None:
+            return None
+        train_counts = np.asarray(train.byte_counts, dtype=np.float64) + 1.0
+        val_counts = np.asarray(val.byte_counts, dtype=np.float64)
+        if val_counts.sum() == 0:
+            return None
+        return float(-(val_counts * np.log2(train_counts / train_counts.sum())).sum() / val_counts.sum())
+
+
 def make_manifest(fingerprint: dict, records: list[ShardRecord], vocab_size: int, eot: int,
-                  tokenizer_sha256: str, byte_counts: dict[str, list[int]] | None = None) -> dict[str, Any]:
+                  tokenizer_sha256: str, byte_counts: dict[str, list[int]] | None = None) -> Manifest:
     splits = {}
     for split in SPLITS:
         mine = [r for r in records if r.split == split]
-        splits[split] = {
-            "shards": len(mine),
-            "tokens": sum(r.tokens for r in mine),
-            "documents": sum(r.documents for r in mine),
-            "utf8_bytes": sum(r.utf8_bytes for r in mine),
-        }
-        if byte_counts is not None:
-            splits[split]["byte_counts"] = byte_counts[split]
-    return {
-        "format_version": FORMAT_VERSION,
-        "tokenizer_sha256": tokenizer_sha256,
-        "vocab_size": vocab_size,
-        "dtype": dtype_for_vocab(vocab_size),
-        "eot_id": eot,
-        "header_bytes": HEADER_BYTES,
-        "fingerprint": fingerprint,
-        "splits": splits,
-        "shards": [asdict(r) for r in records],
-    }
+        splits[split] = SplitTotals(shards=len(mine), tokens=sum(r.tokens for r in mine),
+                                    documents=sum(r.documents for r in mine),
+                                    utf8_bytes=sum(r.utf8_bytes for r in mine),
+                                    byte_counts=byte_counts[split] if byte_counts is not None else None)
+    return Manifest(FORMAT_VERSION, tokenizer_sha256, vocab_size, dtype_for_vocab(vocab_size), eot,
+                    HEADER_BYTES, fingerprint, splits, list(records))
 
 
 _MANIFEST_KEYS = ("format_version", "tokenizer_sha256", "vocab_size", "dtype", "eot_id", "splits", "shards")
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> Manifest:
     recover_interrupted_swap(directory)
     path = directory / MANIFEST_NAME
     if not path.exists():
         raise ShardError(f"no shards at {directory} (no {MANIFEST_NAME}); run `lmtrain shard` first")
     try:
-        manifest = json.loads(path.read_text("utf-8"))
+        raw = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardError(f"{path} is not valid JSON ({exc}); re-run `lmtrain shard --force`") from None
-    missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise ShardError(f"{path} is missing {', '.join(missing)}; re-run `lmtrain shard --force`")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ShardError(f"{path}: format version {manifest['format_version']}, this lmtrain reads {FORMAT_VERSION}")
-    for entry in manifest["shards"]:
-        _safe_shard_name(entry.get("file"), path)
-    return manifest
+    return Manifest.from_dict(raw, path)
 
 
 def _safe_shard_name(name: Any, manifest_path: Path) -> str:
@@ -444,35 +507,13 @@ def _is_up_to_date(out: Path, fingerprint: dict) -> bool:
         manifest = read_manifest(out)
     except ShardError:
         return False
-    if manifest.get("fingerprint") != fingerprint:
+    if manifest.fingerprint != fingerprint:
         return False
-    for entry in manifest["shards"]:
-        path = out / entry["file"]
-        if not path.is_file() or path.stat().st_size != HEADER_BYTES + entry["tokens"] * _itemsize(manifest):
+    for entry in manifest.shards:
+        path = out / entry.file
+        if not path.is_file() or path.stat().st_size != HEADER_BYTES + entry.tokens * manifest.itemsize:
             return False
     return True
-
-
-def _itemsize(manifest: dict) -> int:
-    return 2 if manifest["dtype"] == "uint16" else 4
-
-
-def unigram_byte_bpb(manifest: dict[str, Any]) -> float | None:
-    """Bits per byte of the val split under a unigram byte model fitted on the train split.
-
-    The floor any language model must clear: it knows how often each byte occurs, nothing more.
-    Add-one smoothing keeps bytes unseen in training finite.
-    """
-    import numpy as np
-
-    splits = manifest["splits"]
-    if "byte_counts" not in splits.get("train", {}) or "byte_counts" not in splits.get("val", {}):
-        return None
-    train = np.asarray(splits["train"]["byte_counts"], dtype=np.float64) + 1.0
-    val = np.asarray(splits["val"]["byte_counts"], dtype=np.float64)
-    if val.sum() == 0:
-        return None
-    return float(-(val * np.log2(train / train.sum())).sum() / val.sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,14 +521,14 @@ def unigram_byte_bpb(manifest: dict[str, Any]) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_shard(path: Path, entry: dict, manifest: dict) -> ShardHeader:
+def _check_shard(path: Path, entry: ShardRecord, manifest: Manifest) -> ShardHeader:
     """Header and size of one shard against its manifest entry (no hashing)."""
     if path.is_symlink():
         raise ShardError(f"{path} is a symbolic link; shards must be plain files inside the data directory")
     header = read_header(path)
     expected = {
-        "dtype": manifest["dtype"], "tokens": entry["tokens"], "vocab_size": manifest["vocab_size"],
-        "eot_id": manifest["eot_id"], "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "dtype": manifest.dtype, "tokens": entry.tokens, "vocab_size": manifest.vocab_size,
+        "eot_id": manifest.eot_id, "tokenizer_sha256": manifest.tokenizer_sha256,
     }
     for key, want in expected.items():
         got = getattr(header, key)
@@ -510,17 +551,15 @@ def open_split(directory: Path, split: str, tokenizer_sha256: str | None = None)
     import numpy as np
 
     manifest = read_manifest(directory)
-    if tokenizer_sha256 is not None and manifest["tokenizer_sha256"] != tokenizer_sha256:
+    if tokenizer_sha256 is not None and manifest.tokenizer_sha256 != tokenizer_sha256:
         raise ShardError(
             f"the shards in {directory} were made with another tokenizer (sha256 "
-            f"{manifest['tokenizer_sha256'][:12]}…, the run's is {tokenizer_sha256[:12]}…); "
+            f"{manifest.tokenizer_sha256[:12]}…, the run's is {tokenizer_sha256[:12]}…); "
             "re-run `lmtrain shard --force`"
         )
     arrays = []
-    for entry in manifest["shards"]:
-        if entry["split"] != split:
-            continue
-        path = directory / entry["file"]
+    for entry in manifest.entries(split):
+        path = directory / entry.file
         header = _check_shard(path, entry, manifest)
         if header.tokens:
             arrays.append(np.memmap(path, dtype=np.dtype(header.dtype).newbyteorder("<"), mode="r",
@@ -540,25 +579,26 @@ class VerifyResult:
 def verify_shards(directory: Path, tokenizer_sha256: str | None = None) -> VerifyResult:
     """Re-read every shard: header, size and sha256 against the manifest; the first problem raises."""
     manifest = read_manifest(directory)
-    if tokenizer_sha256 is not None and manifest["tokenizer_sha256"] != tokenizer_sha256:
+    if tokenizer_sha256 is not None and manifest.tokenizer_sha256 != tokenizer_sha256:
         raise ShardError(
-            f"{directory / MANIFEST_NAME}: made with tokenizer sha256 {manifest['tokenizer_sha256'][:12]}…, "
+            f"{directory / MANIFEST_NAME}: made with tokenizer sha256 {manifest.tokenizer_sha256[:12]}…, "
             f"but the run's tokenizer.json is {tokenizer_sha256[:12]}…; re-run `lmtrain shard --force`"
         )
     tokens = bytes_read = 0
     for split in SPLITS:
-        listed = [e for e in manifest["shards"] if e["split"] == split]
-        totals = manifest["splits"].get(split, {})
-        if sum(e["tokens"] for e in listed) != totals.get("tokens"):
+        listed = sum(e.tokens for e in manifest.entries(split))
+        totals = manifest.splits.get(split)
+        total = totals.tokens if totals is not None else None
+        if listed != total:
             raise ShardError(f"{directory / MANIFEST_NAME}: the {split} shards add up to "
-                             f"{sum(e['tokens'] for e in listed)} tokens but the split total says {totals.get('tokens')}")
-    for entry in manifest["shards"]:
-        path = directory / entry["file"]
+                             f"{listed} tokens but the split total says {total}")
+    for entry in manifest.shards:
+        path = directory / entry.file
         _check_shard(path, entry, manifest)
         digest = sha256_file(path)
-        if digest != entry["sha256"]:
+        if digest != entry.sha256:
             raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
-                             f"{entry['sha256'][:12]}… (the file changed after it was written)")
-        tokens += entry["tokens"]
+                             f"{entry.sha256[:12]}… (the file changed after it was written)")
+        tokens += entry.tokens
         bytes_read += path.stat().st_size
-    return VerifyResult(len(manifest["shards"]), tokens, bytes_read)
+    return VerifyResult(len(manifest.shards), tokens, bytes_read)

@@ -11,26 +11,29 @@ timed twice: replaying the captured CUDA graph (what `lmtrain sample` does there
 the decoder is built (and its graph captured) before timing, as `lmtrain sample` builds it once
 per run. --compile also times the cached path with the step compiled (`lmtrain sample --compile`:
 AOTInductor on a CPU, torch.compile on CUDA), compilation outside the timing and reported on its own.
-Prints a table and one JSON line.
+
+Past ``block_size`` the cached loop slides its window (keeping the last three quarters, then
+re-prefilling); the "slide cost" columns time the cached loop (eager, as `lmtrain sample` decodes
+on a CPU) over the tokens that fit in one window and over 4 windows' worth of tokens, so the
+ratio is what sliding costs. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from lmtrain.generate import Decoder, SamplingParams, generate, generate_uncached  # noqa: E402
+from lmtrain.generate import Decoder, SamplingParams, generate, generate_uncached
 
 
 def load(args):
-    from lmtrain.train import AMP_DTYPES, build_model, resolve_device, resolve_precision
+    from lmtrain.device import inference_amp_dtype, resolve_device, resolve_precision
+    from lmtrain.step import build_model
 
     if args.run is not None:
         from lmtrain.inference import load_model
@@ -40,17 +43,18 @@ def load(args):
     from lmtrain.config import load_config
 
     cfg = load_config(args.config, args.sets)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, cfg.tokenizer.vocab_size).to(device).eval()
-    amp = AMP_DTYPES[resolve_precision(cfg.train.precision, device)] if device.type == "cuda" else None
+    model = build_model(cfg.model, cfg.tokenizer.vocab_size).to(device).eval()
+    amp = inference_amp_dtype(resolve_precision(cfg.train.precision, device), device)
     return model, device, amp, f"{args.config or 'embedded default'} (fresh weights)"
 
 
 def time_generation(loop, model, prompt, new_tokens, amp, **kw) -> float:
-    def sync():
-        if prompt.device.type == "cuda":
-            torch.cuda.synchronize(prompt.device)
+    from lmtrain.device import synchronize
+
+    def sync() -> None:
+        synchronize(prompt.device)
 
     params = SamplingParams(temperature=0.0)
     for _ in loop(model, prompt, min(new_tokens, 8), params, None, amp, **kw):  # warm up
@@ -108,6 +112,12 @@ def main() -> None:
             row["cached_compiled_tokens_per_sec"] = round(time_generation(generate, model, prompt, new_tokens, amp,
                                                                           decoder=compiled), 1)
         row["speedup"] = round(row["cached_tokens_per_sec"] / row["uncached_tokens_per_sec"], 2)
+        within = block - args.prompt_tokens
+        eager_kw = {"decoder": Decoder(model, batch, amp, cuda_graph=False)} if on_cuda else {}
+        row["within_window_tokens_per_sec"] = round(max(
+            time_generation(generate, model, prompt, within, amp, **eager_kw) for _ in range(3)), 1)
+        row["sliding_tokens_per_sec"] = round(max(
+            time_generation(generate, model, prompt, 4 * block, amp, **eager_kw) for _ in range(3)), 1)
         results.append(row)
     name = torch.cuda.get_device_name(device) if on_cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{what}: {model.num_params() / 1e6:.2f}M params, block {block}, {new_tokens} new tokens after "
@@ -115,15 +125,18 @@ def main() -> None:
     cached_label = "cached+graph tok/s" if on_cuda else "cached tok/s"
     eager_col = f"  {'cached eager':>13}" if on_cuda else ""
     compiled_col = f"  {'cached compiled':>16}  {'speedup':>8}" if args.compile else ""
-    print(f"  {'batch':>5}  {cached_label:>18}{eager_col}  {'uncached tok/s':>15}  {'speedup':>8}{compiled_col}")
+    print(f"  {'batch':>5}  {cached_label:>18}{eager_col}  {'uncached tok/s':>15}  {'speedup':>8}{compiled_col}"
+          f"  {'in-window tok/s':>16}  {'sliding tok/s':>14}  {'slide cost':>10}")
     for r in results:
         eager = f"  {r['cached_eager_tokens_per_sec']:>13,.1f}" if on_cuda else ""
         compiled = ""
         if args.compile:
             ratio = r["cached_compiled_tokens_per_sec"] / r["uncached_tokens_per_sec"]
             compiled = f"  {r['cached_compiled_tokens_per_sec']:>16,.1f}  {ratio:>7.2f}x"
+        cost = 1 - r["sliding_tokens_per_sec"] / r["within_window_tokens_per_sec"]
         print(f"  {r['batch']:>5}  {r['cached_tokens_per_sec']:>18,.1f}{eager}  {r['uncached_tokens_per_sec']:>15,.1f}  "
-              f"{r['speedup']:>7.2f}x{compiled}")
+              f"{r['speedup']:>7.2f}x{compiled}  {r['within_window_tokens_per_sec']:>16,.1f}  "
+              f"{r['sliding_tokens_per_sec']:>14,.1f}  {cost:>9.0%}")
     if args.compile:
         print("  compile time (s): " + ", ".join(f"batch {r['batch']} {r['compile_seconds']}" for r in results))
     print(json.dumps({"model": what, "device": name, "new_tokens": new_tokens, "results": results}))

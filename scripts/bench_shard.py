@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmtrain.config import load_config  # noqa: E402
-from lmtrain.corpus import iter_both_splits  # noqa: E402
+from lmtrain.config import load_config
+from lmtrain.corpus import iter_both_splits
 
 
 def config_for(run_dir: Path, source: str, vocab_size: int):

@@ -4,8 +4,8 @@
     python scripts/bench_train.py --config configs/default.yaml [--set k=v ...] [--steps 30]
                                   [--warmup 5] [--data RUN_DIR/data] [--split]
 
-Runs the very step `lmtrain train` runs (`lmtrain.train.StepRunner`: the same model, optimiser,
-autocast, torch.compile and clipping) for --steps steps after --warmup untimed ones, on synthetic
+Runs the very step `lmtrain train` runs (`lmtrain.step.build_training`, the function the trainer
+builds its model, optimiser, autocast, torch.compile and clipping with) for --steps steps after --warmup untimed ones, on synthetic
 tokens (uniform over the vocabulary) or, with --data, on a run's real shards. No run directory
 is needed.
 
@@ -27,45 +27,16 @@ import argparse
 import contextlib
 import fcntl
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from lmtrain import distributed as dist_util  # noqa: E402
-from lmtrain.config import load_config  # noqa: E402
-from lmtrain.train import (StepRunner, build_model, device_peak_tflops, make_optimizer,  # noqa: E402
-                           memory_mb, resolve_device, resolve_precision, wrap_model)
-
-
-class SyntheticBatches:
-    """Uniform random tokens, deterministic per (step, micro)."""
-
-    def __init__(self, vocab: int, batch: int, block: int, device: torch.device) -> None:
-        self.vocab, self.batch, self.block, self.device = vocab, batch, block, device
-
-    def get(self, step: int, micro: int):
-        g = torch.Generator().manual_seed(step * 1000 + micro)
-        tokens = torch.randint(0, self.vocab, (self.batch, self.block + 1), generator=g)
-        if self.device.type == "cuda":
-            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
-        else:
-            tokens = tokens.to(self.device)
-        return tokens[:, :-1], tokens[:, 1:]
-
-
-def build_runner(cfg, vocab: int, device: torch.device, precision: str) -> tuple[torch.nn.Module, StepRunner]:
-    """The model and the training step exactly as `lmtrain train` builds them (one process)."""
-    info = dist_util.DistInfo()
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, vocab).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    runner = StepRunner(model, wrap_model(model, cfg.train, device, info), make_optimizer(model, cfg.train, device),
-                        scaler, cfg.train, precision, device, info)
-    return model, runner
+from lmtrain.config import load_config
+from lmtrain.data import SyntheticBatches
+from lmtrain.device import memory_mb, peak_tflops, resolve_device, resolve_precision, synchronize
+from lmtrain.step import StepRunner, build_training, uses_compile
 
 
 def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
@@ -121,24 +92,24 @@ def main() -> None:
 
     cfg = load_config(args.config, args.sets)
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "train.device")
     precision = resolve_precision(tc.precision, device)
     if args.data is not None:
         from lmtrain.data import TokenWindows, TrainBatches
         from lmtrain.shards import read_manifest
 
-        vocab = read_manifest(args.data)["vocab_size"]
+        vocab = read_manifest(args.data).vocab_size
         batches = TrainBatches(TokenWindows(args.data, "train", cfg.model.block_size + 1), cfg.run.seed,
                                tc.batch_size, 0, 1, device)
     else:
         vocab = args.vocab_size or cfg.tokenizer.vocab_size
         batches = SyntheticBatches(vocab, tc.batch_size, cfg.model.block_size, device)
 
-    model, runner = build_runner(cfg, vocab, device, precision)
+    training = build_training(cfg, vocab, device, precision)
+    model, runner = training.model, training.runner
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def sync() -> None:
+        synchronize(device)
 
     compile_start = time.perf_counter()
     for step in range(args.warmup):
@@ -166,20 +137,20 @@ def main() -> None:
     tokens_per_sec = tokens_per_step * args.steps / seconds
     flops_per_token = model.flops_per_token()
     if device.type == "cpu":
-        peak_tflops = args.peak_tflops or cpu_matmul_tflops()
+        peak = args.peak_tflops or cpu_matmul_tflops()
         peak_source = "fp32 torch.matmul 2048^2 measured here"
     else:
-        peak_tflops = device_peak_tflops(device, args.peak_tflops or tc.peak_tflops)
+        peak = peak_tflops(device, args.peak_tflops or tc.peak_tflops)
         peak_source = "table" if args.peak_tflops is None else "--peak-tflops"
-    mfu = flops_per_token * tokens_per_sec / (peak_tflops * 1e12) if peak_tflops else None
+    mfu = flops_per_token * tokens_per_sec / (peak * 1e12) if peak else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     report = {
         "config": str(args.config or "embedded default"), "overrides": args.sets, "device": device_name,
-        "precision": precision, "compiled": tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda"),
+        "precision": precision, "compiled": uses_compile(tc, device),
         "params": model.num_params(), "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
         "block_size": cfg.model.block_size, "steps": args.steps, "data": "real" if args.data else "synthetic",
         "tokens_per_sec": round(tokens_per_sec, 1), "step_ms": round(1000 * seconds / args.steps, 2),
-        "flops_per_token": flops_per_token, "peak_tflops": peak_tflops, "peak_source": peak_source,
+        "flops_per_token": flops_per_token, "peak_tflops": peak, "peak_source": peak_source,
         "mfu": round(mfu, 4) if mfu is not None else None, "peak_memory_mb": round(memory_mb(device), 1),
         "warmup_seconds": round(warmup_seconds, 2), "final_loss": round(final_loss, 4),
     }
@@ -191,7 +162,7 @@ def main() -> None:
           f"batch {tc.batch_size} x accum {tc.grad_accum} x block {cfg.model.block_size}, {report['data']} data")
     rows = [("tokens/s", f"{tokens_per_sec:,.0f}"), ("step (ms)", f"{report['step_ms']:.1f}"),
             ("model FLOPs/token", f"{flops_per_token / 1e6:.2f} M"),
-            ("peak TFLOP/s", f"{peak_tflops:.2f} ({peak_source})" if peak_tflops else "unknown"),
+            ("peak TFLOP/s", f"{peak:.2f} ({peak_source})" if peak else "unknown"),
             ("MFU", f"{mfu:.1%}" if mfu is not None else "n/a"),
             ("peak memory (MB)", f"{report['peak_memory_mb']:,.0f}"),
             ("warmup/compile (s)", f"{warmup_seconds:.1f}")]

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 TRAIN_SETS = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",

@@ -4,7 +4,7 @@
     python scripts/speedrun.py --name rope --set model.pos_embedding=rope [--minutes 3] [--config C]
 
 Each variant trains on the embedded corpus for the same budget on this machine: the script first
-times a few steps of the variant (through scripts/bench_train.py's machinery, i.e. the real
+times a few steps of the variant (through `lmtrain.step.build_training`, i.e. the real
 training step), sets train.max_steps so that the whole schedule (warmup, decay) fits the budget,
 and keeps train.max_minutes as a hard cap. Tokenizers and shards are cached per vocab size under
 --workdir, so variants differ only in what they set. At the end the last checkpoint is scored on
@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from lmtrain.config import load_config  # noqa: E402
-from lmtrain.train import resolve_device  # noqa: E402
+from lmtrain.config import load_config
+from lmtrain.data import SyntheticBatches
+from lmtrain.device import resolve_device
+from lmtrain.step import build_training
 
 
 def seconds_per_step(cfg, steps: int = 8) -> float:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench_train import SyntheticBatches, build_runner
-
     device = resolve_device("cpu")
-    _, runner = build_runner(cfg, cfg.tokenizer.vocab_size, device, "fp32")
+    runner = build_training(cfg, cfg.tokenizer.vocab_size, device, "fp32").runner
     batches = SyntheticBatches(cfg.tokenizer.vocab_size, cfg.train.batch_size, cfg.model.block_size, device)
     for step in range(2):
         runner.run(step, batches)

@@ -28,11 +28,11 @@ def test_embedded_default_is_the_shipped_file():
 
 
 def test_gpt2_small_is_the_124m_shape():
-    from lmtrain.train import build_model
+    from lmtrain.step import build_model
 
     cfg = load_config(REPO / "configs" / "gpt2-small.yaml")
     import torch
 
     with torch.device("meta"):
-        model = build_model(cfg, 50257)
+        model = build_model(cfg.model, 50257)
     assert 123e6 < model.num_params() < 125e6

@@ -9,7 +9,8 @@ from conftest import run_cli
 from lmtrain.config import load_config
 from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
 from lmtrain.generate import Decoder, SamplingParams, draw, generate, generate_uncached
-from lmtrain.model import GPT, GPTConfig, KVCache
+from lmtrain.kvcache import KVCache
+from lmtrain.model import GPT, GPTConfig
 from lmtrain.sample import SampleOptions, TextStream, sample
 from lmtrain.train import train
 

@@ -42,7 +42,7 @@ def data(cfg):
 def test_round_trip_decodes_to_the_documents_in_order(sharded):
     cfg, result = sharded
     tok = load_tokenizer(cfg.run_dir)
-    eot = result.manifest["eot_id"]
+    eot = result.manifest.eot_id
     for split in ("train", "val"):
         ids = np.concatenate(shards.open_split(data(cfg), split)).astype(np.int64)
         assert ids[-1] == eot
@@ -81,7 +81,7 @@ def test_dtype_switches_above_65536_and_uint32_round_trips(tmp_path):
     assert [r.tokens for r in records] == [5, 2]
     assert [r.documents for r in records] == [1, 1]  # a document counts where it ends
     manifest = shards.make_manifest({}, records, 70000, 69999, "ab" * 32)
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
     ids = np.concatenate(shards.open_split(tmp_path, "train"))
     assert ids.dtype == np.dtype("<u4")
     assert ids.tolist() == [1, 65536, 69999, 65535, 69998, 2, 69999]
@@ -177,7 +177,7 @@ def test_interrupted_run_leaves_no_manifest_and_next_run_succeeds(tmp_path, monk
     monkeypatch.setattr(shards.ShardWriter, "write_document", original)
     result = shards.build_shards(cfg)
     assert not result.up_to_date
-    assert shards.verify_shards(data(cfg)).shards == len(result.manifest["shards"])
+    assert shards.verify_shards(data(cfg)).shards == len(result.manifest.shards)
 
 
 def test_empty_val_split_says_what_to_do(tmp_path):
@@ -218,4 +218,4 @@ def test_unigram_byte_baseline(sharded):
     counts = [train_text.count(bytes([b])) + 1 for b in range(256)]
     total = sum(counts)
     expected = -sum(math.log2(counts[b] / total) for b in val_text) / len(val_text)
-    assert shards.unigram_byte_bpb(result.manifest) == pytest.approx(expected, rel=1e-9)
+    assert result.manifest.unigram_byte_bpb() == pytest.approx(expected, rel=1e-9)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from conftest import REPO, run_cli
 from lmtrain.config import load_config
 from lmtrain.errors import CheckpointError, LmtrainError
-from lmtrain.train import TrainingError, lr_at, train
+from lmtrain.optim import lr_at
+from lmtrain.train import TrainingError, train
 
 
 def weights(run_dir, name="latest"):
@@ -45,24 +46,23 @@ def test_loss_falls_and_artifacts_exist(tiny_run):
 
 def interrupted_at(stop_step, cfg, monkeypatch):
     """Train until a SIGTERM arrives during step ``stop_step``; return the partial history."""
-    from lmtrain import train as train_module
+    from lmtrain.step import StepRunner
+    from lmtrain.train import TrainingInterrupted
 
-    real_step = train_module.Trainer._step
-    seen = {}
+    real_run = StepRunner.run
 
-    def step_then_signal(self, step, batches):
-        seen["trainer"] = self
-        out = real_step(self, step, batches)
+    def step_then_signal(self, step, batches, timings=None):
+        out = real_run(self, step, batches, timings)
         if step + 1 == stop_step:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(train_module.Trainer, "_step", step_then_signal)
-    with pytest.raises(train_module.TrainingInterrupted) as info:
+    monkeypatch.setattr(StepRunner, "run", step_then_signal)
+    with pytest.raises(TrainingInterrupted) as info:
         train(cfg)
-    monkeypatch.setattr(train_module.Trainer, "_step", real_step)
+    monkeypatch.setattr(StepRunner, "run", real_run)
     assert info.value.step == stop_step and info.value.signum == signal.SIGTERM
-    return seen["trainer"]
+    return info.value
 
 
 def test_exact_resume_is_bit_identical(tmp_path, tiny_run, monkeypatch):
@@ -153,8 +153,8 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_run, monkeypatch):
 
     real_forward = model_module.GPT.forward
 
-    def nan_forward(self, idx, targets=None, cache=None):
-        logits, loss = real_forward(self, idx, targets, cache)
+    def nan_forward(self, idx, targets=None, cache=None, loss_fn=None):
+        logits, loss = real_forward(self, idx, targets, cache, loss_fn)
         return logits, (loss * float("nan") if loss is not None else None)
 
     monkeypatch.setattr(model_module.GPT, "forward", nan_forward)

@@ -1,0 +1,168 @@
+"""What training reports, and where: the progress bar, ``train.log``, TensorBoard, MFU, the history.
+
+``TrainLog`` is opened for the length of a training run. The loop hands it each step's loss and
+gradient norm (``step``), each evaluation (``eval``) and each text sample (``text``); it decides
+when a log line is due (``train.log_every``), averages the loss over the steps since the last one,
+computes tokens/s and MFU, and writes to the console, the file and TensorBoard. Only rank 0
+writes; every rank keeps the history (the loss is averaged across ranks first).
+
+To add a logger (Weights & Biases, say), add it here: the loop does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from lmtrain import distributed as dist_util
+from lmtrain.config import Config
+from lmtrain.device import memory_mb, peak_tflops
+from lmtrain.optim import lr_at
+
+log = logging.getLogger("lmtrain.train")
+STEP_LOG = logging.getLogger("lmtrain.steps")  # per-step lines: to train.log only
+
+
+class TrainLog:
+    def __init__(self, config: Config, run_dir: Path, model, device: torch.device,
+                 info: dist_util.DistInfo, start_step: int) -> None:
+        self.config, self.tc, self.run_dir = config, config.train, run_dir
+        self.device, self.info, self.start_step = device, info, start_step
+        self.tokens_per_step = self.tc.batch_size * self.tc.grad_accum * info.world_size * config.model.block_size
+        self.flops_per_token = model.flops_per_token()
+        self.peak = peak_tflops(device, self.tc.peak_tflops)
+        self.history: list[dict[str, float]] = []
+        self.writer = None
+        self._handler: logging.Handler | None = None
+        self._bar = None
+        self._redirect = None
+        self._window_loss = torch.zeros((), device=device)
+        self._window_steps = self._window_tokens = 0
+        self._window_start = time.perf_counter()
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "TrainLog":
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        if self.info.is_main:
+            self._open_file_log()
+            self._open_tensorboard()
+        self._bar = tqdm(total=self.tc.max_steps, initial=self.start_step, desc="train", unit="step",
+                         disable=not self.info.is_main, dynamic_ncols=True, leave=False)
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._redirect.__exit__(*exc)
+        self._bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self._handler is not None:
+            logging.getLogger("lmtrain").removeHandler(self._handler)
+            STEP_LOG.removeHandler(self._handler)
+            self._handler.close()
+
+    def _open_file_log(self) -> None:
+        handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logging.getLogger("lmtrain").addHandler(handler)
+        # Per-step lines go to the file only: on the console the progress bar shows them.
+        STEP_LOG.propagate = False
+        STEP_LOG.setLevel(logging.INFO)
+        STEP_LOG.addHandler(handler)
+        if logging.getLogger("lmtrain").getEffectiveLevel() > logging.INFO:
+            logging.getLogger("lmtrain").setLevel(logging.INFO)
+        self._handler = handler
+
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from lmtrain.rundir import tb_dir
+
+        # purge_step drops events a crashed run logged past the checkpoint we resume from,
+        # so resumed curves continue without duplicate points.
+        start = self.start_step
+        self.writer = SummaryWriter(str(tb_dir(self.run_dir)), purge_step=start + 1 if start > 0 else None)
+        if start == 0:
+            self._log_hparams()
+
+    def _log_hparams(self) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = {f"{section}.{key}": value for section, values in self.config.to_dict().items()
+                if section in ("model", "train", "tokenizer") for key, value in values.items()
+                if isinstance(value, (int, float, str, bool))}
+        exp, ssi, sei = hparams(flat, {"val/loss": float("nan"), "val/bpb": float("nan")})
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "    " + self.config.to_yaml().replace("\n", "\n    "), 0)
+
+    # -- what the loop reports -------------------------------------------------------------------
+
+    def announce(self, model, precision: str, resumed_from: str | None) -> None:
+        if not self.info.is_main:
+            return
+        tc, info = self.tc, self.info
+        what = f"resuming from {resumed_from} at step {self.start_step}" if resumed_from else "starting"
+        log.info("train: %s; model %.2fM parameters (%.2fM without embeddings); device %s, %s%s",
+                 what, model.num_params() / 1e6, model.num_params(embeddings=False) / 1e6, self.device,
+                 precision, f", {info.world_size} processes" if info.enabled else "")
+        log.info("global batch: %d x %d grad_accum x %d processes = %d sequences, %d tokens per step",
+                 tc.batch_size, tc.grad_accum, info.world_size, tc.batch_size * tc.grad_accum * info.world_size,
+                 self.tokens_per_step)
+
+    def step(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Step ``step`` (1-based) is done; log the window since the last line when one is due."""
+        self._window_loss += loss.detach()
+        self._window_steps += 1
+        self._window_tokens += self.tokens_per_step
+        self._bar.update(1)
+        if step % self.tc.log_every == 0 or step == self.tc.max_steps:
+            elapsed = time.perf_counter() - self._window_start
+            self._log_train(step, self._window_loss / self._window_steps, norm, self._window_tokens / elapsed)
+            self._window_loss = torch.zeros((), device=self.device)
+            self._window_steps = self._window_tokens = 0
+            self._window_start = time.perf_counter()
+
+    def _log_train(self, step: int, loss: torch.Tensor, norm: torch.Tensor, tokens_per_sec: float) -> None:
+        loss = dist_util.all_reduce_mean(loss, self.info)
+        loss_value, norm_value = loss.item(), float(norm)
+        lr = lr_at(step - 1, self.tc)
+        self.history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value})
+        if not self.info.is_main:
+            return
+        mfu = None
+        if self.peak:
+            mfu = self.flops_per_token * tokens_per_sec / (self.peak * 1e12 * self.info.world_size)
+        self._bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+        log.debug("step %d: loss %.4f lr %.3e grad_norm %.3f tok/s %.0f", step, loss_value, lr, norm_value,
+                  tokens_per_sec)
+        STEP_LOG.info("step %d: loss %.4f, lr %.3e, grad_norm %.3f, %.0f tok/s%s", step, loss_value, lr,
+                      norm_value, tokens_per_sec, f", mfu {mfu:.1%}" if mfu is not None else "")
+        scalars = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": norm_value,
+                   "train/tokens_per_sec": tokens_per_sec, "train/memory_mb": memory_mb(self.device)}
+        if mfu is not None:
+            scalars["train/mfu"] = mfu
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def eval(self, step: int, val: dict[str, float]) -> None:
+        """``val`` holds val_loss, val_ppl and val_bpb."""
+        self.history.append({"step": step, **val})
+        if not self.info.is_main:
+            return
+        log.info("step %d: val loss %.4f, ppl %.2f, bpb %.4f", step, val["val_loss"], val["val_ppl"], val["val_bpb"])
+        for key, value in val.items():
+            self.writer.add_scalar(key.replace("val_", "val/"), value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            # Markdown: indent by four spaces so code keeps its layout.
+            self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)

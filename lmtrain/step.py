@@ -1,0 +1,168 @@
+"""One training step, and the one function that builds it.
+
+``build_training(config, vocab_size, device, precision)`` makes the model, the optimiser, the
+gradient scaler and the step runner exactly as ``lmtrain train`` uses them; the trainer, the
+benchmarks (``scripts/bench_train.py``) and the speedrun all call it, so a benchmark times the
+very step training runs. ``StepRunner.run(step, batches)`` is one optimiser step: ``grad_accum``
+micro-batches, clipping, and the update unless the loss or gradient is non-finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmtrain import distributed as dist_util
+from lmtrain.config import Config, ModelConfig, TrainConfig
+from lmtrain.device import AMP_DTYPES, autocast, enable_fast_matmul, synchronize
+from lmtrain.loss import training_loss_fn
+from lmtrain.model import GPT, GPTConfig
+from lmtrain.optim import lr_at, make_optimizer, set_lr
+
+
+def build_model(model: ModelConfig, vocab_size: int) -> GPT:
+    """A freshly initialised GPT of the ``model`` section's shape (seed the RNG first)."""
+    return GPT(GPTConfig.of(model, vocab_size))
+
+
+def uses_compile(tc: TrainConfig, device: torch.device) -> bool:
+    return tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
+
+
+def wrap_model(model: GPT, tc: TrainConfig, device: torch.device, info: dist_util.DistInfo) -> torch.nn.Module:
+    """The module the training step calls: compiled (CUDA by default) and DDP-wrapped as needed."""
+    enable_fast_matmul(device)
+    wrapped: torch.nn.Module = model
+    if uses_compile(tc, device):
+        wrapped = torch.compile(wrapped, mode=tc.compile_mode)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+@dataclass
+class Training:
+    """What ``build_training`` returns: the parts of training that hold state, and the step."""
+
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    runner: "StepRunner"
+
+    def optimizer_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+
+def build_training(config: Config, vocab_size: int, device: torch.device, precision: str,
+                   info: dist_util.DistInfo | None = None, restore=None) -> Training:
+    """Model, optimiser, scaler and step for ``config``, as ``lmtrain train`` builds them.
+
+    ``restore`` (a ``checkpoint.Resume``) loads a checkpoint's weights into the model once it is
+    initialised, and its optimiser and scaler state once they exist, all before the model is
+    wrapped (compiled, DDP): resuming goes through here too.
+    """
+    info = info or dist_util.DistInfo()
+    torch.manual_seed(config.run.seed)
+    model = build_model(config.model, vocab_size)
+    if restore is not None:
+        restore.weights(model)
+    model.to(device)
+    optimizer = make_optimizer(model, config.train, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if restore is not None:
+        restore.optimizer(optimizer, scaler)
+    runner = StepRunner(model, wrap_model(model, config.train, device, info), optimizer, scaler,
+                        config.train, precision, device, info)
+    return Training(model, optimizer, scaler, runner)
+
+
+class StepRunner:
+    """One optimiser step: grad_accum micro-batches, clipping, and the update unless non-finite.
+
+    With ``timings`` (a dict) it also splits the step's time into data, forward+backward and
+    optimiser, synchronising the device at each boundary to do so.
+    """
+
+    def __init__(self, model: GPT, forward_model: torch.nn.Module, optimizer, scaler, tc: TrainConfig,
+                 precision: str, device: torch.device, info: dist_util.DistInfo) -> None:
+        self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
+        self.tc, self.precision, self.device, self.info = tc, precision, device, info
+        self.amp_dtype = AMP_DTYPES[precision]
+        self.loss_fn = training_loss_fn(device)
+        self.cuda_graphs = (device.type == "cuda" and forward_model is not model
+                            and tc.compile_mode in ("reduce-overhead", "max-autotune"))
+
+    def run(self, step: int, batches, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Train on ``batches.get(step, micro)``; return the mean loss, the gradient norm, and
+        whether the update was applied."""
+        tc = self.tc
+        clock = _Clock(self.device, timings)
+        set_lr(self.optimizer, lr_at(step, tc))
+        total = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum):
+            clock.start()
+            x, y = batches.get(step, micro)
+            clock.stop("data")
+            last = micro == tc.grad_accum - 1
+            # DDP: synchronise gradients on the last micro-step only.
+            sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.forward_model.no_sync()
+            with sync:
+                if self.cuda_graphs:
+                    # Each micro-step is a new replay; earlier outputs are consumed by now.
+                    torch.compiler.cudagraph_mark_step_begin()
+                with autocast(self.device, self.amp_dtype):
+                    _, loss = self.forward_model(x, y, loss_fn=self.loss_fn)
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.detach() / tc.grad_accum
+            clock.stop("forward_backward")
+        clock.start()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        good = self._apply(total, norm)
+        clock.stop("optimizer")
+        return total, norm, good
+
+    def _apply(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Apply the update unless the loss or gradient is non-finite (one host sync a step)."""
+        if self.precision == "fp16":
+            # The scaler skips steps with inf/nan gradients on its own (and lowers its scale);
+            # only a non-finite loss counts as a bad step.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            good = bool(torch.isfinite(loss))
+            if self.info.enabled:
+                good = not dist_util.any_rank(not good, self.info, self.device)
+        else:
+            good = bool(torch.isfinite(norm) & torch.isfinite(loss))
+            if self.info.enabled:
+                good = not dist_util.any_rank(not good, self.info, self.device)
+            if good:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return good
+
+
+class _Clock:
+    """Accumulates wall time per phase into ``timings`` (a no-op when it is None)."""
+
+    def __init__(self, device: torch.device, timings: dict | None) -> None:
+        self.device, self.timings = device, timings
+        self.t = 0.0
+
+    def start(self) -> None:
+        if self.timings is not None:
+            synchronize(self.device)
+            self.t = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        if self.timings is not None:
+            synchronize(self.device)
+            now = time.perf_counter()
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.t
+            self.t = now
