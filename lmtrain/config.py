@@ -321,6 +321,24 @@ def _apply_override(raw: Any, override: str) -> None:
     target[name] = value
 
 
+def override_section(section: Any, name: str, overrides: dict[str, Any], labels: dict[str, str]) -> Any:
+    """``section`` with ``overrides`` applied, each checked like a config value but named by its
+    label (``--temperature``, say): command-line options that stand in for config keys are
+    validated by the same schema, in one place."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    hints = typing.get_type_hints(type(section))
+    checked = {}
+    for key, value in overrides.items():
+        label = labels.get(key, f"{name}.{key}")
+        value = _coerce(label, value, hints[key])
+        _check_option_range(label, value, fields[key].metadata)
+        checked[key] = value
+    result = dataclasses.replace(section, **checked)
+    if hasattr(result, "check"):
+        result.check()
+    return result
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any], origin: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -396,6 +414,26 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
         if bound is not None and not ok(value, bound):
             allowed = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if meta.get(n) is not None)
             raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
+
+
+def _check_option_range(label: str, value: Any, meta: Any) -> None:
+    """Like ``_check_range``, worded for a command-line option: ``--top-p must be in (0, 1]``."""
+    if value is None or isinstance(value, (str, bool, list)):
+        return
+    low = ("(", meta["gt"]) if meta.get("gt") is not None else ("[", meta["ge"]) if meta.get("ge") is not None else None
+    high = (")", meta["lt"]) if meta.get("lt") is not None else ("]", meta["le"]) if meta.get("le") is not None else None
+    if low and high:
+        allowed = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    elif low:
+        allowed = f"{'>' if low[0] == '(' else '>='} {low[1]:g}"
+    elif high:
+        allowed = f"{'<' if high[0] == ')' else '<='} {high[1]:g}"
+    else:
+        return
+    ok = ((low is None or (value > low[1] if low[0] == "(" else value >= low[1]))
+          and (high is None or (value < high[1] if high[0] == ")" else value <= high[1])))
+    if not ok:
+        raise ConfigError(f"{label} must be {allowed}, got {value!r}")
 
 
 def _did_you_mean(word: str, candidates: Any, prefix: str = "") -> str:

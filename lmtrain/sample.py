@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from lmtrain.config import SampleConfig, override_section
 from lmtrain.errors import ConfigError, LmtrainError
 from lmtrain.generate import Decoder, SamplingParams, generate, generate_uncached
 from lmtrain.inference import LoadedModel, load_model
@@ -59,21 +60,13 @@ def sample(run_dir: Path, options: SampleOptions,
            on_text: Callable[[int, str], None] = lambda i, text: None) -> SampleStats:
     """Generate ``num_samples`` continuations; ``on_text(sample_index, piece)`` streams them."""
     loaded = load_model(run_dir, options.checkpoint, options.device)
-    cfg = loaded.config.sample
-    params = SamplingParams(
-        temperature=0.0 if options.greedy else _pick(options.temperature, cfg.temperature),
-        top_k=_pick(options.top_k, cfg.top_k),
-        top_p=_pick(options.top_p, cfg.top_p),
-    )
-    validate_params(params)
-    max_new = _pick(options.max_new_tokens, cfg.max_new_tokens)
-    if max_new < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new}")
-    num_samples = _pick(options.num_samples, cfg.num_samples)
-    seed = _pick(options.seed, cfg.seed if cfg.seed is not None else loaded.config.run.seed)
-    stops = [s for s in (options.stop or cfg.stop) if s]
-    prompt_text = _pick(options.prompt, cfg.prompt)
-    prompt_ids = prompt_tokens(loaded, prompt_text)
+    cfg = resolve_options(loaded.config.sample, options)
+    params = SamplingParams(temperature=0.0 if options.greedy else cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p)
+    max_new, num_samples = cfg.max_new_tokens, cfg.num_samples
+    seed = cfg.seed if cfg.seed is not None else loaded.config.run.seed
+    stops = [s for s in cfg.stop if s]
+    prompt_ids = prompt_tokens(loaded, cfg.prompt)
 
     if options.compile and not options.use_cache:
         raise ConfigError("--compile compiles the cached step; it cannot go with --no-cache")
@@ -109,13 +102,19 @@ def _decoder(loaded: LoadedModel, options: SampleOptions) -> Decoder:
                            f"{first_line}); sample without --compile") from error
 
 
-def validate_params(params: SamplingParams) -> None:
-    if params.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 means greedy), got {params.temperature}")
-    if not 0.0 < params.top_p <= 1.0:
-        raise ConfigError(f"--top-p must be in (0, 1], got {params.top_p}")
-    if params.top_k is not None and params.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {params.top_k}")
+# The options of `lmtrain sample` that stand in for keys of the config's sample section.
+OPTION_LABELS = {"prompt": "--prompt", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+                 "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples", "seed": "--seed",
+                 "stop": "--stop"}
+
+
+def resolve_options(section: SampleConfig, options: SampleOptions) -> SampleConfig:
+    """The run config's sample section with the options given on top, all validated by the
+    config's own schema (so ``--top-p 2`` and ``sample.top_p: 2`` get the same check)."""
+    given = {key: getattr(options, key) for key in OPTION_LABELS if getattr(options, key) is not None}
+    if not given.get("stop"):
+        given.pop("stop", None)
+    return override_section(section, "sample", given, OPTION_LABELS)
 
 
 def prompt_tokens(loaded: LoadedModel, text: str) -> list[int]:
@@ -200,9 +199,6 @@ class TextStream:
             self.emit(self.text[self.sent:upto])
             self.sent = upto
 
-
-def _pick(value, default):
-    return default if value is None else value
 
 
 def sample_text(model, tokenizer, prompt: str, eot: int, params: SamplingParams, seed: int,

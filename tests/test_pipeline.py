@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_TRAIN, run_cli, write_config
+from conftest import REPO, TINY_TRAIN, run_cli, write_config
 
 
 @pytest.mark.slow
@@ -39,3 +39,12 @@ def test_run_refuses_a_stale_tokenizer(tmp_path, text_corpus):
     stale = run_cli("run", "--config", str(config), "--set", "tokenizer.vocab_size=320")
     assert stale.returncode == 2
     assert "trained with tokenizer.vocab_size=300, the config now says 320" in stale.stderr
+
+
+@pytest.mark.slow
+def test_the_data_folder_example_runs_from_the_repository_root(tmp_path):
+    # data/README.md's smoke test: the example config reads data/sample.txt relative to the repo.
+    result = run_cli("run", "--config", "data/example.yaml", "--set", f"run.dir={tmp_path / 'run'}",
+                     "--set", "train.max_steps=10", "--set", "sample.max_new_tokens=8", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "[tokenize] vocab 512" in result.stderr and "val bpb" in result.stdout

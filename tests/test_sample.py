@@ -55,6 +55,26 @@ def test_static_cache_decoding_equals_uncached(pos):
     assert torch.equal(tokens(generate, model, prompt, 60, decoder=decoder), cached)  # a decoder is reusable
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_past_the_context_the_cached_loop_keeps_three_quarters_of_the_window(pos):
+    # What holds past block_size: each token of the cached loop is what the model predicts from
+    # the last `seen` tokens, where `seen` grows to the whole window (32), then drops to 24 (the
+    # slide keeps three quarters) and grows again: never less than 3/4 of a window once full.
+    model, prompt = tiny_model_and_prompt(pos, block_size=32)
+    cached = tokens(generate, model, prompt, 70)
+    sequence = torch.cat([prompt, cached], dim=1)
+    seen, slides = prompt.size(1), 0
+    for i in range(cached.size(1)):
+        end = prompt.size(1) + i
+        logits, _ = model(sequence[:, end - seen:end])
+        assert torch.equal(logits[:, -1].argmax(dim=-1), cached[:, i]), i
+        if seen == 32:
+            seen, slides = 24, slides + 1
+        else:
+            seen += 1
+    assert slides == 5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_cuda_graph_decoding_equals_eager(pos):
