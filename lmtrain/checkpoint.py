@@ -18,9 +18,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import torch
 
 from lmtrain import distributed as dist_util
 from lmtrain.errors import CheckpointError
-from lmtrain.fsutil import atomic_dir, atomic_write_text, describe_os_error, remove_stale_tmp
+from lmtrain.fsutil import atomic_dir, atomic_write_text, default_file_mode, describe_os_error, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -
     from safetensors.torch import save_file
 
     save_file(model_state_for_saving(model), str(path), metadata=metadata)
+    os.chmod(path, default_file_mode())  # safetensors creates files 0600; the rest follow the umask
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -152,23 +153,32 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
         shutil.rmtree(final)
     metadata = {"model_config": json.dumps(state["model_config"]), "step": str(step),
                 "format": "lmtrain-checkpoint-1"}
+    previous = _pointer_name(directory, "latest") or "none"
     try:
         with atomic_dir(final) as tmp:
             save_weights(model, tmp / MODEL_FILE, metadata)
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         atomic_write_text(directory / "latest", name + "\n")
-    except OSError as exc:
+    except Exception as exc:
+        # safetensors and torch.save report a full disk as their own errors (SafetensorError,
+        # RuntimeError "unexpected pos ..."), not as OSError.
+        if not isinstance(exc, (OSError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
+            raise
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else _first_line(exc)
         raise CheckpointError(
-            f"could not write checkpoint {final}: {describe_os_error(exc)}; the previous checkpoint "
-            f"({_pointer_name(directory, 'latest') or 'none'}) is intact and `lmtrain train` resumes from it"
-        ) from None
+            f"could not write checkpoint {final}: {reason}; the previous checkpoint ({previous}) is "
+            "intact and `lmtrain train` resumes from it") from None
     is_best = False
     val_loss = state.get("val_loss")
     if val_loss is not None:
         best_loss = _pointer_val_loss(directory, "best")
         if best_loss is None or val_loss <= best_loss:
-            atomic_write_text(directory / "best", name + "\n")
+            try:
+                atomic_write_text(directory / "best", name + "\n")
+            except OSError as exc:
+                raise CheckpointError(f"wrote checkpoint {final} but could not update {directory / 'best'}: "
+                                      f"{describe_os_error(exc)}; `latest` names the new checkpoint") from None
             is_best = True
     prune_checkpoints(directory, keep)
     return SavedCheckpoint(final, is_best)
@@ -236,6 +246,30 @@ def resolve_checkpoint(directory: Path, name: str) -> Path:
     return path
 
 
+def newest_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest ``step-XXXXXXXX`` whose files are all there and readable, or None."""
+    for name in reversed(list_checkpoints(directory)):
+        path = directory / name
+        if path.is_symlink() or not (path / OPTIMIZER_FILE).is_file():
+            continue
+        try:
+            load_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def _read_pointer(pointer: Path) -> str | None:
+    """What a pointer file names (stripped), or None when there is no such file."""
+    try:
+        return pointer.read_text("utf-8", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {pointer}: {describe_os_error(exc)}") from None
+
+
 def list_checkpoints(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
@@ -271,6 +305,10 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"{path / STATE_FILE} is not valid JSON ({exc}); the checkpoint is corrupt") from None
     if not isinstance(state, dict) or "step" not in state or "model_config" not in state:
         raise CheckpointError(f"{path / STATE_FILE} lacks step or model_config; the checkpoint is corrupt")
+    if (not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0
+            or not isinstance(state["model_config"], dict)):
+        raise CheckpointError(f"{path / STATE_FILE}: step or model_config has the wrong type; the checkpoint "
+                              "is corrupt")
     tensors, metadata = read_weights(path / MODEL_FILE)
     return LoadedCheckpoint(path, tensors, metadata, state)
 
@@ -285,19 +323,6 @@ def load_optimizer_state(path: Path) -> dict:
     except Exception as exc:  # UnpicklingError for anything but tensors; others for truncation
         raise CheckpointError(f"{file} was refused or is corrupt ({_first_line(exc)}); lmtrain only "
                               "loads tensors and plain containers from it") from None
-
-
-def move_aside(directory: Path) -> Path | None:
-    """Rename a directory to ``NAME.old-<timestamp>`` (for --restart); nothing is deleted."""
-    if not directory.exists():
-        return None
-    target = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while target.exists():
-        target = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        n += 1
-    directory.rename(target)
-    return target
 
 
 def _first_line(exc: BaseException) -> str:
@@ -325,10 +350,30 @@ class Checkpointer:
         return step % self.every == 0 or final
 
     def latest(self) -> Path | None:
-        """The checkpoint ``latest`` names, or None when the run has none."""
-        if not (self.directory / "latest").exists():
-            return None
-        return resolve_checkpoint(self.directory, "latest")
+        """The checkpoint to resume from: the one ``latest`` names, or None when the run has none.
+
+        A ``latest`` that is missing, empty or names a checkpoint that is gone, beside checkpoints
+        that exist, is not a reason to start over (and overwrite them): training resumes from the
+        newest complete checkpoint instead, and says so.
+        """
+        pointer = self.directory / "latest"
+        target = _read_pointer(pointer)
+        gone = target is not None and (target == "" or (
+            _NAME.match(target) is not None and not (self.directory / target).exists()
+            and not (self.directory / target).is_symlink()))
+        if target is not None and not gone:
+            return resolve_checkpoint(self.directory, "latest")  # or its own refusal of what it names
+        if not list_checkpoints(self.directory):
+            if target is not None:
+                return resolve_checkpoint(self.directory, "latest")  # names a checkpoint that is gone
+            return None  # a new run
+        what = f"{pointer} is missing" if target is None else f"{pointer} names {target or 'nothing'}, which is gone"
+        recovered = newest_complete_checkpoint(self.directory)
+        if recovered is None:
+            raise CheckpointError(f"{what}, and none of the checkpoints in {self.directory} is complete: "
+                                  "nothing to resume from; use --restart to start over (they are kept aside)")
+        log.warning("%s; resuming from the newest complete checkpoint, %s", what, recovered.name)
+        return recovered
 
     def save(self, step: int, model: torch.nn.Module, optimizer_state, state: dict[str, Any]) -> Path:
         """Write ``step-XXXXXXXX`` (``optimizer_state()`` is called on rank 0 only)."""
@@ -363,10 +408,10 @@ class Resume:
         return self.checkpoint.state
 
     @classmethod
-    def load(cls, path: Path, model_config: dict[str, Any], tokenizer_sha256: str) -> "Resume":
+    def load(cls, path: Path, model_config: dict[str, Any], tokenizer_sha256: str, config) -> "Resume":
         """Read ``path`` and refuse it, naming what differs, if it does not fit this run."""
         loaded = load_checkpoint(path)
-        check_resumable(loaded, model_config, tokenizer_sha256)
+        check_resumable(loaded, model_config, tokenizer_sha256, config)
         return cls(loaded, load_optimizer_state(path))
 
     def weights(self, model: torch.nn.Module) -> None:
@@ -387,10 +432,15 @@ class Resume:
                                   "the checkpoint is corrupt") from None
 
 
-def check_resumable(loaded: LoadedCheckpoint, model_config: dict[str, Any], tokenizer_sha256: str) -> None:
-    """Refuse to resume from a checkpoint of another model shape or tokenizer, naming what differs."""
+def check_resumable(loaded: LoadedCheckpoint, model_config: dict[str, Any], tokenizer_sha256: str,
+                    config) -> None:
+    """Refuse to resume from a checkpoint of another model shape, tokenizer or corpus, naming what
+    differs (``config`` is the run's ``Config``)."""
+    from lmtrain.artifacts import data_differences
+
     have = loaded.model_config
     diffs = model_config_diffs(have, {k: v for k, v in model_config.items() if k != "vocab_size"})
+    diffs += data_differences(loaded.state.get("config"), config)
     if have.get("vocab_size") != model_config["vocab_size"]:
         diffs.append(f"vocab size: checkpoint {have.get('vocab_size')}, tokenizer {model_config['vocab_size']}")
     if loaded.state.get("tokenizer_sha256") not in (None, tokenizer_sha256):

@@ -8,6 +8,7 @@ other exception is a bug of ours and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 2
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 ConfigOption = typer.Option(
     None, "--config", "-c", help="YAML config of the run (default: the embedded default config)."
@@ -71,6 +73,17 @@ def user_errors(func: Callable) -> Callable:
         except LmtrainError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except OSError as exc:
+            # The library names the file and what is intact wherever it writes an artifact; this
+            # is the net for the rest (a log, an event file): the machine's fault, not ours.
+            if exc.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            from lmtrain.fsutil import describe_os_error
+
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{describe_os_error(exc)}; the last complete checkpoint, shards and "
+                       "tokenizer are intact", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
@@ -102,6 +115,8 @@ def tokenize(
         f"{stats.documents} documents ({stats.utf8_bytes / 1e6:.1f} MB) in {stats.train_seconds:.1f}s\n"
         f"wrote {stats.path}"
     )
+    for moved in stats.moved_aside or []:
+        typer.echo(f"moved aside: {moved}")
 
 
 @app.command()

@@ -4,7 +4,8 @@ One YAML file describes a run; each top-level key is a section, each section a d
 Loading is strict, because a typo in a config should cost a second, not an hour of training:
 unknown sections and keys are rejected with the closest valid name, values are checked for type
 and range and named with their dotted key, and nothing is written before all of it passes.
-YAML is read with ``yaml.safe_load`` only, so a config can never execute code.
+YAML is read with ``yaml.SafeLoader`` only (and a key given twice is refused), so a config can
+never execute code.
 """
 
 from __future__ import annotations
@@ -280,9 +281,28 @@ def _read_yaml_file(path: Path) -> dict[str, Any]:
     return raw
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping: YAML would keep
+    the last one silently, and a config with ``lr`` set twice is a mistake to name, not guess."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (given twice in one section)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, origin: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        loader = _StrictLoader(text)  # a SafeLoader: no tag can build a Python object
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark is not None else origin
@@ -382,7 +402,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {_kind(value)} {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e9` (no dot) as a string; a whole number written so is an integer.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value)):
             raise ConfigError(f"{key}: expected an integer, got {_kind(value)} {value!r}")
         return int(value)
     if hint is float:

@@ -167,7 +167,7 @@ def resolve_local_files(source: str) -> list[Path]:
     """The files a local source names, sorted so every run reads them in the same order."""
     expanded = os.path.expanduser(source)
     if GLOB_CHARS & set(expanded):
-        matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+        matches = _outside_runs(sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()))
         if not matches:
             raise DataError(f"data.source: the glob {source!r} matches no files")
         unsupported = [p for p in matches if _loader_for(p) is None]
@@ -179,7 +179,7 @@ def resolve_local_files(source: str) -> list[Path]:
         return matches
     path = Path(expanded)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _loader_for(p) is not None)
+        files = _outside_runs(sorted(p for p in path.rglob("*") if p.is_file() and _loader_for(p) is not None))
         if not files:
             raise DataError(
                 f"data.source: directory {source} has no {', '.join(sorted(LOADERS))} files"
@@ -192,6 +192,26 @@ def resolve_local_files(source: str) -> list[Path]:
             f"data.source: {source} has an unsupported extension; supported: {', '.join(sorted(LOADERS))}"
         )
     return [path]
+
+
+def _outside_runs(files: list[Path]) -> list[Path]:
+    """Drop files that live in an lmtrain run directory: a run kept under its own corpus (say
+    ``data.source: .`` with ``runs/`` below it) must never read its tokenizer stats, manifest or
+    logs back as text."""
+    from lmtrain.rundir import is_run_dir
+
+    verdicts: dict[Path, bool] = {}
+
+    def in_run(directory: Path) -> bool:
+        if directory not in verdicts:
+            parent = directory.parent
+            verdicts[directory] = is_run_dir(directory) or (parent != directory and in_run(parent))
+        return verdicts[directory]
+
+    kept = [f for f in files if not in_run(f.parent.absolute())]
+    if len(kept) < len(files):
+        log.info("data.source: skipped %d file(s) inside lmtrain run directories", len(files) - len(kept))
+    return kept
 
 
 def _loader_for(path: Path) -> str | None:

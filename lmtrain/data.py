@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmtrain.errors import ShardError
-from lmtrain.shards import open_split
+from lmtrain.shards import open_split, read_manifest
 
 
 class TokenWindows:
@@ -33,6 +33,7 @@ class TokenWindows:
     def __init__(self, data_dir: Path, split: str, window: int, tokenizer_sha256: str | None = None):
         self.split, self.window = split, window
         self.shards = open_split(data_dir, split, tokenizer_sha256)
+        self.vocab_size = read_manifest(data_dir).vocab_size
         starts = np.array([max(len(s) - window + 1, 0) for s in self.shards], dtype=np.int64)
         if starts.sum() == 0:
             longest = max(len(s) for s in self.shards)
@@ -55,6 +56,13 @@ class TokenWindows:
         for row, (s, pos) in enumerate(zip(shard_idx, positions)):
             offset = int(pos - self.cum_starts[s])
             out[row] = self.shards[s][offset : offset + self.window]
+        if out.size and out.max() >= self.vocab_size:
+            # Header, size and manifest were fine, yet a token id is out of range: the file's
+            # content changed (a bit flip, an edit). Cheap to check per batch; fatal to index with.
+            row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
+            raise ShardError(f"{self.shards[shard_idx[row]].filename}: token id {int(out[row].max())} is outside "
+                             f"the vocabulary of {self.vocab_size}: the shard is corrupt (`lmtrain shard --verify` "
+                             "names it); rebuild with `lmtrain shard --force`")
         return out
 
 

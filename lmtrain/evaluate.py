@@ -20,6 +20,7 @@ import torch
 from lmtrain import distributed as dist_util
 from lmtrain.data import TokenWindows, to_device
 from lmtrain.device import autocast
+from lmtrain.errors import ShardError
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import data_dir
 from lmtrain.shards import open_split, read_manifest
@@ -87,6 +88,10 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
     if data_source is None:
         manifest = read_manifest(data_dir(run_dir))
         stream = np.concatenate(open_split(data_dir(run_dir), "val", manifest.tokenizer_sha256))
+        if stream.size and stream.max() >= manifest.vocab_size:
+            raise ShardError(f"{data_dir(run_dir)}: the val shards hold token id {int(stream.max())}, outside "
+                             f"the vocabulary of {manifest.vocab_size}: a shard is corrupt (`lmtrain shard "
+                             "--verify` names it); rebuild with `lmtrain shard --force`")
         total_tokens = len(stream)
         n_bytes = manifest.splits["val"].utf8_bytes
         if max_tokens is not None and max_tokens < total_tokens:
@@ -113,15 +118,19 @@ def _tokenize_source(loaded: LoadedModel, source: str, max_tokens: int | None) -
 
     data = DataConfig(**{**vars(loaded.config.data), "source": source, "val_source": None})
     check_sources(data)
+    from tqdm.auto import tqdm
+
     pieces, n_bytes, count = [], 0, 0
-    for batch in _chunks(iter_documents(source, data), 256):
-        for doc, enc in zip(batch, loaded.tokenizer.encode_batch_fast([d.text for d in batch],
-                                                                      add_special_tokens=False)):
-            pieces.append(np.asarray(enc.ids + [loaded.eot_id], dtype=np.int64))
-            n_bytes += len(doc.text.encode("utf-8", "surrogatepass"))
-            count += len(pieces[-1])
-        if max_tokens is not None and count >= max_tokens:
-            break
+    with tqdm(desc="eval: tokenizing", unit="doc", leave=False) as bar:
+        for batch in _chunks(iter_documents(source, data), 256):
+            for doc, enc in zip(batch, loaded.tokenizer.encode_batch_fast([d.text for d in batch],
+                                                                          add_special_tokens=False)):
+                pieces.append(np.asarray(enc.ids + [loaded.eot_id], dtype=np.int64))
+                n_bytes += len(doc.text.encode("utf-8", "surrogatepass"))
+                count += len(pieces[-1])
+            bar.update(len(batch))
+            if max_tokens is not None and count >= max_tokens:
+                break
     if not pieces:
         raise DataError(f"--data {source}: no non-empty documents")
     return np.concatenate(pieces), n_bytes
@@ -143,9 +152,11 @@ def score_stream(loaded: LoadedModel, stream: np.ndarray, batch_size: int) -> tu
     """Summed negative log-likelihood (nats) of every token of ``stream`` but the first."""
     model, device = loaded.model, loaded.device
     block = model.config.block_size
+    from tqdm.auto import tqdm
+
     starts = list(range(0, max(len(stream) - 1, 0), block))
     total, scored = 0.0, 0
-    for i in range(0, len(starts), batch_size):
+    for i in tqdm(range(0, len(starts), batch_size), desc="eval: scoring", unit="batch", leave=False):
         group = [stream[s : s + block + 1] for s in starts[i : i + batch_size]]
         for window in _same_length_groups(group):
             tokens = torch.from_numpy(np.stack(window)).to(device)

@@ -74,6 +74,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_json(path: str | Path, obj: Any) -> None:
+    """A JSON file inside a directory that ``atomic_dir`` renames into place as a whole."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it is renamed to ``path``.
@@ -110,6 +115,18 @@ def remove_stale_tmp(directory: Path) -> None:
             else:
                 with contextlib.suppress(OSError):
                     child.unlink()
+
+
+_UMASK: int | None = None
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets under this process's umask (read once: reading it means setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -18,7 +18,8 @@ from lmtrain.config import Config, load_config, resolved_config_path
 from lmtrain.device import inference_amp_dtype, resolve_device
 from lmtrain.errors import CheckpointError, RunDirError
 from lmtrain.model import GPT, GPTConfig
-from lmtrain.rundir import checkpoints_dir
+from lmtrain.fsutil import sha256_file
+from lmtrain.rundir import checkpoints_dir, tokenizer_path
 from lmtrain.tokenizer import eot_id, load_tokenizer
 
 if TYPE_CHECKING:
@@ -59,6 +60,11 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
         raise CheckpointError(f"{path}: unreadable model config ({exc})") from None
     _check_against_run_config(model_config, config, path)
     tokenizer = load_tokenizer(run_dir)
+    trained_with = loaded.state.get("tokenizer_sha256")
+    if trained_with is not None and trained_with != sha256_file(tokenizer_path(run_dir)):
+        raise CheckpointError(f"{path} was trained with another tokenizer than {tokenizer_path(run_dir)} "
+                              "(it was replaced after training); its text would be wrong. Use the run "
+                              "directory the checkpoint belongs with")
     if tokenizer.get_vocab_size() != model_config.vocab_size:
         raise CheckpointError(f"{path}: the model has {model_config.vocab_size} tokens but the run's "
                               f"tokenizer has {tokenizer.get_vocab_size()}")

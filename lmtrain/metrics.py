@@ -12,6 +12,7 @@ To add a logger (Weights & Biases, say), add it here: the loop does not change.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,20 @@ from lmtrain.optim import lr_at
 
 log = logging.getLogger("lmtrain.train")
 STEP_LOG = logging.getLogger("lmtrain.steps")  # per-step lines: to train.log only
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log``. A write that fails (a full disk) is reported once, in one line, instead of
+    logging's traceback per record: training goes on to its next checkpoint, which says whether
+    the disk let it be written."""
+
+    warned = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.warned:
+            self.warned = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); "
+                             "training goes on\n")
 
 
 class TrainLog:
@@ -58,19 +73,25 @@ class TrainLog:
         self._redirect.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._redirect.__exit__(*exc)
-        self._bar.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Closing flushes the event file and the log; on a full disk that fails too, and must not
+        # mask the error already on its way (the one that names the checkpoint and what is intact).
+        closes = [lambda: self._redirect.__exit__(exc_type, exc, tb), self._bar.close]
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            closes.append(self.writer.close)
         if self._handler is not None:
-            logging.getLogger("lmtrain").removeHandler(self._handler)
-            STEP_LOG.removeHandler(self._handler)
-            self._handler.close()
+            closes += [lambda: logging.getLogger("lmtrain").removeHandler(self._handler),
+                       lambda: STEP_LOG.removeHandler(self._handler), self._handler.close]
+        self.writer = None
+        for close in closes:
+            try:
+                close()
+            except Exception:
+                if exc_type is None:
+                    raise
 
     def _open_file_log(self) -> None:
-        handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+        handler = _LogFile(self.run_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger("lmtrain").addHandler(handler)
         # Per-step lines go to the file only: on the console the progress bar shows them.

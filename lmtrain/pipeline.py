@@ -27,19 +27,24 @@ class PipelineResult:
 
 def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda stage, msg: None,
                  on_sample_text: Callable[[str], None] = lambda text: None) -> PipelineResult:
+    from lmtrain.rundir import hold_run_dir
+
+    with hold_run_dir(config.run_dir, "run"):
+        return _run_pipeline(config, report, on_sample_text)
+
+
+def _run_pipeline(config: Config, report: Callable[[str, str], None],
+                  on_sample_text: Callable[[str], None]) -> PipelineResult:
+    from lmtrain.artifacts import check_tokenizer_agrees
     from lmtrain.sample import SampleOptions, sample
     from lmtrain.shards import build_shards
-    from lmtrain.errors import RunDirError
-    from lmtrain.tokenizer import stale_tokenizer_reason, train_tokenizer
+    from lmtrain.tokenizer import train_tokenizer
     from lmtrain.train import train
 
     run_dir = config.run_dir
     if tokenizer_path(run_dir).exists():
-        reason = stale_tokenizer_reason(config)
-        if reason is not None:
-            # Retraining it would silently invalidate the run's shards and checkpoints.
-            raise RunDirError(f"{reason}; start a new run (another run.name) or retrain it with "
-                              "`lmtrain tokenize --force` and then `lmtrain train --restart`")
+        # Retraining it would silently invalidate the run's shards and checkpoints.
+        check_tokenizer_agrees(config)
         tokenizer_state = "kept"
         report("tokenize", f"tokenizer present in {tokenizer_path(run_dir).parent}; skipped")
     else:

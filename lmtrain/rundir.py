@@ -7,16 +7,30 @@
     RUN_DIR/tb/                TensorBoard event files              (lmtrain train)
     RUN_DIR/train.log          the training log                     (lmtrain train)
 
-Every stage calls ``prepare_run_dir`` before it writes anything, so an unusable directory (a
-file in its place, no write permission) is reported up front, and the config that produced the
-artifacts is always next to them.
+One writer at a time: every command that writes into a run directory holds ``hold_run_dir`` for
+its whole life, an exclusive ``flock`` on the directory itself, taken before any check or write.
+The OS drops it when the process dies (even by SIGKILL), so a lock is never stale. While it is
+held, ``RUN_DIR/.lmtrain-writer`` names the command and PID, for the message a second writer gets.
+Readers (sample, eval) take no lock: they only ever read complete, renamed-into-place artifacts.
+
+Every stage calls ``prepare_run_dir`` once its checks pass and before it writes an artifact, so an
+unusable directory (a file in its place, no write permission) is reported up front, and the
+config that produced the artifacts is always next to them. It also leaves the marker
+``RUN_DIR/.lmtrain-run``, by which a directory corpus source recognises (and skips) run directories.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Iterator
 
 from lmtrain.config import Config, resolved_config_path
 from lmtrain.errors import RunDirError
@@ -41,6 +55,99 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def tb_dir(run_dir: Path) -> Path:
     return run_dir / "tb"
+
+
+RUN_MARKER = ".lmtrain-run"  # every run directory holds it (written by prepare_run_dir)
+WRITER_FILE = ".lmtrain-writer"  # who holds the lock, while it is held
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether ``directory`` is an lmtrain run directory (also one made before the marker existed,
+    or one whose first writer is still at work)."""
+    return ((directory / RUN_MARKER).exists() or (directory / WRITER_FILE).exists()
+            or ((directory / "config.yaml").is_file() and (directory / "tokenizer" / "tokenizer.json").is_file()))
+
+
+# --------------------------------------------------------------------------------------------
+# One writer at a time
+# --------------------------------------------------------------------------------------------
+
+_held: dict[str, list] = {}  # resolved run dir -> [fd, depth]: one process may nest its stages
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold the run directory's writer lock for the ``with`` block, or raise ``RunDirError``
+    naming the command and PID that hold it. Re-entrant within one process (``lmtrain run``
+    calls the stages, each of which takes it)."""
+    check_run_dir_usable(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create run.dir {run_dir}: {describe_os_error(exc)}") from None
+    key = str(run_dir.resolve())
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    fd = _lock(run_dir)
+    _held[key] = [fd, 1]
+    writer = run_dir / WRITER_FILE
+    try:
+        with contextlib.suppress(OSError):  # informational only: the lock is the flock
+            atomic_write_text(writer, json.dumps({"command": command, "pid": os.getpid(),
+                                                  "host": socket.gethostname(),
+                                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        yield
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            writer.unlink()
+        if created:  # a command that wrote nothing leaves nothing behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        os.close(fd)
+
+
+def _lock(run_dir: Path) -> int:
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunDirError(f"{run_dir} is in use by {_holder(run_dir)}: one command writes to a run "
+                              "directory at a time; wait for it to finish or stop it") from None
+        raise RunDirError(f"cannot lock {run_dir} ({describe_os_error(exc)}): the filesystem does not "
+                          "support flock; use a run.dir on a local disk") from None
+    return fd
+
+
+def _holder(run_dir: Path) -> str:
+    try:
+        info = json.loads((run_dir / WRITER_FILE).read_text("utf-8"))
+        where = f" on {info['host']}" if info.get("host") != socket.gethostname() else ""
+        return f"`lmtrain {info['command']}` (pid {info['pid']}{where}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another lmtrain command"
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a file or directory to ``NAME.old-<timestamp>``; nothing is deleted."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    return target
 
 
 def check_run_dir_usable(run_dir: Path) -> None:
@@ -80,6 +187,8 @@ def prepare_run_dir(config: Config) -> Path:
         raise RunDirError(f"cannot create run.dir {run_dir}: {exc.strerror}") from None
     try:
         atomic_write_text(resolved_config_path(run_dir), config.to_yaml())
+        if not (run_dir / RUN_MARKER).exists():
+            atomic_write_text(run_dir / RUN_MARKER, "an lmtrain run directory: corpus sources skip it\n")
     except OSError as exc:
         raise RunDirError(f"cannot write {resolved_config_path(run_dir)}: {describe_os_error(exc)}") from None
     return run_dir

@@ -23,6 +23,7 @@ and its sha256. It is written last: a data directory without a manifest is incom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from lmtrain.corpus import Document, Split, check_sources, iter_both_splits
 from lmtrain.errors import ShardError
 from lmtrain.fsutil import (TMP_MARKER, atomic_write_json, commit_tmp, describe_os_error, fsync_dir,
                             sha256_file, tmp_name)
-from lmtrain.rundir import data_dir, prepare_run_dir, tokenizer_path
+from lmtrain.rundir import data_dir, hold_run_dir, prepare_run_dir, tokenizer_path
 from lmtrain.tokenizer import eot_id, load_tokenizer
 
 if TYPE_CHECKING:
@@ -177,11 +178,15 @@ class ShardWriter:
         return self.records
 
     def abort(self) -> None:
+        """Remove a half-written shard. Never raises: it runs while another error is on its way
+        (closing a file on a full disk fails too), and must not mask it."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
             if self._tmp is not None:
-                self._tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self._tmp.unlink(missing_ok=True)
 
     def _path(self, index: int) -> Path:
         return self.directory / f"{self.split}-{index:05d}.bin"
@@ -231,9 +236,17 @@ class ShardResult:
 
 def build_shards(config: Config, force: bool = False) -> ShardResult:
     """Encode the corpus into train/val shards under ``RUN_DIR/data`` (or say they are current)."""
+    with hold_run_dir(config.run_dir, "shard"):
+        return _build_shards(config, force)
+
+
+def _build_shards(config: Config, force: bool) -> ShardResult:
     from tqdm.auto import tqdm
 
+    from lmtrain.artifacts import check_tokenizer_agrees
+
     run_dir = config.run_dir
+    check_tokenizer_agrees(config)  # shards from a tokenizer trained for other data are wrong
     tokenizer = load_tokenizer(run_dir)
     tok_sha = sha256_file(tokenizer_path(run_dir))
     eot = eot_id(tokenizer, config.tokenizer.special_tokens)

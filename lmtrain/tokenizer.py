@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from lmtrain.config import Config
 from lmtrain.corpus import check_sources, iter_split
 from lmtrain.errors import DataError, RunDirError, TokenizerError
-from lmtrain.fsutil import atomic_path, atomic_write_json, describe_os_error, remove_stale_tmp, sha256_file
-from lmtrain.rundir import prepare_run_dir, tokenizer_dir, tokenizer_path
+from lmtrain.fsutil import atomic_dir, describe_os_error, remove_stale_tmp, sha256_file, write_json
+from lmtrain.rundir import (checkpoints_dir, data_dir, hold_run_dir, move_aside, prepare_run_dir, tb_dir,
+                            tokenizer_dir, tokenizer_path)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -44,6 +45,7 @@ class TokenizerStats:
     sha256: str
     path: str
     settings: dict = None  # the tokenizer and data config it was trained with (tokenizer_settings)
+    moved_aside: list = None  # where the old tokenizer, shards and checkpoints went; not saved
 
 
 def tokenizer_settings(config: Config) -> dict:
@@ -83,6 +85,11 @@ def build_tokenizer() -> "Tokenizer":
 
 def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
     """Train the BPE on the training split of ``data.source``; write it into the run directory."""
+    with hold_run_dir(config.run_dir, "tokenize"):
+        return _train_tokenizer(config, force)
+
+
+def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
     from tokenizers import pre_tokenizers, trainers
     from tqdm.auto import tqdm
 
@@ -114,18 +121,11 @@ def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
 
     bpt, measured_on = measure_bytes_per_token(tokenizer, config)
 
-    # Only now that everything succeeded does anything touch the run directory.
+    # Only now that everything succeeded does anything touch the run directory. A new tokenizer
+    # makes the run's shards and checkpoints meaningless: they go aside with the old tokenizer,
+    # never deleted.
     run_dir = prepare_run_dir(config)
     out_dir = tokenizer_dir(run_dir)
-    try:
-        out_dir.mkdir(exist_ok=True)
-        remove_stale_tmp(out_dir)
-        with atomic_path(out_path) as tmp:
-            tokenizer.save(str(tmp))
-    except Exception as exc:  # tokenizers reports failed writes as a bare Exception
-        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
-        raise TokenizerError(f"could not write {out_path}: {reason}; "
-                             "the previous tokenizer (if any) is untouched") from None
     stats = TokenizerStats(
         vocab_size=tokenizer.get_vocab_size(),
         special_tokens=list(tok_cfg.special_tokens),
@@ -134,11 +134,30 @@ def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
         train_seconds=round(train_seconds, 3),
         bytes_per_token=bpt,
         measured_on=measured_on,
-        sha256=sha256_file(out_path),
+        sha256="",
         path=str(out_path),
         settings=tokenizer_settings(config),
+        moved_aside=[],
     )
-    atomic_write_json(out_dir / "stats.json", asdict(stats))
+    remove_stale_tmp(run_dir)
+    try:
+        # The new tokenizer/ is filled beside the old one and swapped in whole: a full disk
+        # leaves the old tokenizer (and what was made with it) exactly where it was.
+        with atomic_dir(out_dir) as staging:
+            tokenizer.save(str(staging / out_path.name))
+            stats.sha256 = sha256_file(staging / out_path.name)
+            write_json(staging / "stats.json", {k: v for k, v in asdict(stats).items() if k != "moved_aside"})
+            # A new tokenizer makes the run's shards and checkpoints meaningless: they go aside
+            # with the old tokenizer, never deleted.
+            for old in (out_dir, data_dir(run_dir), checkpoints_dir(run_dir), tb_dir(run_dir)):
+                target = move_aside(old)
+                if target is not None:
+                    log.info("tokenize: moved %s aside to %s (made with the old tokenizer)", old, target)
+                    stats.moved_aside.append(str(target))
+    except Exception as exc:  # tokenizers reports failed writes as a bare Exception
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        raise TokenizerError(f"could not write {out_dir}: {reason}; the previous tokenizer (if any) is "
+                             "untouched") from None
     log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)
     return stats
 

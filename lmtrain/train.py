@@ -22,8 +22,10 @@ checkpoints, TensorBoard events and the log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -34,16 +36,19 @@ from typing import Any
 import torch
 
 from lmtrain import distributed as dist_util
-from lmtrain.checkpoint import Checkpointer, Resume, move_aside, rng_state
+from lmtrain.artifacts import check_shards_agree, check_tokenizer_agrees
+from lmtrain.checkpoint import STATE_FILE, Checkpointer, Resume, rng_state
 from lmtrain.config import Config, TrainConfig
 from lmtrain.data import TokenWindows, TrainBatches, val_positions
 from lmtrain.device import AMP_DTYPES, resolve_device, resolve_precision
-from lmtrain.errors import ConfigError, LmtrainError
+from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
 from lmtrain.evaluate import val_loss, val_metrics
 from lmtrain.fsutil import sha256_file
 from lmtrain.metrics import TrainLog
+from lmtrain.optim import lr_at
 from lmtrain.model import GPTConfig
-from lmtrain.rundir import check_run_dir_usable, checkpoints_dir, data_dir, prepare_run_dir, tb_dir, tokenizer_path
+from lmtrain.rundir import (check_run_dir_usable, checkpoints_dir, data_dir, hold_run_dir, move_aside, prepare_run_dir,
+                            tb_dir, tokenizer_path)
 from lmtrain.shards import Manifest, read_manifest
 from lmtrain.step import Training, build_training
 
@@ -78,8 +83,19 @@ class TrainState:
     last_val: dict[str, float] | None = None  # the latest evaluation, with its step
 
     @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
-        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+    def from_checkpoint(cls, saved: dict[str, Any], path: Path) -> "TrainState":
+        """The state a checkpoint's ``state.json`` (at ``path``) holds; a wrong type is a one-line
+        ``CheckpointError`` naming the file, never a crash later in the loop."""
+        state = cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+        numbers = {"step": int, "tokens_seen": int, "train_seconds": (int, float), "skipped_steps": int,
+                   "bad_streak": int, "best_val_loss": (int, float, type(None))}
+        for name, kind in numbers.items():
+            value = getattr(state, name)
+            if isinstance(value, bool) or not isinstance(value, kind) or (value is not None and value < 0):
+                raise CheckpointError(f"{path}: {name} is {value!r}; the checkpoint is corrupt")
+        if state.last_val is not None and not isinstance(state.last_val, dict):
+            raise CheckpointError(f"{path}: last_val is {state.last_val!r}; the checkpoint is corrupt")
+        return state
 
     def record_eval(self, step: int, val: dict[str, float]) -> None:
         if self.best_val_loss is None or val["val_loss"] < self.best_val_loss:
@@ -118,8 +134,11 @@ def train(config: Config, restart: bool = False) -> TrainResult:
     check_world_size(config.train, info)
     device = resolve_device(config.train.device, "train.device", info.local_rank)
     dist_util.init(info, device.type)
+    # Rank 0 holds the run directory's writer lock for the whole run (the other ranks write nothing).
+    lock = hold_run_dir(config.run_dir, "train") if info.is_main else contextlib.nullcontext()
     try:
-        return _setup(config, restart, info, device).fit()
+        with lock:
+            return _setup(config, restart, info, device).fit()
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise out_of_memory(config, exc) from None
     except RuntimeError as exc:
@@ -144,7 +163,9 @@ class RunData:
         tok_file = tokenizer_path(config.run_dir)
         if not tok_file.exists():
             raise LmtrainError(f"no tokenizer at {tok_file}; run `lmtrain tokenize` and `lmtrain shard` first")
+        check_tokenizer_agrees(config)
         sha = sha256_file(tok_file)
+        check_shards_agree(config, sha)
         directory = data_dir(config.run_dir)
         manifest = read_manifest(directory)
         # TokenWindows (open_split) refuses shards made with another tokenizer.
@@ -167,13 +188,14 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     latest = None if restart else checkpointer.latest()
     if latest is not None:
         model_config = GPTConfig.of(config.model, data.manifest.vocab_size).to_dict()
-        resume = Resume.load(latest, model_config, data.tokenizer_sha256)
+        resume = Resume.load(latest, model_config, data.tokenizer_sha256, config)
     training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=resume)
     state = TrainState()
     if resume is not None:
-        state = TrainState.from_checkpoint(resume.state)
+        state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
         resume.restore_rng()
     if info.is_main:
+        _warn_about_the_schedule(config.train, state.step, resume)
         prepare_run_dir(config)
         if restart:
             for moved in (move_aside(checkpoints_dir(run_dir)), move_aside(tb_dir(run_dir))):
@@ -182,6 +204,28 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     dist_util.barrier(info)
     return Trainer(config, info, device, precision, data, training, checkpointer, state,
                    resume.path.name if resume is not None else None)
+
+
+def _warn_about_the_schedule(tc: TrainConfig, step: int, resume: Resume | None) -> None:
+    """Say so when the learning rate will not do what the config seems to promise."""
+    if tc.warmup_steps > tc.max_steps:
+        log.warning("train.warmup_steps (%d) is longer than the run (train.max_steps %d): the learning "
+                    "rate peaks at %.3g, never reaching train.lr %.3g", tc.warmup_steps, tc.max_steps,
+                    lr_at(tc.max_steps - 1, tc), tc.lr)
+    saved = (resume.state.get("config") or {}).get("train") if resume is not None else None
+    if not isinstance(saved, dict) or step >= tc.max_steps:
+        return
+    schedule_keys = ("max_steps", "warmup_steps", "schedule", "decay_fraction", "lr", "min_lr")
+    try:
+        before = dataclasses.replace(tc, **{k: saved[k] for k in schedule_keys if k in saved})
+        was, now = lr_at(step, before), lr_at(step, tc)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return  # an older or odd state.json: nothing to compare against
+    if not math.isclose(was, now, rel_tol=1e-9):
+        changed = ", ".join(f"train.{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in schedule_keys
+                            if k in saved and saved[k] != getattr(tc, k))
+        log.warning("the learning-rate schedule changed on resume (%s): at step %d the learning rate "
+                    "jumps from %.3g to %.3g", changed, step, was, now)
 
 
 def check_world_size(tc: TrainConfig, info: dist_util.DistInfo) -> None:

@@ -87,6 +87,33 @@ def parquet_without_text(tmp, run):
     pq.write_table(pa.table({"body": ["x"]}), tmp / "d.parquet")
 
 
+def reformat_tokenizer(tmp, run):
+    # The same tokenizer, written out differently: another sha256 than the checkpoint recorded.
+    path = run / "tokenizer" / "tokenizer.json"
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=1))
+
+
+def edit_state(edit):
+    def setup(tmp, run):
+        path = run / LATEST / "state.json"
+        state = json.loads(path.read_text())
+        edit(state)
+        path.write_text(json.dumps(state))
+    return setup
+
+
+def out_of_vocabulary_val_token(tmp, run):
+    blob = bytearray((run / "data" / "val-00000.bin").read_bytes())
+    blob[256 + 40:256 + 42] = (65000).to_bytes(2, "little")  # header and size intact, the id is not
+    (run / "data" / "val-00000.bin").write_bytes(bytes(blob))
+
+
+def no_complete_checkpoint(tmp, run):
+    (run / "checkpoints" / "latest").unlink()
+    for model in (run / "checkpoints").glob("step-*/model.safetensors"):
+        model.unlink()
+
+
 LATEST = "checkpoints/step-00000004"
 T = "tokenize --config {cfg}"
 TRAIN = "train --config {cfg}"
@@ -179,6 +206,33 @@ CASES = [
          write("run/" + LATEST + "/model.safetensors", b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00.")),
     Case("out-of-memory", "sharded", TRAIN + " --set model.n_embd=65536 --set model.n_head=1", "out of memory"),
     Case("no-cuda", "sharded", TRAIN + " --set train.device=cuda", "torch sees no CUDA device"),
+    Case("state-without-rng", "trained", TRAIN + " --set train.max_steps=8", "unreadable rng state",
+         edit_state(lambda s: s.pop("rng"))),
+    Case("state-step-not-a-number", "trained", TRAIN + " --set train.max_steps=8",
+         "step or model_config has the wrong type", edit_state(lambda s: s.update(step="four"))),
+    Case("state-negative-tokens", "trained", TRAIN + " --set train.max_steps=8", "tokens_seen is -5",
+         edit_state(lambda s: s.update(tokens_seen=-5))),
+    Case("latest-gone-nothing-complete", "trained", TRAIN + " --set train.max_steps=8",
+         "none of the checkpoints", no_complete_checkpoint),
+    Case("eval-token-out-of-vocabulary", "trained", "eval --run {run}", "outside the vocabulary of 300",
+         out_of_vocabulary_val_token),
+    # -- artifacts that no longer agree with the config ---------------------------------------
+    Case("train-on-another-source", "sharded", TRAIN + " --set data.source={tmp}/other.txt",
+         "the run's tokenizer was trained with data.source=", write("other.txt", "other text\n" * 50)),
+    Case("shard-another-source", "sharded", "shard --config {cfg} --set data.source={tmp}/other.txt",
+         "the run's tokenizer was trained with data.source=", write("other.txt", "other text\n" * 50)),
+    Case("train-with-another-vocab", "sharded", TRAIN + " --set tokenizer.vocab_size=600",
+         "trained with tokenizer.vocab_size=300, the config now says 600"),
+    Case("train-on-shards-of-another-config", "sharded", TRAIN + " --set shard.shard_tokens=4096",
+         "were built with shard_tokens 8192, the config says 4096"),
+    Case("resume-on-other-data", "trained", TRAIN + " --set train.max_steps=8 --set data.max_documents=100",
+         "the run's tokenizer was trained with data.max_documents=None"),
+    Case("sample-after-tokenizer-replaced", "trained", "sample --run {run}", "was trained with another tokenizer",
+         reformat_tokenizer),
+    Case("eval-after-tokenizer-replaced", "trained", "eval --run {run}", "was trained with another tokenizer",
+         reformat_tokenizer),
+    Case("yaml-duplicate-key", "none", T, "duplicate key 'lr'", cfg_text("train:\n  lr: 0.001\n  lr: 0.003\n")),
+    Case("set-integer-not-whole", "none", T + " --set train.batch_size=1.5e0", "train.batch_size: expected an integer"),
     Case("fp16-on-cpu", "sharded", TRAIN + " --set train.device=cpu --set train.precision=fp16", "fp16 needs a GPU"),
     Case("world-size-does-not-divide", "sharded", TRAIN, "cannot be split evenly over 3 processes",
          env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3"}),
