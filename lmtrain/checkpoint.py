@@ -260,6 +260,18 @@ def newest_complete_checkpoint(directory: Path) -> Path | None:
     return None
 
 
+def _complete_state(path: Path) -> dict | None:
+    """A checkpoint directory's state if all its files are there and state.json reads (cheap:
+    the weights are not loaded), else None."""
+    if path.is_symlink() or not all((path / f).is_file() for f in CHECKPOINT_FILES):
+        return None
+    try:
+        state = json.loads((path / STATE_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def _read_pointer(pointer: Path) -> str | None:
     """What a pointer file names (stripped), or None when there is no such file."""
     try:
@@ -374,6 +386,26 @@ class Checkpointer:
                                   "nothing to resume from; use --restart to start over (they are kept aside)")
         log.warning("%s; resuming from the newest complete checkpoint, %s", what, recovered.name)
         return recovered
+
+    def repair_best(self) -> None:
+        """Re-point a ``best`` that names a checkpoint that is gone or incomplete at the complete
+        checkpoint with the lowest val loss (or remove it when there is none), and say so."""
+        pointer = self.directory / "best"
+        target = _read_pointer(pointer)
+        if target is None or (_NAME.match(target) and _complete_state(self.directory / target) is not None):
+            return  # no best yet, or a good one (an unsafe name is refused by whoever reads it)
+        candidates = []
+        for name in list_checkpoints(self.directory):
+            state = _complete_state(self.directory / name)
+            if state is not None and isinstance(state.get("val_loss"), (int, float)):
+                candidates.append((state["val_loss"], name))
+        problem = f"{pointer} names {target or 'nothing'}, which is gone or incomplete"
+        if candidates:
+            atomic_write_text(pointer, min(candidates)[1] + "\n")
+            log.warning("%s: it now names %s, the best complete checkpoint", problem, min(candidates)[1])
+        else:
+            pointer.unlink()
+            log.warning("%s: removed it; the next checkpoint sets it", problem)
 
     def save(self, step: int, model: torch.nn.Module, optimizer_state, state: dict[str, Any]) -> Path:
         """Write ``step-XXXXXXXX`` (``optimizer_state()`` is called on rank 0 only)."""

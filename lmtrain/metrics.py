@@ -22,6 +22,7 @@ from lmtrain import distributed as dist_util
 from lmtrain.config import Config
 from lmtrain.device import memory_mb, peak_tflops
 from lmtrain.optim import lr_at
+from lmtrain.step import tokens_per_step
 
 log = logging.getLogger("lmtrain.train")
 STEP_LOG = logging.getLogger("lmtrain.steps")  # per-step lines: to train.log only
@@ -46,7 +47,7 @@ class TrainLog:
                  info: dist_util.DistInfo, start_step: int) -> None:
         self.config, self.tc, self.run_dir = config, config.train, run_dir
         self.device, self.info, self.start_step = device, info, start_step
-        self.tokens_per_step = self.tc.batch_size * self.tc.grad_accum * info.world_size * config.model.block_size
+        self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.flops_per_token = model.flops_per_token()
         self.peak = peak_tflops(device, self.tc.peak_tflops)
         self.history: list[dict[str, float]] = []

@@ -28,6 +28,12 @@ def build_model(model: ModelConfig, vocab_size: int) -> GPT:
     return GPT(GPTConfig.of(model, vocab_size))
 
 
+def tokens_per_step(config: Config, world_size: int = 1) -> int:
+    """Tokens one optimiser step trains on, over every micro-batch and process."""
+    tc = config.train
+    return tc.batch_size * tc.grad_accum * world_size * config.model.block_size
+
+
 def uses_compile(tc: TrainConfig, device: torch.device) -> bool:
     return tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
 

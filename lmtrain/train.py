@@ -50,7 +50,7 @@ from lmtrain.model import GPTConfig
 from lmtrain.rundir import (check_run_dir_usable, checkpoints_dir, data_dir, hold_run_dir, move_aside, prepare_run_dir,
                             tb_dir, tokenizer_path)
 from lmtrain.shards import Manifest, read_manifest
-from lmtrain.step import Training, build_training
+from lmtrain.step import Training, build_training, tokens_per_step
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,8 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
             for moved in (move_aside(checkpoints_dir(run_dir)), move_aside(tb_dir(run_dir))):
                 if moved is not None:
                     log.info("--restart: moved %s aside", moved)
+        else:
+            checkpointer.repair_best()
     dist_util.barrier(info)
     return Trainer(config, info, device, precision, data, training, checkpointer, state,
                    resume.path.name if resume is not None else None)
@@ -260,7 +262,7 @@ class Trainer:
         self.data, self.training, self.model = data, training, training.model
         self.checkpointer, self.state, self.resumed_from = checkpointer, state, resumed_from
         self.val_positions = val_positions(data.val, self.tc.eval_batches * self.tc.batch_size)
-        self.tokens_per_step = self.tc.batch_size * self.tc.grad_accum * info.world_size * config.model.block_size
+        self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.history: list[dict[str, float]] = []
         self.tokenizer = None
         if self.tc.sample_every and info.is_main:

@@ -36,7 +36,7 @@ import torch
 from lmtrain.config import load_config
 from lmtrain.data import SyntheticBatches
 from lmtrain.device import memory_mb, peak_tflops, resolve_device, resolve_precision, synchronize
-from lmtrain.step import StepRunner, build_training, uses_compile
+from lmtrain.step import StepRunner, build_training, tokens_per_step, uses_compile
 
 
 def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
@@ -133,8 +133,7 @@ def main() -> None:
         if args.profile:
             profile_steps(runner, batches, range(10_000, 10_000 + args.profile), device)
 
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
-    tokens_per_sec = tokens_per_step * args.steps / seconds
+    tokens_per_sec = tokens_per_step(cfg) * args.steps / seconds
     flops_per_token = model.flops_per_token()
     if device.type == "cpu":
         peak = args.peak_tflops or cpu_matmul_tflops()

@@ -6,7 +6,10 @@
 train:    runs `lmtrain train` on a tiny config that checkpoints every step (so kills land inside
           checkpoint writes too), kills it at random moments, restarts it, and repeats until the
           run completes. After every kill, `latest` and `best` must name whole checkpoints that
-          load. At the end the weights must be bit-identical to an uninterrupted run.
+          load. At about half the kills a second `lmtrain train` on the same run directory is
+          launched first, while the first one runs: it must be refused (exit 2, naming the
+          first's PID) and change nothing. At the end the weights must be bit-identical to an
+          uninterrupted run.
 shard:    the same for `lmtrain shard --force` (many small shards): every rerun after a kill must
           leave either the previous complete shard set or none, and the final shards must be
           byte-identical to a clean build.
@@ -109,7 +112,7 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
     run_dir, sets = fresh("chaos")
     ckpts = run_dir / "checkpoints"
     log = run_dir / "train.log"
-    survived = during_write = recomputed = restarts = 0
+    survived = during_write = recomputed = restarts = second_writers = 0
     problems: list[str] = []
 
     def last_logged_step() -> int:
@@ -128,6 +131,19 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
                 problems.append(f"final run failed: {err[-500:]}")
             break
         before = last_logged_step()
+        if rng.random() < 0.5:
+            # A second writer (a job launched twice, a scheduler restarting a job that still runs).
+            deadline = time.time() + 120
+            while last_logged_step() <= before and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
+            second = lmtrain("train", *sets_args(sets))
+            _, second_err = second.communicate()
+            if proc.poll() is None:  # the first still runs: the second must have been refused
+                second_writers += 1
+                if second.returncode != 2 or f"in use by `lmtrain train` (pid {proc.pid}" not in second_err:
+                    problems.append(f"a second writer was not refused (exit {second.returncode}): "
+                                    f"{second_err.strip()[-300:]}")
         killed = kill_after(proc, lambda: last_logged_step() > before, rng.uniform(0.0, 0.6))
         if not killed:
             if proc.returncode != 0:
@@ -158,6 +174,7 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
         problems.append("final weights differ from the uninterrupted run")
     return {"stage": "train", "kills": survived, "survived": survived if not problems else None,
             "kills_during_checkpoint_writes": during_write, "steps_recomputed": recomputed,
+            "second_writers_refused": second_writers if not problems else None,
             "restarts": restarts, "identical": bool(identical), "problems": problems}
 
 
@@ -252,7 +269,8 @@ def main() -> None:
         notes = ""
         if r["stage"] == "train":
             notes = (f"{r['kills_during_checkpoint_writes']} kills inside checkpoint writes, "
-                     f"{r['steps_recomputed']} steps recomputed")
+                     f"{r['steps_recomputed']} steps recomputed, "
+                     f"{r['second_writers_refused']} second writers refused")
         if r["problems"]:
             notes += "; PROBLEMS: " + " | ".join(r["problems"])
         print(f"{r['stage']:10}{r['kills']:>7}{str(r['survived']):>10}{str(r['identical']):>11}  {notes}")

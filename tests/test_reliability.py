@@ -30,6 +30,7 @@ def test_chaos_train_kills_lose_nothing(tmp_path):
     report = load_chaos().chaos_train(tmp_path, kills=3, rng=random.Random(1), max_steps=150)
     assert report["problems"] == []
     assert report["kills"] >= 2 and report["identical"]
+    assert report["second_writers_refused"] >= 1
 
 
 @pytest.mark.slow

@@ -254,3 +254,14 @@ def test_schedule_surprises_are_said(tiny_run):
     assert longer.returncode == 0, longer.stderr
     assert "the learning-rate schedule changed on resume" in longer.stderr
     assert "train.max_steps 4 -> 8" in longer.stderr
+
+
+def test_a_best_that_names_a_lost_checkpoint_is_repointed(tiny_run):
+    config, run_dir = tiny_run
+    train(load_config(config, ["train.max_steps=20"]))
+    (run_dir / "checkpoints" / "best").write_text("step-00000007\n")  # never existed
+    result = run_cli("train", "--config", str(config), "--set", "train.max_steps=21",
+                     "--set", "train.checkpoint_every=100")
+    assert result.returncode == 0, result.stderr
+    assert "names step-00000007, which is gone or incomplete: it now names step-000000" in result.stderr
+    assert (run_dir / "checkpoints" / "best").read_text().strip() in {"step-00000010", "step-00000020", "step-00000021"}
