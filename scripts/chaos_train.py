@@ -6,8 +6,8 @@
 train:    runs `lmtrain train` on a tiny config that checkpoints every step (so kills land inside
           checkpoint writes too), kills it at random moments, restarts it, and repeats until the
           run completes. After every kill, `latest` and `best` must name whole checkpoints that
-          load. At about half the kills a second `lmtrain train` on the same run directory is
-          launched first, while the first one runs: it must be refused (exit 2, naming the
+          load. Before about half the kills a second `lmtrain train` on the same run directory is
+          launched while the first one is paused mid-run: it must be refused (exit 2, naming the
           first's PID) and change nothing. At the end the weights must be bit-identical to an
           uninterrupted run.
 shard:    the same for `lmtrain shard --force` (many small shards): every rerun after a kill must
@@ -137,9 +137,19 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
             while last_logged_step() <= before and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.3))
-            second = lmtrain("train", *sets_args(sets))
-            _, second_err = second.communicate()
-            if proc.poll() is None:  # the first still runs: the second must have been refused
+            # Paused wherever it is (inside a checkpoint write, maybe), the first trainer still
+            # holds the lock, and makes no progress while the second one starts up: the run does
+            # not finish before every kill has happened.
+            running = proc.poll() is None
+            if running:
+                proc.send_signal(signal.SIGSTOP)
+            try:
+                second = lmtrain("train", *sets_args(sets))
+                _, second_err = second.communicate()
+            finally:
+                if running:
+                    proc.send_signal(signal.SIGCONT)
+            if running:  # the first was alive all along: the second must have been refused
                 second_writers += 1
                 if second.returncode != 2 or f"in use by `lmtrain train` (pid {proc.pid}" not in second_err:
                     problems.append(f"a second writer was not refused (exit {second.returncode}): "
