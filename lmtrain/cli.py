@@ -109,6 +109,10 @@ def tokenize(
 
     cfg = _load(config, set_)
     stats = train_tokenizer(cfg, force=force)
+    if stats.copied_from:
+        typer.echo(f"tokenizer: taken from model.init_from ({stats.copied_from}), vocab {stats.vocab_size}; "
+                   f"nothing trained\nwrote {stats.path}")
+        return
     bpt = f"{stats.bytes_per_token:.3f}" if stats.bytes_per_token is not None else "n/a"
     typer.echo(
         f"tokenizer: vocab {stats.vocab_size}, {bpt} bytes/token on {stats.measured_on}, "
@@ -282,6 +286,22 @@ def eval_(
         rows.append(("unigram byte baseline bpb", f"{result.unigram_bpb:.4f}"))
     width = max(len(name) for name, _ in rows)
     typer.echo("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+
+
+@app.command()
+@user_errors
+def export(
+    run: Path = RunOption,
+    fmt: str = typer.Option(..., "--format", "-f", help="hf (a transformers directory) or gguf (one file for llama.cpp)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The directory (hf) or file (gguf) to write."),
+    checkpoint: str = CheckpointOption,
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing export at --out."),
+) -> None:
+    """Export a checkpoint for transformers (Llama or GPT-2) or llama.cpp (GGUF)."""
+    from lmtrain.export import describe, export as run_export
+
+    typer.echo(describe(run_export(run, fmt, out, checkpoint, dtype, force)))
 
 
 @app.command()

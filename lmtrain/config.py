@@ -106,7 +106,9 @@ class ShardConfig:
 
 
 @dataclass
-class ModelConfig:
+class ArchitectureConfig:
+    """The model's shape: the one schema that ``model.GPTConfig`` extends with the vocabulary size."""
+
     n_layer: int = _opt(4, ge=1, help="transformer blocks")
     n_head: int = _opt(4, ge=1, help="attention heads per block")
     n_embd: int = _opt(128, ge=8, help="width of the residual stream")
@@ -129,6 +131,14 @@ class ModelConfig:
                 f"model.pos_embedding: rope needs an even head size, but model.n_embd / model.n_head "
                 f"= {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}"
             )
+
+
+@dataclass
+class ModelConfig(ArchitectureConfig):
+    """The ``model`` section: the architecture, and where its first weights come from."""
+
+    init_from: Optional[str] = _opt(
+        None, help="start from these weights: a Hugging Face directory (llama, gpt2) or an lmtrain run/checkpoint")
 
 
 @dataclass

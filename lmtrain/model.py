@@ -5,7 +5,7 @@
     Block(x) = x + Attention(Norm(x))      causal self-attention, optionally with RoPE
              = x + MLP(Norm(x))            GELU 4x, or SwiGLU
 
-Choices are config keys (``model.*``, declared once in ``lmtrain.config.ModelConfig``): learned or
+Choices are config keys (``model.*``, declared once in ``lmtrain.config.ArchitectureConfig``): learned or
 rotary positions, LayerNorm or RMSNorm, GELU or SwiGLU, tied or separate input/output embeddings.
 To add an architecture option, add its field to ``ModelConfig`` and use it here. The embedding
 table is padded to a multiple of 64 rows because matmuls with such shapes are markedly faster on
@@ -26,20 +26,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmtrain.config import ModelConfig
+from lmtrain.config import ArchitectureConfig
 
 VOCAB_MULTIPLE = 64
 
 
 @dataclass(kw_only=True)
-class GPTConfig(ModelConfig):
-    """The model section of the config plus the vocabulary size (which the tokenizer decides)."""
+class GPTConfig(ArchitectureConfig):
+    """The model section's architecture plus the vocabulary size (which the tokenizer decides)."""
 
     vocab_size: int
 
     @classmethod
-    def of(cls, model: ModelConfig, vocab_size: int) -> "GPTConfig":
-        return cls(vocab_size=vocab_size, **dataclasses.asdict(model))
+    def of(cls, model: ArchitectureConfig, vocab_size: int) -> "GPTConfig":
+        """From the ``model`` section (its architecture fields; ``init_from`` is not one)."""
+        fields = {f.name for f in dataclasses.fields(ArchitectureConfig)}
+        return cls(vocab_size=vocab_size, **{k: v for k, v in dataclasses.asdict(model).items() if k in fields})
 
     @property
     def padded_vocab_size(self) -> int:

@@ -27,8 +27,10 @@ class PipelineResult:
 
 def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda stage, msg: None,
                  on_sample_text: Callable[[str], None] = lambda text: None) -> PipelineResult:
+    from lmtrain.pretrained import resolve
     from lmtrain.rundir import hold_run_dir
 
+    config = resolve(config)
     with hold_run_dir(config.run_dir, "run"):
         return _run_pipeline(config, report, on_sample_text)
 

@@ -236,6 +236,9 @@ class ShardResult:
 
 def build_shards(config: Config, force: bool = False) -> ShardResult:
     """Encode the corpus into train/val shards under ``RUN_DIR/data`` (or say they are current)."""
+    from lmtrain.pretrained import resolve
+
+    config = resolve(config)
     with hold_run_dir(config.run_dir, "shard"):
         return _build_shards(config, force)
 

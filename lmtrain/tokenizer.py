@@ -46,6 +46,7 @@ class TokenizerStats:
     path: str
     settings: dict = None  # the tokenizer and data config it was trained with (tokenizer_settings)
     moved_aside: list = None  # where the old tokenizer, shards and checkpoints went; not saved
+    copied_from: str | None = None  # model.init_from: the source's tokenizer.json, copied as is
 
 
 def tokenizer_settings(config: Config) -> dict:
@@ -85,6 +86,9 @@ def build_tokenizer() -> "Tokenizer":
 
 def train_tokenizer(config: Config, force: bool = False) -> TokenizerStats:
     """Train the BPE on the training split of ``data.source``; write it into the run directory."""
+    from lmtrain.pretrained import resolve
+
+    config = resolve(config)
     with hold_run_dir(config.run_dir, "tokenize"):
         return _train_tokenizer(config, force)
 
@@ -100,6 +104,8 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
             f"{out_path} already exists; the run's shards and checkpoints depend on it. "
             "Use --force to train a new one (then re-run shard and train with --restart)"
         )
+    if config.model.init_from is not None:
+        return _copy_from_source(config)
     check_sources(config.data)
     tok_cfg = config.tokenizer
     tokenizer = build_tokenizer()
@@ -121,11 +127,6 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
 
     bpt, measured_on = measure_bytes_per_token(tokenizer, config)
 
-    # Only now that everything succeeded does anything touch the run directory. A new tokenizer
-    # makes the run's shards and checkpoints meaningless: they go aside with the old tokenizer,
-    # never deleted.
-    run_dir = prepare_run_dir(config)
-    out_dir = tokenizer_dir(run_dir)
     stats = TokenizerStats(
         vocab_size=tokenizer.get_vocab_size(),
         special_tokens=list(tok_cfg.special_tokens),
@@ -139,16 +140,25 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         settings=tokenizer_settings(config),
         moved_aside=[],
     )
+    _install(config, lambda target: tokenizer.save(str(target)), stats)
+    log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)
+    return stats
+
+
+def _install(config: Config, write_tokenizer, stats: TokenizerStats) -> None:
+    """Put a new ``tokenizer/`` (``write_tokenizer(path)`` writes tokenizer.json) and its stats in
+    place. Only now does anything touch the run directory. The directory is filled beside the old
+    one and swapped in whole, so a full disk leaves the old tokenizer (and what was made with it)
+    exactly where it was; a new tokenizer makes the run's shards and checkpoints meaningless, so
+    they go aside with the old tokenizer, never deleted."""
+    run_dir = prepare_run_dir(config)
+    out_dir = tokenizer_dir(run_dir)
     remove_stale_tmp(run_dir)
     try:
-        # The new tokenizer/ is filled beside the old one and swapped in whole: a full disk
-        # leaves the old tokenizer (and what was made with it) exactly where it was.
         with atomic_dir(out_dir) as staging:
-            tokenizer.save(str(staging / out_path.name))
-            stats.sha256 = sha256_file(staging / out_path.name)
+            write_tokenizer(staging / "tokenizer.json")
+            stats.sha256 = sha256_file(staging / "tokenizer.json")
             write_json(staging / "stats.json", {k: v for k, v in asdict(stats).items() if k != "moved_aside"})
-            # A new tokenizer makes the run's shards and checkpoints meaningless: they go aside
-            # with the old tokenizer, never deleted.
             for old in (out_dir, data_dir(run_dir), checkpoints_dir(run_dir), tb_dir(run_dir)):
                 target = move_aside(old)
                 if target is not None:
@@ -158,7 +168,22 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
         raise TokenizerError(f"could not write {out_dir}: {reason}; the previous tokenizer (if any) is "
                              "untouched") from None
-    log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)
+
+
+def _copy_from_source(config: Config) -> TokenizerStats:
+    """``model.init_from``: the source's tokenizer becomes the run's; nothing is trained."""
+    import shutil
+
+    from lmtrain.pretrained import open_source
+
+    source = open_source(config.model.init_from)
+    tokenizer = load_tokenizer_file(source.tokenizer_file)
+    _check_specials_are_single_ids(tokenizer, config.tokenizer.special_tokens)
+    stats = TokenizerStats(vocab_size=tokenizer.get_vocab_size(), special_tokens=list(config.tokenizer.special_tokens),
+                           documents=0, utf8_bytes=0, train_seconds=0.0, bytes_per_token=None, measured_on="none",
+                           sha256="", path=str(tokenizer_path(config.run_dir)), settings=tokenizer_settings(config),
+                           moved_aside=[], copied_from=str(source.tokenizer_file))
+    _install(config, lambda target: shutil.copyfile(source.tokenizer_file, target), stats)
     return stats
 
 
@@ -182,11 +207,15 @@ def bytes_per_token(tokenizer: "Tokenizer", texts: list[str]) -> float:
 
 def load_tokenizer(run_dir: Path) -> "Tokenizer":
     """The run's trained tokenizer; a clear error if it is missing or unreadable."""
-    from tokenizers import Tokenizer
-
     path = tokenizer_path(run_dir)
     if not path.exists():
         raise TokenizerError(f"no tokenizer at {path}; run `lmtrain tokenize` first")
+    return load_tokenizer_file(path)
+
+
+def load_tokenizer_file(path: Path) -> "Tokenizer":
+    from tokenizers import Tokenizer
+
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON

@@ -130,6 +130,9 @@ class TrainResult:
 
 def train(config: Config, restart: bool = False) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring."""
+    from lmtrain.pretrained import resolve
+
+    config = resolve(config)
     info = dist_util.from_environment()
     check_world_size(config.train, info)
     device = resolve_device(config.train.device, "train.device", info.local_rank)
@@ -189,7 +192,14 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     if latest is not None:
         model_config = GPTConfig.of(config.model, data.manifest.vocab_size).to_dict()
         resume = Resume.load(latest, model_config, data.tokenizer_sha256, config)
-    training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=resume)
+    restore = resume
+    if resume is None and config.model.init_from is not None:
+        from lmtrain.pretrained import Pretrained, open_source
+
+        restore = Pretrained(open_source(config.model.init_from))
+        log.info("train: starting from the weights of model.init_from (%s), with a fresh optimiser",
+                 config.model.init_from)
+    training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=restore)
     state = TrainState()
     if resume is not None:
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)

@@ -251,6 +251,17 @@ CASES = [
     Case("prompt-too-long", "trained", "sample --run {run} --prompt-file {tmp}/long.txt",
          "with learned positions it must be shorter", write("long.txt", "x = 1\n" * 100)),
     Case("run-dir-missing", "none", "sample --run {tmp}/no-such-run", "no run directory"),
+    Case("export-no-run", "none", "export --run {tmp}/nope --format hf --out {tmp}/out", "no run directory"),
+    Case("export-unknown-format", "trained", "export --run {run} --format onnx --out {tmp}/out",
+         "--format must be one of hf, gguf"),
+    Case("export-out-exists", "trained", "export --run {run} --format gguf --out {tmp}/taken.gguf",
+         "already exists; --force replaces it", write("taken.gguf", "mine")),
+    Case("export-bad-dtype", "trained", "export --run {run} --format hf --out {tmp}/out --dtype int8",
+         "--dtype must be one of fp32, bf16, fp16"),
+    Case("init-from-hub-name", "sharded", TRAIN + " --set model.init_from=gpt2", "lmtrain downloads nothing"),
+    Case("init-from-not-a-model", "sharded", TRAIN + " --set model.init_from={tmp}", "neither a Hugging Face directory"),
+    Case("init-from-corrupt-config", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "config.json is not readable JSON", write("src/config.json", "{oops")),
     Case("eval-data-missing", "trained", "eval --run {run} --data {tmp}/nope.txt", "no such file or directory"),
 ]
 

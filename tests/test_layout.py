@@ -8,18 +8,19 @@ import subprocess
 import sys
 
 from conftest import REPO
-from lmtrain.config import ModelConfig
+from lmtrain.config import ArchitectureConfig, ModelConfig
 from lmtrain.model import GPTConfig
 
 
 def test_model_schema_is_the_config_section_plus_the_vocabulary():
     # GPTConfig extends ModelConfig: a new model.* key is a field of the model's config by construction.
-    section = [f.name for f in dataclasses.fields(ModelConfig)]
-    model = [f.name for f in dataclasses.fields(GPTConfig)]
-    assert model == section + ["vocab_size"]
+    architecture = [f.name for f in dataclasses.fields(ArchitectureConfig)]
+    assert [f.name for f in dataclasses.fields(GPTConfig)] == architecture + ["vocab_size"]
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == architecture + ["init_from"]
     defaults = ModelConfig()
     built = GPTConfig.of(defaults, 4096)
-    assert {k: v for k, v in built.to_dict().items() if k != "vocab_size"} == dataclasses.asdict(defaults)
+    assert {k: v for k, v in built.to_dict().items() if k != "vocab_size"} == {
+        k: v for k, v in dataclasses.asdict(defaults).items() if k != "init_from"}
     assert GPTConfig(**json.loads(json.dumps(built.to_dict()))) == built  # what checkpoints store
 
 

@@ -1,0 +1,283 @@
+"""`lmtrain export`: a checkpoint as a Hugging Face model directory or a GGUF file for llama.cpp.
+
+    --format hf    PATH/  model.safetensors, config.json, generation_config.json, tokenizer.json,
+                          tokenizer_config.json, README.md (a model card)
+    --format gguf  FILE   one GGUF file (architecture llama or gpt2, the byte-level BPE inside)
+
+The architecture mapping and the weight maps are in ``lmtrain.hf_format``; the padded vocabulary
+rows are dropped, so no consumer can ever produce an id without a token. Like every artifact, an
+export is written under a temporary name and renamed into place; an existing one is replaced only
+with ``force``. Reading the checkpoint takes no lock (an export is a reader of the run).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtrain.errors import ConfigError, LmtrainError
+from lmtrain.fsutil import TMP_MARKER, atomic_dir, atomic_path, describe_os_error, tmp_name, write_json
+from lmtrain.hf_format import LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_of, hf_config, swiglu_hidden, to_hf
+from lmtrain.inference import LoadedModel, load_model
+from lmtrain.rundir import tokenizer_path
+
+FORMATS = ("hf", "gguf")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ExportError(LmtrainError):
+    """An export cannot be written (it exists, the disk is full, the format cannot hold the model)."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    architecture: str
+    checkpoint: str
+    step: int
+    vocab_size: int
+    params: int
+
+
+def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype: str = "fp32",
+           force: bool = False) -> ExportResult:
+    """Write the checkpoint ``checkpoint`` of ``run_dir`` to ``out`` in ``fmt``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; --force replaces it")
+    if out.exists() and (fmt == "hf") != out.is_dir():
+        raise ExportError(f"{out} exists and is a {'directory' if out.is_dir() else 'file'}; --format {fmt} "
+                          f"writes a {'directory' if fmt == 'hf' else 'file'}: choose another --out")
+    loaded = load_model(run_dir, checkpoint, "cpu")
+    arch = architecture_of(loaded.model.config)
+    if fmt == "gguf" and arch == LLAMA and loaded.model.config.bias:
+        raise ExportError("llama.cpp's llama architecture has no MLP biases, and this model has model.bias: "
+                          "true; export it with --format hf instead")
+    state = {k: v for k, v in loaded.model.state_dict().items()}
+    tensors = to_hf(state, loaded.model.config)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "hf":
+            _write_hf(loaded, tensors, out, dtype, run_dir)
+        else:
+            _write_gguf(loaded, tensors, out, dtype, run_dir)
+    except OSError as exc:
+        raise ExportError(f"could not write {out}: {describe_os_error(exc)}; "
+                          f"{'the previous export is intact' if out.exists() else 'nothing was written'}") from None
+    return ExportResult(out, fmt, arch, loaded.checkpoint.name, loaded.step, loaded.model.config.vocab_size,
+                        sum(t.numel() for t in tensors.values()))
+
+
+def _write_atomically(write, out: Path, directory: bool) -> None:
+    """``write(tmp)`` fills a temporary sibling of ``out`` (a directory or a file), which then takes
+    ``out``'s place; an ``out`` that exists (``--force``) goes only once the new one is complete."""
+    for stale in out.parent.glob(f"{out.name}{TMP_MARKER}*"):  # a crashed export's leftovers
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if not directory:
+        with atomic_path(out) as tmp:  # os.replace: the old file stays until the rename
+            write(tmp)
+        return
+    if not out.exists():
+        with atomic_dir(out) as tmp:
+            write(tmp)
+        return
+    staged, old = tmp_name(out.with_name(out.name + ".new")), tmp_name(out.with_name(out.name + ".old"))
+    with atomic_dir(staged) as tmp:
+        write(tmp)
+    out.rename(old)
+    staged.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face directory
+# --------------------------------------------------------------------------------------------
+
+
+def _write_hf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, dtype: str, run_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    config = loaded.model.config
+    cast = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    hf = hf_config(config, loaded.eot_id)
+    hf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    sample = loaded.config.sample
+    generation = {"bos_token_id": loaded.eot_id, "eos_token_id": loaded.eot_id, "pad_token_id": loaded.eot_id,
+                  "do_sample": sample.temperature > 0, "temperature": sample.temperature or 1.0,
+                  "top_k": sample.top_k or 0, "top_p": sample.top_p, "max_new_tokens": sample.max_new_tokens}
+    eot = loaded.config.tokenizer.special_tokens[0]
+    tokenizer_config = {
+        # The fast tokenizer over tokenizer.json, as both transformers 4.x and 5.x load it; no BOS is
+        # added (there is no post-processor), and decoding must not "clean up" spaces, or the
+        # byte-exact round trip breaks.
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
+        "model_max_length": config.block_size, "clean_up_tokenization_spaces": False,
+        "add_bos_token": False, "add_eos_token": False,
+    }
+
+    def write_dir(tmp: Path) -> None:
+        save_file(cast, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", hf)
+        write_json(tmp / "generation_config.json", generation)
+        shutil.copyfile(tokenizer_path(run_dir), tmp / "tokenizer.json")
+        write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        (tmp / "README.md").write_text(model_card(loaded, run_dir, architecture_of(config)), encoding="utf-8")
+
+    _write_atomically(write_dir, out, directory=True)
+
+
+def model_card(loaded: LoadedModel, run_dir: Path, arch: str) -> str:
+    """A Hub-style README: what the model is, what it was trained on, how well, and the config."""
+    state = json.loads((loaded.checkpoint / "state.json").read_text("utf-8"))
+    last = state.get("last_val") or {}
+    config = loaded.config
+    params = loaded.model.num_params()
+    val = (f"val loss {last['val_loss']:.4f} nats/token, {last['val_bpb']:.4f} bits per byte (step {last['step']})"
+           if "val_loss" in last else "not evaluated")
+    front = "\n".join(["---", "library_name: transformers", "license: other", "pipeline_tag: text-generation",
+                       "tags:", "- lmtrain", f"- {arch}", "- causal-lm", "---", ""])
+    return front + f"""# {config.run.name}
+
+A {params / 1e6:.2f}M-parameter causal language model ({'Llama' if arch == LLAMA else 'GPT-2'} architecture,
+{config.model.n_layer} layers, width {config.model.n_embd}, context {config.model.block_size}) trained from
+scratch with [lmtrain](https://pypi.org/project/lmtrain/).
+
+- **Corpus:** `{config.data.source}` (validation: {config.data.val_source or f'{config.data.val_fraction:.1%} of documents held out'})
+- **Tokenizer:** byte-level BPE, {config.tokenizer.vocab_size} tokens; `{config.tokenizer.special_tokens[0]}` ends every document
+- **Trained:** {state.get('step')} steps, {state.get('tokens_seen', 0):,} tokens ({loaded.checkpoint.name})
+- **Result:** {val}
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(PATH)
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+```
+
+## The lmtrain config that made it
+
+```yaml
+{config.to_yaml().rstrip()}
+```
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+# --------------------------------------------------------------------------------------------
+
+
+def _permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's llama architecture rotates interleaved pairs; lmtrain (like HF) rotates split
+    halves. The same reordering llama.cpp's own HF converter applies to q and k."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """GGUF tensor names and contents (``(out, in)`` weights) from the Hugging Face state dict."""
+    arch, out = architecture_of(config), {}
+    if arch == LLAMA:
+        out["token_embd.weight"] = tensors["model.embed_tokens.weight"]
+        for i in range(config.n_layer):
+            hf, gg = f"model.layers.{i}.", f"blk.{i}."
+            out[gg + "attn_norm.weight"] = tensors[hf + "input_layernorm.weight"]
+            out[gg + "attn_q.weight"] = _permute_for_llama_cpp(tensors[hf + "self_attn.q_proj.weight"], config.n_head)
+            out[gg + "attn_k.weight"] = _permute_for_llama_cpp(tensors[hf + "self_attn.k_proj.weight"], config.n_head)
+            out[gg + "attn_v.weight"] = tensors[hf + "self_attn.v_proj.weight"]
+            out[gg + "attn_output.weight"] = tensors[hf + "self_attn.o_proj.weight"]
+            out[gg + "ffn_norm.weight"] = tensors[hf + "post_attention_layernorm.weight"]
+            out[gg + "ffn_gate.weight"] = tensors[hf + "mlp.gate_proj.weight"]
+            out[gg + "ffn_up.weight"] = tensors[hf + "mlp.up_proj.weight"]
+            out[gg + "ffn_down.weight"] = tensors[hf + "mlp.down_proj.weight"]
+        out["output_norm.weight"] = tensors["model.norm.weight"]
+        out["output.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+        return out
+    out["token_embd.weight"] = tensors["transformer.wte.weight"]
+    out["position_embd.weight"] = tensors["transformer.wpe.weight"]
+    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(config.n_layer):
+        for hf, gg in names.items():
+            weight = tensors[f"transformer.h.{i}.{hf}.weight"]
+            out[f"blk.{i}.{gg}.weight"] = weight.t() if weight.dim() == 2 else weight  # back to (out, in)
+            out[f"blk.{i}.{gg}.bias"] = tensors[f"transformer.h.{i}.{hf}.bias"]
+    out["output_norm.weight"], out["output_norm.bias"] = tensors["transformer.ln_f.weight"], tensors["transformer.ln_f.bias"]
+    out["output.weight"] = tensors.get("lm_head.weight", tensors["transformer.wte.weight"])
+    return out
+
+
+def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, dtype: str, run_dir: Path) -> None:
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("--format gguf needs the gguf package: pip install 'lmtrain[hf]'") from None
+    config = loaded.model.config
+    arch = architecture_of(config)
+    raw = json.loads(tokenizer_path(run_dir).read_text("utf-8"))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"].get("merges", [])]
+    tokenizer = loaded.tokenizer
+    tokens = [tokenizer.id_to_token(i) for i in range(config.vocab_size)]
+    specials = set(loaded.config.tokenizer.special_tokens)
+    types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
+    file_type = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+
+    def write_file(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(loaded.config.run.name)
+        writer.add_context_length(config.block_size)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_head_count(config.n_head)
+        if arch == LLAMA:
+            writer.add_feed_forward_length(swiglu_hidden(config.n_embd))
+            writer.add_head_count_kv(config.n_head)
+            writer.add_layer_norm_rms_eps(RMS_EPS)
+            writer.add_rope_freq_base(config.rope_theta)
+            writer.add_rope_dimension_count(config.n_embd // config.n_head)
+            writer.add_vocab_size(config.vocab_size)
+        else:
+            writer.add_feed_forward_length(4 * config.n_embd)
+            writer.add_layer_norm_eps(LAYERNORM_EPS)
+        writer.add_file_type(file_type)
+        writer.add_tokenizer_model("gpt2")  # byte-level BPE, in llama.cpp's words
+        writer.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex: what tokenizers' ByteLevel uses
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(loaded.eot_id)
+        writer.add_eos_token_id(loaded.eot_id)
+        writer.add_add_bos_token(False)
+        for name, tensor in gguf_tensors(tensors, config).items():
+            writer.add_tensor(name, *_gguf_data(gguf, tensor, dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    _write_atomically(write_file, out, directory=False)
+
+
+def _gguf_data(gguf, tensor: torch.Tensor, dtype: str) -> tuple[Any, ...]:
+    """(array,) or (array, raw_shape, raw_dtype): 1-D tensors (norms, biases) stay fp32, as
+    llama.cpp expects; matrices take ``dtype``."""
+    array = tensor.detach().float().contiguous().numpy()
+    if tensor.dim() == 1 or dtype == "fp32":
+        return (array,)
+    if dtype == "fp16":
+        return (array.astype("float16"),)
+    quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.BF16)
+    return (quantized, array.shape, gguf.GGMLQuantizationType.BF16)
+
+
+def describe(result: ExportResult) -> str:
+    return (f"exported {result.checkpoint} (step {result.step}) as {result.format} ({result.architecture}, "
+            f"{result.params / 1e6:.2f}M parameters, vocab {result.vocab_size}) to {result.path}")

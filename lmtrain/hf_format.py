@@ -1,0 +1,220 @@
+"""lmtrain's GPT in Hugging Face's layouts: which transformers architecture computes the same
+function, and the weight maps in both directions (export, and ``model.init_from``).
+
+    rope + rmsnorm + swiglu     -> LlamaForCausalLM  (fused qkv and gate/up split; RoPE needs no
+                                   permutation: lmtrain rotates split halves, as HF's rotate_half)
+    learned + layernorm + gelu  -> GPT2LMHeadModel   (Linear weights transposed to Conv1D; zero
+                                   biases where model.bias is false: GPT-2 always has them)
+
+Any other combination is refused with the list of these two. Nothing here imports transformers:
+the maps are plain tensors and dicts, so ``lmtrain train`` can start from a Hugging Face directory
+with only safetensors installed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lmtrain.errors import ConfigError
+
+LLAMA = "llama"
+GPT2 = "gpt2"
+RMS_EPS = 1e-6  # lmtrain's nn.RMSNorm eps
+LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's layer_norm_epsilon
+SUPPORTED = "rope+rmsnorm+swiglu (Llama) or learned+layernorm+gelu (GPT-2)"
+
+
+def architecture_of(config) -> str:
+    """``llama`` or ``gpt2`` for a model config (``ModelConfig``/``GPTConfig``), or ConfigError."""
+    shape = (config.pos_embedding, config.norm, config.mlp)
+    if shape == ("rope", "rmsnorm", "swiglu"):
+        return LLAMA
+    if shape == ("learned", "layernorm", "gelu"):
+        return GPT2
+    raise ConfigError(f"a model with {'+'.join(shape)} has no exact counterpart in transformers that lmtrain "
+                      f"writes; supported: {SUPPORTED}")
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """The SwiGLU width lmtrain uses (model.MLP): 2/3 of 4x, rounded up to a multiple of 64."""
+    return math.ceil(int(8 * n_embd / 3) / 64) * 64
+
+
+# --------------------------------------------------------------------------------------------
+# lmtrain -> Hugging Face
+# --------------------------------------------------------------------------------------------
+
+
+def to_hf(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of an lmtrain model's ``state`` (padded vocab rows dropped)."""
+    arch = architecture_of(config)
+    V, C = config.vocab_size, config.n_embd
+    out: dict[str, torch.Tensor] = {}
+    if arch == LLAMA:
+        H = swiglu_hidden(C)
+        out["model.embed_tokens.weight"] = state["wte.weight"][:V]
+        for i in range(config.n_layer):
+            src, dst = f"blocks.{i}.", f"model.layers.{i}."
+            out[dst + "input_layernorm.weight"] = state[src + "norm1.weight"]
+            out[dst + "post_attention_layernorm.weight"] = state[src + "norm2.weight"]
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                q, k, v = state[f"{src}attn.qkv.{kind}"].split(C, dim=0)
+                gate, up = state[f"{src}mlp.up.{kind}"].split(H, dim=0)
+                out.update({f"{dst}self_attn.q_proj.{kind}": q, f"{dst}self_attn.k_proj.{kind}": k,
+                            f"{dst}self_attn.v_proj.{kind}": v,
+                            f"{dst}self_attn.o_proj.{kind}": state[f"{src}attn.proj.{kind}"],
+                            f"{dst}mlp.gate_proj.{kind}": gate, f"{dst}mlp.up_proj.{kind}": up,
+                            f"{dst}mlp.down_proj.{kind}": state[f"{src}mlp.proj.{kind}"]})
+        out["model.norm.weight"] = state["norm_f.weight"]
+    else:
+        out["transformer.wte.weight"] = state["wte.weight"][:V]
+        out["transformer.wpe.weight"] = state["wpe.weight"]
+        for i in range(config.n_layer):
+            src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[f"{dst}{theirs}.weight"] = state[f"{src}{ours}.weight"]
+                out[f"{dst}{theirs}.bias"] = _bias(state, f"{src}{ours}.bias", C)
+            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                                 ("mlp.up", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                weight = state[f"{src}{ours}.weight"]
+                out[f"{dst}{theirs}.weight"] = weight.t()  # Conv1D stores (in, out)
+                out[f"{dst}{theirs}.bias"] = _bias(state, f"{src}{ours}.bias", weight.size(0))
+        out["transformer.ln_f.weight"] = state["norm_f.weight"]
+        out["transformer.ln_f.bias"] = _bias(state, "norm_f.bias", C)
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"][:V]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _bias(state: dict[str, torch.Tensor], key: str, size: int) -> torch.Tensor:
+    return state[key] if key in state else torch.zeros(size)
+
+
+def hf_config(config, eot_id: int) -> dict[str, Any]:
+    """``config.json`` for the model: every field transformers needs to rebuild it exactly."""
+    arch = architecture_of(config)
+    common = {"vocab_size": config.vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id,
+              "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32"}
+    if arch == LLAMA:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+                "hidden_size": config.n_embd, "intermediate_size": swiglu_hidden(config.n_embd),
+                "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+                "num_key_value_heads": config.n_head, "head_dim": config.n_embd // config.n_head,
+                "hidden_act": "silu", "rms_norm_eps": RMS_EPS, "max_position_embeddings": config.block_size,
+                # Both spellings: transformers 5.x reads rope_parameters, 4.x rope_theta.
+                "rope_theta": config.rope_theta,
+                "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+                "rope_scaling": None, "attention_bias": config.bias, "mlp_bias": config.bias,
+                "attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True}
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+            "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": LAYERNORM_EPS,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "initializer_range": 0.02, "use_cache": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face -> lmtrain (model.init_from)
+# --------------------------------------------------------------------------------------------
+
+
+def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ``model.*`` fields (and ``vocab_size``) of a Hugging Face ``config.json``, or a one-line
+    ``ConfigError`` naming what lmtrain cannot reproduce exactly."""
+    kind = hf.get("model_type")
+    try:
+        if kind == "llama":
+            return _llama_fields(hf, where)
+        if kind == "gpt2":
+            return _gpt2_fields(hf, where)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: config.json is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+    raise ConfigError(f"{where}: model_type {kind!r} is not supported; model.init_from reads llama or gpt2 "
+                      "(safetensors) directories")
+
+
+def _refuse(where: str, what: str) -> None:
+    raise ConfigError(f"{where}: {what}; lmtrain would only approximate this model, so it refuses it")
+
+
+def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    C, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    if int(hf.get("num_key_value_heads") or heads) != heads:
+        _refuse(where, f"grouped-query attention ({hf['num_key_value_heads']} key/value heads for {heads} heads)")
+    rope = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        _refuse(where, f"rope scaling ({hf.get('rope_scaling') or rope})")
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse(where, f"hidden_act {hf['hidden_act']!r} (lmtrain's SwiGLU uses silu)")
+    if not math.isclose(float(hf.get("rms_norm_eps", RMS_EPS)), RMS_EPS):
+        _refuse(where, f"rms_norm_eps {hf['rms_norm_eps']} (lmtrain's RMSNorm uses {RMS_EPS})")
+    if int(hf["intermediate_size"]) != swiglu_hidden(C):
+        _refuse(where, f"intermediate_size {hf['intermediate_size']} (lmtrain's SwiGLU width for hidden_size "
+                       f"{C} is {swiglu_hidden(C)})")
+    if int(hf.get("head_dim") or C // heads) != C // heads:
+        _refuse(where, f"head_dim {hf['head_dim']} (lmtrain uses hidden_size / heads = {C // heads})")
+    bias = bool(hf.get("attention_bias", False))
+    if bool(hf.get("mlp_bias", False)) != bias:
+        _refuse(where, "attention_bias and mlp_bias differ (lmtrain's model.bias covers both)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return {"n_layer": int(hf["num_hidden_layers"]), "n_head": heads, "n_embd": C,
+            "block_size": int(hf["max_position_embeddings"]), "bias": bias, "pos_embedding": "rope",
+            "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "rope_theta": float(theta), "vocab_size": int(hf["vocab_size"])}
+
+
+def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    C = int(hf["n_embd"])
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        _refuse(where, f"activation_function {hf['activation_function']!r} (lmtrain's GELU is the tanh one)")
+    if hf.get("n_inner") not in (None, 4 * C):
+        _refuse(where, f"n_inner {hf['n_inner']} (lmtrain's MLP is 4 x n_embd = {4 * C})")
+    if not math.isclose(float(hf.get("layer_norm_epsilon", LAYERNORM_EPS)), LAYERNORM_EPS):
+        _refuse(where, f"layer_norm_epsilon {hf['layer_norm_epsilon']} (lmtrain's LayerNorm uses {LAYERNORM_EPS})")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn") \
+            or hf.get("scale_attn_weights") is False:
+        _refuse(where, "a non-standard attention scaling")
+    return {"n_layer": int(hf["n_layer"]), "n_head": int(hf["n_head"]), "n_embd": C,
+            "block_size": int(hf.get("n_positions") or hf["n_ctx"]), "bias": True, "pos_embedding": "learned",
+            "norm": "layernorm", "mlp": "gelu", "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+            "vocab_size": int(hf["vocab_size"])}
+
+
+def from_hf(hf_state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """lmtrain's state dict (unpadded vocab rows: the caller pads) from a Hugging Face one.
+    ``config`` is the ``GPTConfig`` built from ``model_fields_from_hf``. KeyError if a tensor is
+    missing."""
+    arch = architecture_of(config)
+    sd = {k.removeprefix("transformer.") if arch == GPT2 else k: v.float() for k, v in hf_state.items()}
+    out: dict[str, torch.Tensor] = {}
+    if arch == LLAMA:
+        out["wte.weight"] = sd["model.embed_tokens.weight"]
+        for i in range(config.n_layer):
+            src, dst = f"model.layers.{i}.", f"blocks.{i}."
+            out[dst + "norm1.weight"] = sd[src + "input_layernorm.weight"]
+            out[dst + "norm2.weight"] = sd[src + "post_attention_layernorm.weight"]
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                out[f"{dst}attn.qkv.{kind}"] = torch.cat([sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                out[f"{dst}attn.proj.{kind}"] = sd[f"{src}self_attn.o_proj.{kind}"]
+                out[f"{dst}mlp.up.{kind}"] = torch.cat([sd[f"{src}mlp.gate_proj.{kind}"], sd[f"{src}mlp.up_proj.{kind}"]])
+                out[f"{dst}mlp.proj.{kind}"] = sd[f"{src}mlp.down_proj.{kind}"]
+        out["norm_f.weight"] = sd["model.norm.weight"]
+    else:
+        out["wte.weight"], out["wpe.weight"] = sd["wte.weight"], sd["wpe.weight"]
+        for i in range(config.n_layer):
+            src, dst = f"h.{i}.", f"blocks.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[f"{dst}{ours}.weight"], out[f"{dst}{ours}.bias"] = sd[f"{src}{theirs}.weight"], sd[f"{src}{theirs}.bias"]
+            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                                 ("mlp.up", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                out[f"{dst}{ours}.weight"] = sd[f"{src}{theirs}.weight"].t().contiguous()
+                out[f"{dst}{ours}.bias"] = sd[f"{src}{theirs}.bias"]
+        out["norm_f.weight"], out["norm_f.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
