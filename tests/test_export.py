@@ -54,9 +54,12 @@ def test_transformers_computes_the_same_logits(tiny_run, tmp_path, arch, bias, t
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # every position: RoPE layout shows past 0
 
 
-def test_trained_export_tokenizer_and_greedy_generation_agree(tiny_run, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_trained_export_tokenizer_and_greedy_generation_agree(tiny_run, tmp_path, arch):
+    from lmtrain.generate import SamplingParams, generate
+
     config, run_dir = tiny_run
-    trained(config, "llama", False, True, steps=30)
+    trained(config, arch, arch == "gpt2", arch == "llama", steps=30)
     export(run_dir, "hf", tmp_path / "hf")
     ours = load_model(run_dir, "latest", "cpu")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -64,16 +67,19 @@ def test_trained_export_tokenizer_and_greedy_generation_agree(tiny_run, tmp_path
     assert ids == ours.tokenizer.encode(HARD_TEXT, add_special_tokens=False).ids  # no BOS added
     assert tokenizer.decode(ids) == HARD_TEXT  # byte-exact: no clean-up of spaces
     assert tokenizer.model_max_length == 32
-    # transformers' greedy generate() == `lmtrain sample --greedy` (both stop at end-of-text).
+    # transformers' greedy generate() == lmtrain's, 30 tokens (end-of-text not stopping either).
     prompt = "def "
+    inputs = tokenizer(prompt, return_tensors="pt")
+    model = hf_model(tmp_path / "hf")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=30, min_new_tokens=30, eos_token_id=None)
+    theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
+    mine = [int(t) for t in generate(ours.model, inputs["input_ids"], 30, SamplingParams(temperature=0.0))]
+    assert len(theirs) == 30 and theirs == mine
+    # ... and `lmtrain sample --greedy` prints exactly that text (it stops at end-of-text).
     cli = run_cli("sample", "--run", str(run_dir), "--prompt", prompt, "--greedy", "-n", "30")
     assert cli.returncode == 0, cli.stderr
-    model = hf_model(tmp_path / "hf")
-    inputs = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=30)
-    assert out.shape[1] - inputs["input_ids"].shape[1] >= 1
-    assert cli.stdout.rstrip("\n") == prompt + tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
-                                                                 skip_special_tokens=True)
+    upto = theirs.index(ours.eot_id) if ours.eot_id in theirs else 30
+    assert cli.stdout == prompt + tokenizer.decode(theirs[:upto]) + "\n"
     card = (tmp_path / "hf" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "bits per byte" in card and "step-00000030" in card
 
