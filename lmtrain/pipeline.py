@@ -52,8 +52,11 @@ def _run_pipeline(config: Config, report: Callable[[str, str], None],
     else:
         stats = train_tokenizer(config)
         tokenizer_state = "trained"
-        report("tokenize", f"vocab {stats.vocab_size}, {stats.bytes_per_token or 0:.3f} bytes/token, "
-                           f"{stats.documents} documents in {stats.train_seconds:.1f}s")
+        if stats.copied_from:
+            report("tokenize", f"taken from model.init_from ({stats.copied_from}), vocab {stats.vocab_size}")
+        else:
+            report("tokenize", f"vocab {stats.vocab_size}, {stats.bytes_per_token or 0:.3f} bytes/token, "
+                               f"{stats.documents} documents in {stats.train_seconds:.1f}s")
 
     shards = build_shards(config)
     splits = shards.splits
