@@ -22,11 +22,12 @@ import torch
 
 from lmtrain.errors import ConfigError, LmtrainError
 from lmtrain.fsutil import TMP_MARKER, atomic_dir, atomic_path, describe_os_error, tmp_name, write_json
-from lmtrain.hf_format import LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_of, hf_config, swiglu_hidden, to_hf
+from lmtrain.hf_format import GPT2, LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_of, hf_config, swiglu_hidden, to_hf
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import tokenizer_path
 
 FORMATS = ("hf", "gguf")
+ARCH_NAMES = {"llama": "Llama", "gpt2": "GPT-2", "starcoder2": "Starcoder2", "stablelm": "StableLM"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,6 +60,9 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
                           f"writes a {'directory' if fmt == 'hf' else 'file'}: choose another --out")
     loaded = load_model(run_dir, checkpoint, "cpu")
     arch = architecture_of(loaded.model.config)
+    if fmt == "gguf" and arch not in (LLAMA, GPT2):
+        raise ExportError(f"GGUF export writes the llama and gpt2 architectures; this model maps to {arch} "
+                          "in transformers: export it with --format hf instead")
     if fmt == "gguf" and arch == LLAMA and loaded.model.config.bias:
         raise ExportError("llama.cpp's llama architecture has no MLP biases, and this model has model.bias: "
                           "true; export it with --format hf instead")
@@ -147,7 +151,7 @@ def model_card(loaded: LoadedModel, run_dir: Path, arch: str) -> str:
                        "tags:", "- lmtrain", f"- {arch}", "- causal-lm", "---", ""])
     return front + f"""# {config.run.name}
 
-A {params / 1e6:.2f}M-parameter causal language model ({'Llama' if arch == LLAMA else 'GPT-2'} architecture,
+A {params / 1e6:.2f}M-parameter causal language model ({ARCH_NAMES[arch]} architecture,
 {config.model.n_layer} layers, width {config.model.n_embd}, context {config.model.block_size}) trained from
 scratch with [lmtrain](https://pypi.org/project/lmtrain/).
 

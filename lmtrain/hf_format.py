@@ -5,8 +5,12 @@ function, and the weight maps in both directions (export, and ``model.init_from`
                                    permutation: lmtrain rotates split halves, as HF's rotate_half)
     learned + layernorm + gelu  -> GPT2LMHeadModel   (Linear weights transposed to Conv1D; zero
                                    biases where model.bias is false: GPT-2 always has them)
+    rope + layernorm + gelu     -> Starcoder2ForCausalLM (sequential blocks, biases everywhere:
+                                   zeros where model.bias is false)
+    rope + layernorm + swiglu   -> StableLmForCausalLM (full rotary, sequential residual; exact only
+                                   without biases: its MLP and output projection have none)
 
-Any other combination is refused with the list of these two. Nothing here imports transformers:
+Any other combination is refused with the list of these. Nothing here imports transformers:
 the maps are plain tensors and dicts, so ``lmtrain train`` can start from a Hugging Face directory
 with only safetensors installed.
 """
@@ -22,9 +26,12 @@ from lmtrain.errors import ConfigError
 
 LLAMA = "llama"
 GPT2 = "gpt2"
+STARCODER2 = "starcoder2"
+STABLELM = "stablelm"
 RMS_EPS = 1e-6  # lmtrain's nn.RMSNorm eps
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's layer_norm_epsilon
-SUPPORTED = "rope+rmsnorm+swiglu (Llama) or learned+layernorm+gelu (GPT-2)"
+SUPPORTED = ("rope+rmsnorm+swiglu (Llama), learned+layernorm+gelu (GPT-2), rope+layernorm+gelu (Starcoder2) "
+             "or rope+layernorm+swiglu without biases (StableLM)")
 
 
 def architecture_of(config) -> str:
@@ -34,6 +41,10 @@ def architecture_of(config) -> str:
         return LLAMA
     if shape == ("learned", "layernorm", "gelu"):
         return GPT2
+    if shape == ("rope", "layernorm", "gelu"):
+        return STARCODER2
+    if shape == ("rope", "layernorm", "swiglu") and not config.bias:
+        return STABLELM
     raise ConfigError(f"a model with {'+'.join(shape)} has no exact counterpart in transformers that lmtrain "
                       f"writes; supported: {SUPPORTED}")
 
@@ -69,6 +80,32 @@ def to_hf(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
                             f"{dst}mlp.gate_proj.{kind}": gate, f"{dst}mlp.up_proj.{kind}": up,
                             f"{dst}mlp.down_proj.{kind}": state[f"{src}mlp.proj.{kind}"]})
         out["model.norm.weight"] = state["norm_f.weight"]
+    elif arch in (STARCODER2, STABLELM):
+        out["model.embed_tokens.weight"] = state["wte.weight"][:V]
+        norms = [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")]
+        for i in range(config.n_layer):
+            src, dst = f"blocks.{i}.", f"model.layers.{i}."
+            for ours, theirs in norms:
+                out[f"{dst}{theirs}.weight"] = state[f"{src}{ours}.weight"]
+                out[f"{dst}{theirs}.bias"] = _bias(state, f"{src}{ours}.bias", C)
+            q, k, v = state[f"{src}attn.qkv.weight"].split(C, dim=0)
+            out.update({f"{dst}self_attn.q_proj.weight": q, f"{dst}self_attn.k_proj.weight": k,
+                        f"{dst}self_attn.v_proj.weight": v, f"{dst}self_attn.o_proj.weight": state[f"{src}attn.proj.weight"]})
+            if arch == STARCODER2:  # biases on every projection (zeros where lmtrain has none)
+                qb, kb, vb = _bias(state, f"{src}attn.qkv.bias", 3 * C).split(C, dim=0)
+                out.update({f"{dst}self_attn.q_proj.bias": qb, f"{dst}self_attn.k_proj.bias": kb,
+                            f"{dst}self_attn.v_proj.bias": vb,
+                            f"{dst}self_attn.o_proj.bias": _bias(state, f"{src}attn.proj.bias", C),
+                            f"{dst}mlp.c_fc.weight": state[f"{src}mlp.up.weight"],
+                            f"{dst}mlp.c_fc.bias": _bias(state, f"{src}mlp.up.bias", 4 * C),
+                            f"{dst}mlp.c_proj.weight": state[f"{src}mlp.proj.weight"],
+                            f"{dst}mlp.c_proj.bias": _bias(state, f"{src}mlp.proj.bias", C)})
+            else:
+                gate, up = state[f"{src}mlp.up.weight"].split(swiglu_hidden(C), dim=0)
+                out.update({f"{dst}mlp.gate_proj.weight": gate, f"{dst}mlp.up_proj.weight": up,
+                            f"{dst}mlp.down_proj.weight": state[f"{src}mlp.proj.weight"]})
+        out["model.norm.weight"] = state["norm_f.weight"]
+        out["model.norm.bias"] = _bias(state, "norm_f.bias", C)
     else:
         out["transformer.wte.weight"] = state["wte.weight"][:V]
         out["transformer.wpe.weight"] = state["wpe.weight"]
@@ -98,6 +135,21 @@ def hf_config(config, eot_id: int) -> dict[str, Any]:
     arch = architecture_of(config)
     common = {"vocab_size": config.vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id,
               "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32"}
+    rope = {"rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "rope_scaling": None, "max_position_embeddings": config.block_size,
+            "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "num_key_value_heads": config.n_head, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": True}
+    if arch == STARCODER2:
+        return {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2", **common, **rope,
+                "intermediate_size": 4 * config.n_embd, "hidden_act": "gelu_pytorch_tanh",
+                "norm_epsilon": LAYERNORM_EPS, "use_bias": True, "sliding_window": None,
+                "residual_dropout": 0.0, "embedding_dropout": 0.0}
+    if arch == STABLELM:
+        return {"architectures": ["StableLmForCausalLM"], "model_type": "stablelm", **common, **rope,
+                "intermediate_size": swiglu_hidden(config.n_embd), "hidden_act": "silu",
+                "layer_norm_eps": LAYERNORM_EPS, "use_qkv_bias": False, "qk_layernorm": False,
+                "use_parallel_residual": False, "partial_rotary_factor": 1.0, "hidden_dropout": 0.0}
     if arch == LLAMA:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
                 "hidden_size": config.n_embd, "intermediate_size": swiglu_hidden(config.n_embd),

@@ -21,8 +21,13 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 ARCHS = {"llama": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu"],
-         "gpt2": ["model.pos_embedding=learned", "model.norm=layernorm", "model.mlp=gelu"]}
-VARIANTS = [(arch, bias, tie) for arch, bias, tie in itertools.product(ARCHS, [False, True], [True, False])]
+         "gpt2": ["model.pos_embedding=learned", "model.norm=layernorm", "model.mlp=gelu"],
+         "starcoder2": ["model.pos_embedding=rope", "model.norm=layernorm", "model.mlp=gelu"],
+         "stablelm": ["model.pos_embedding=rope", "model.norm=layernorm", "model.mlp=swiglu"]}
+CLASSES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "starcoder2": "Starcoder2ForCausalLM",
+           "stablelm": "StableLmForCausalLM"}
+VARIANTS = [(arch, bias, tie) for arch, bias, tie in itertools.product(ARCHS, [False, True], [True, False])
+            if not (arch == "stablelm" and bias)]  # StableLM has no MLP biases: refused (tested below)
 HARD_TEXT = "naïve café 世界 👋🏽 e\u0301 \x00\x01\t\r\n  def f(x):\n\treturn x  # ok\u200b!"
 
 
@@ -45,7 +50,7 @@ def test_transformers_computes_the_same_logits(tiny_run, tmp_path, arch, bias, t
     assert result.architecture == arch
     ours = load_model(run_dir, "latest", "cpu")
     theirs = hf_model(tmp_path / "hf")
-    assert type(theirs).__name__ == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+    assert type(theirs).__name__ == CLASSES[arch]
     assert theirs.config.vocab_size == ours.tokenizer.get_vocab_size() == 300  # no padded rows
     ids = torch.randint(0, 300, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -236,11 +241,11 @@ def test_init_from_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
 
 def test_what_cannot_be_exported_or_loaded_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     config, run_dir = tiny_run
-    train(load_config(config, ["model.pos_embedding=rope", "model.norm=layernorm", "model.mlp=gelu",
+    train(load_config(config, ["model.pos_embedding=learned", "model.norm=rmsnorm", "model.mlp=swiglu",
                                "train.max_steps=2"]))
     result = run_cli("export", "--run", str(run_dir), "--format", "hf", "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "rope+layernorm+gelu has no exact counterpart" in result.stderr
-    assert "supported: rope+rmsnorm+swiglu (Llama) or learned+layernorm+gelu (GPT-2)" in result.stderr
+    assert result.returncode == 2 and "learned+rmsnorm+swiglu has no exact counterpart" in result.stderr
+    assert "supported: rope+rmsnorm+swiglu (Llama), learned+layernorm+gelu (GPT-2)" in result.stderr
     assert not (tmp_path / "out").exists()
     # A Hugging Face directory whose weights are not safetensors.
     src = tmp_path / "src"
@@ -257,3 +262,16 @@ def test_what_cannot_be_exported_or_loaded_is_one_line_and_writes_nothing(tiny_r
     assert bad.returncode == 2 and "model.safetensors is not a readable safetensors file" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
     assert sorted(p.relative_to(fresh) for p in fresh.rglob("*")) == before
+
+
+def test_stablelm_with_biases_and_gguf_of_other_shapes_are_refused(tiny_run, tmp_path):
+    from lmtrain.errors import LmtrainError
+
+    config, run_dir = tiny_run
+    trained(config, "stablelm", True, True, steps=2)
+    with pytest.raises(LmtrainError, match="rope\\+layernorm\\+swiglu has no exact counterpart"):
+        export(run_dir, "hf", tmp_path / "hf")
+    train(load_config(config, ARCHS["starcoder2"] + ["train.max_steps=2"]), restart=True)
+    with pytest.raises(LmtrainError, match="GGUF export writes the llama and gpt2 architectures"):
+        export(run_dir, "gguf", tmp_path / "m.gguf")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()
