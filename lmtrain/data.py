@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmtrain.errors import ShardError
-from lmtrain.shards import open_split, read_manifest
+from lmtrain.shards import open_split, out_of_vocabulary, read_manifest
 
 
 class TokenWindows:
@@ -60,9 +60,7 @@ class TokenWindows:
             # Header, size and manifest were fine, yet a token id is out of range: the file's
             # content changed (a bit flip, an edit). Cheap to check per batch; fatal to index with.
             row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
-            raise ShardError(f"{self.shards[shard_idx[row]].filename}: token id {int(out[row].max())} is outside "
-                             f"the vocabulary of {self.vocab_size}: the shard is corrupt (`lmtrain shard --verify` "
-                             "names it); rebuild with `lmtrain shard --force`")
+            raise out_of_vocabulary(self.shards[shard_idx[row]].filename, int(out[row].max()), self.vocab_size)
         return out
 
 

@@ -20,10 +20,9 @@ import torch
 from lmtrain import distributed as dist_util
 from lmtrain.data import TokenWindows, to_device
 from lmtrain.device import autocast
-from lmtrain.errors import ShardError
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import data_dir
-from lmtrain.shards import open_split, read_manifest
+from lmtrain.shards import open_split, out_of_vocabulary, read_manifest
 
 
 def bits_per_byte(total_nats: float, utf8_bytes: int) -> float:
@@ -89,9 +88,7 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
         manifest = read_manifest(data_dir(run_dir))
         stream = np.concatenate(open_split(data_dir(run_dir), "val", manifest.tokenizer_sha256))
         if stream.size and stream.max() >= manifest.vocab_size:
-            raise ShardError(f"{data_dir(run_dir)}: the val shards hold token id {int(stream.max())}, outside "
-                             f"the vocabulary of {manifest.vocab_size}: a shard is corrupt (`lmtrain shard "
-                             "--verify` names it); rebuild with `lmtrain shard --force`")
+            raise out_of_vocabulary(f"{data_dir(run_dir)} (val split)", int(stream.max()), manifest.vocab_size)
         total_tokens = len(stream)
         n_bytes = manifest.splits["val"].utf8_bytes
         if max_tokens is not None and max_tokens < total_tokens:

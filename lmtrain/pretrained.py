@@ -170,19 +170,12 @@ class Pretrained:
         self.source = source
 
     def weights(self, model: torch.nn.Module) -> None:
-        from safetensors import safe_open
-
         from lmtrain import checkpoint as ckpt
         from lmtrain.hf_format import from_hf
 
         tensors: dict[str, torch.Tensor] = {}
         for file in self.source.weights:
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    tensors.update({key: f.get_tensor(key) for key in f.keys()})
-            except Exception as exc:  # safetensors raises its own types for every malformation
-                raise CheckpointError(f"{file} is not a readable safetensors file "
-                                      f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            tensors.update(ckpt.read_weights(file)[0])  # a CheckpointError naming the file if unreadable
         if self.source.kind == "lmtrain":
             ckpt.load_weights_into(model, tensors, self.source.weights[0])
             return

@@ -558,6 +558,13 @@ def _check_shard(path: Path, entry: ShardRecord, manifest: Manifest) -> ShardHea
     return header
 
 
+def out_of_vocabulary(where: Any, token_id: int, vocab_size: int) -> ShardError:
+    """A token id past the vocabulary in shards whose header, size and manifest are fine: their
+    content changed after they were written (a bit flip, an edit)."""
+    return ShardError(f"{where}: token id {token_id} is outside the vocabulary of {vocab_size}: the shard is "
+                      "corrupt (`lmtrain shard --verify` names it); rebuild with `lmtrain shard --force`")
+
+
 def open_split(directory: Path, split: str, tokenizer_sha256: str | None = None) -> list["np.memmap"]:
     """The split's shards as read-only ``numpy.memmap`` views of their token ids, in order.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,13 @@ def write_config(path: Path, run_dir: Path, source: Path | str, **sections: dict
         config.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 120, poll: float = 0.02) -> None:
+    """Wait until the file at ``path`` contains ``text`` (a training log reaching a step, say)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.exists() and text in path.read_text()):
+        time.sleep(poll)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,

@@ -7,13 +7,12 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, wait_for_line
 from lmtrain.config import load_config
 from lmtrain.errors import CheckpointError, LmtrainError
 from lmtrain.optim import lr_at
@@ -211,10 +210,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_run):
         [sys.executable, "-m", "lmtrain", "train", "--config", str(config), "--set", "train.max_steps=100000",
          "--set", "train.checkpoint_every=100000"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = run_dir / "train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "step 5:" in log.read_text()):
-        time.sleep(0.2)
+    wait_for_line(run_dir / "train.log", "step 5:", poll=0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err

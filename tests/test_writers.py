@@ -11,14 +11,13 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_TRAIN, make_text_corpus, run_cli, write_config
+from conftest import REPO, TINY_TRAIN, make_text_corpus, run_cli, wait_for_line, write_config
 from lmtrain.config import load_config
 from lmtrain.train import train
 
@@ -59,10 +58,7 @@ def test_a_second_writer_is_refused_and_the_first_finishes_undisturbed(tiny_run,
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     first = subprocess.Popen([sys.executable, "-m", "lmtrain", "train", "--config", str(config), *steps],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = run_dir / "train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "step 3:" in log.read_text()):
-        time.sleep(0.02)
+    wait_for_line(run_dir / "train.log", "step 3:")
     # Paused mid-run, the first trainer still holds the lock: every other writer meets it.
     first.send_signal(signal.SIGSTOP)
     try:
