@@ -264,17 +264,35 @@ def eval_(
     run: Path = RunOption,
     checkpoint: str = CheckpointOption,
     data: Optional[str] = typer.Option(None, "--data", help="Score this corpus (data.source syntax) instead of the val split."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Multiple-choice task files (JSONL), comma-separated: report accuracy instead."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="--tasks: score the first N items of each file."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Windows (8) or task items (16) per forward pass."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=2, help="Score at most this many tokens."),
     device: str = DeviceOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Loss, perplexity and bits per byte of a checkpoint on the val split or any corpus."""
+    """Bits per byte of a checkpoint on the val split or any corpus; or, with --tasks, its
+    accuracy on multiple-choice tasks."""
     import json
 
+    from lmtrain.errors import LmtrainError
+
+    if tasks is not None:
+        if data is not None or max_tokens is not None:
+            raise LmtrainError("--tasks scores task files; --data and --max-tokens are for bits per byte")
+        from lmtrain.tasks import evaluate_tasks, format_table
+
+        files = [f.strip() for f in tasks.split(",") if f.strip()]
+        if not files:
+            raise LmtrainError("--tasks: give one or more task files, separated by commas")
+        scored = evaluate_tasks(run, files, checkpoint, device, batch_size or 16, limit)
+        typer.echo(json.dumps(scored.to_dict()) if as_json else format_table(scored))
+        return
+    if limit is not None:
+        raise LmtrainError("--limit counts task items; with bits per byte use --max-tokens")
     from lmtrain.evaluate import evaluate
 
-    result = evaluate(run, checkpoint, data, device, batch_size, max_tokens)
+    result = evaluate(run, checkpoint, data, device, batch_size or 8, max_tokens)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return

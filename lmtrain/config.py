@@ -160,6 +160,8 @@ class TrainConfig:
     eval_batches: int = _opt(20, ge=1, help="val batches per evaluation")
     checkpoint_every: int = _opt(500, ge=1, help="steps between checkpoints")
     keep_checkpoints: int = _opt(3, ge=1, help="most recent checkpoints kept (plus best)")
+    eval_tasks: list[str] = _opt([], help="multiple-choice task files (JSONL) scored at every evaluation")
+    eval_tasks_limit: Optional[int] = _opt(None, ge=1, help="score the first N items of each task file")
     log_every: int = _opt(10, ge=1, help="steps between log lines and TensorBoard points")
     sample_every: int = _opt(0, ge=0, help="steps between TensorBoard text samples; 0 turns them off")
     max_bad_steps: int = _opt(10, ge=1, help="non-finite steps in a row before training stops")

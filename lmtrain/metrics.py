@@ -184,6 +184,18 @@ class TrainLog:
         for key, value in val.items():
             self.writer.add_scalar(key.replace("val_", "val/"), value, step)
 
+    def task(self, step: int, score) -> None:
+        """``score``: a ``lmtrain.tasks.TaskScore``, logged as tasks/<name>/<metric>."""
+        metrics = {f"tasks/{score.name}/{m}": getattr(score, m) for m in ("acc", "acc_norm", "acc_norm_tokens")}
+        self.history.append({"step": step, **metrics})
+        if not self.info.is_main:
+            return
+        log.info("step %d: task %s: acc %.4f, acc_norm %.4f, acc_norm_tokens %.4f (%d items, chance %.4f%s)",
+                 step, score.name, score.acc, score.acc_norm, score.acc_norm_tokens, score.items, score.chance,
+                 f", {score.truncated} cut to fit" if score.truncated else "")
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
             # Markdown: indent by four spaces so code keeps its layout.

@@ -205,6 +205,26 @@ class GPT(nn.Module):
         (see ``lmtrain.loss``) computes the loss from the final hidden states without logits;
         the logits then come back as None.
         """
+        x = self.hidden_states(idx, cache)
+        if targets is not None and loss_fn is not None:
+            return None, loss_fn(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                 self.config.vocab_size)
+        if targets is None and cache is not None:
+            x = x[:, -1:, :]  # generation needs the last position only
+        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """The final (normalised) hidden state of every position: what the LM head reads.
+
+        ``cache`` decides the positions and what each one attends to (``begin``/``update``/
+        ``advance``, see ``lmtrain.kvcache``); its positions may be one row for the whole batch,
+        (T,), or one per sequence, (B, T), as ``lmtrain.tasks`` uses to pack several
+        continuations of one context into a sequence.
+        """
         B, T = idx.shape
         if cache is None:
             if T > self.config.block_size:
@@ -217,24 +237,15 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
-            # Shaped (T, 1, 1, head_dim/2) to broadcast over (B, T, q|k, head, head_dim/2).
+            # Shaped (T, 1, 1, head_dim/2), or (B, T, 1, 1, head_dim/2) for positions per sequence,
+            # to broadcast over (B, T, q|k, head, head_dim/2).
             rope = (self.rope_cos[positions, None, None], self.rope_sin[positions, None, None])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
             cache.advance(T)
-        x = self.norm_f(x)
-        if targets is not None and loss_fn is not None:
-            return None, loss_fn(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                 self.config.vocab_size)
-        if targets is None and cache is not None:
-            x = x[:, -1:, :]  # generation needs the last position only
-        logits = self.lm_head(x)[..., : self.config.vocab_size]
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return self.norm_f(x)
 
     # ---------------------------------------------------------------------------------------
 

@@ -199,6 +199,7 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         restore = Pretrained(open_source(config.model.init_from))
         log.info("train: starting from the weights of model.init_from (%s), with a fresh optimiser",
                  config.model.init_from)
+    tasks = _encode_eval_tasks(config, data.manifest)
     training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=restore)
     state = TrainState()
     if resume is not None:
@@ -215,7 +216,23 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
             checkpointer.repair_best()
     dist_util.barrier(info)
     return Trainer(config, info, device, precision, data, training, checkpointer, state,
-                   resume.path.name if resume is not None else None)
+                   resume.path.name if resume is not None else None, tasks)
+
+
+def _encode_eval_tasks(config: Config, manifest: Manifest) -> list:
+    """``train.eval_tasks``, read and tokenized once, up front: a bad task file is refused before
+    training starts, not at its first evaluation."""
+    if not config.train.eval_tasks:
+        return []
+    from lmtrain.tasks import encode_task, read_tasks
+    from lmtrain.tokenizer import load_tokenizer
+
+    try:
+        tasks = read_tasks(config.train.eval_tasks, config.train.eval_tasks_limit)
+    except LmtrainError as exc:
+        raise ConfigError(f"train.eval_tasks: {exc}") from None
+    tokenizer = load_tokenizer(config.run_dir)
+    return [encode_task(task, tokenizer, manifest.eot_id, config.model.block_size) for task in tasks]
 
 
 def _warn_about_the_schedule(tc: TrainConfig, step: int, resume: Resume | None) -> None:
@@ -267,10 +284,11 @@ class Trainer:
 
     def __init__(self, config: Config, info: dist_util.DistInfo, device: torch.device, precision: str,
                  data: RunData, training: Training, checkpointer: Checkpointer, state: TrainState,
-                 resumed_from: str | None) -> None:
+                 resumed_from: str | None, tasks: list | None = None) -> None:
         self.config, self.tc, self.info, self.device, self.precision = config, config.train, info, device, precision
         self.data, self.training, self.model = data, training, training.model
         self.checkpointer, self.state, self.resumed_from = checkpointer, state, resumed_from
+        self.tasks = tasks or []  # encoded multiple-choice tasks (lmtrain.tasks), scored with each eval
         self.val_positions = val_positions(data.val, self.tc.eval_batches * self.tc.batch_size)
         self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.history: list[dict[str, float]] = []
@@ -362,6 +380,12 @@ class Trainer:
         val = val_metrics(loss, split.tokens, split.utf8_bytes)
         self.state.record_eval(self.state.step, val)
         metrics.eval(self.state.step, val)
+        if self.tasks:
+            from lmtrain.tasks import score_task
+
+            for task in self.tasks:
+                metrics.task(self.state.step, score_task(self.model, task, self.device, AMP_DTYPES[self.precision],
+                                                         self.tc.batch_size, self.info))
         return val
 
     def _sample(self) -> str:

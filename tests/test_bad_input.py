@@ -263,6 +263,30 @@ CASES = [
     Case("init-from-corrupt-config", "sharded", TRAIN + " --set model.init_from={tmp}/src",
          "config.json is not readable JSON", write("src/config.json", "{oops")),
     Case("eval-data-missing", "trained", "eval --run {run} --data {tmp}/nope.txt", "no such file or directory"),
+    # -- multiple-choice task files -------------------------------------------------------------
+    Case("tasks-missing", "trained", "eval --run {run} --tasks {tmp}/nope.jsonl", "nope.jsonl: no such task file"),
+    Case("tasks-not-json", "trained", "eval --run {run} --tasks {tmp}/t.jsonl", "t.jsonl:2: not JSON",
+         write("t.jsonl", '{"context": "a", "choices": ["b", "c"], "label": 0}\n{oops\n')),
+    Case("tasks-one-choice", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:1: 1 choice; an item needs at least two", write("t.jsonl", '{"context": "a", "choices": ["b"], "label": 0}\n')),
+    Case("tasks-label-out-of-range", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:3: label 4 is out of range for 4 choices",
+         write("t.jsonl", '{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\n\n'
+                          '{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}\n')),
+    Case("tasks-no-label", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:1: label must be the index of the right choice, got ''",
+         write("t.jsonl", '{"ctx": "a", "endings": ["b", "c"], "label": ""}\n')),  # HellaSwag's test split
+    Case("tasks-empty", "trained", "eval --run {run} --tasks {tmp}/t.jsonl", "t.jsonl: no items", write("t.jsonl", "\n")),
+    Case("tasks-unknown-format", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:1: no choices; expected HellaSwag's ctx/endings/label or context/choices/label",
+         write("t.jsonl", '{"question": "a", "answer": "b"}\n')),
+    Case("tasks-not-utf8", "trained", "eval --run {run} --tasks {tmp}/t.jsonl", "t.jsonl:1: not UTF-8 text",
+         write("t.jsonl", b'{"context": "\xff", "choices": ["a", "b"], "label": 0}\n')),
+    Case("tasks-with-data", "trained", "eval --run {run} --tasks {tmp}/t.jsonl --data {tmp}/t.txt",
+         "--data and --max-tokens are for bits per byte"),
+    Case("tasks-limit-without-tasks", "trained", "eval --run {run} --limit 5", "--limit counts task items"),
+    Case("train-eval-tasks-missing", "sharded", TRAIN + " --set train.eval_tasks={tmp}/nope.jsonl",
+         "train.eval_tasks: ", ),
 ]
 
 
