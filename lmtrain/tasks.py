@@ -166,11 +166,11 @@ def split_continuation(context: str, choice: str) -> tuple[str, str]:
 @dataclass
 class Row:
     """One sequence the model runs: a prefix, then continuations that each see the prefix and
-    themselves. ``owners[i]`` is the (item, choice) the i-th continuation scores."""
+    themselves. ``choices[i]`` is the choice of the item that the i-th continuation scores."""
 
     prefix: list[int]
     continuations: list[list[int]] = field(default_factory=list)
-    owners: list[tuple[int, int]] = field(default_factory=list)
+    choices: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -205,7 +205,7 @@ def encode_task(task: Task, tokenizer: "Tokenizer", eot_id: int, block_size: int
     context_ids = [e.ids for e in tokenizer.encode_batch(contexts, add_special_tokens=False)]
     whole_ids = [e.ids for e in tokenizer.encode_batch(wholes, add_special_tokens=False)]
     encoded, at = [], 0
-    for index, item in enumerate(task.items):
+    for item in task.items:
         pairs = []
         for choice in item.choices:
             prefix, whole = context_ids[at], whole_ids[at]
@@ -216,11 +216,11 @@ def encode_task(task: Task, tokenizer: "Tokenizer", eot_id: int, block_size: int
                 pairs.append((whole[:1], whole[1:]))
             else:
                 pairs.append(([eot_id], whole))
-        encoded.append(_lay_out(index, item, pairs, block_size, f"{task.path}:{item.line}"))
+        encoded.append(_lay_out(item, pairs, block_size, f"{task.path}:{item.line}"))
     return EncodedTask(task.name, task.path, encoded)
 
 
-def _lay_out(index: int, item: Item, pairs: list[tuple[list[int], list[int]]], block_size: int,
+def _lay_out(item: Item, pairs: list[tuple[list[int], list[int]]], block_size: int,
              where: str) -> EncodedItem:
     """One row holding the context and every choice that fits after it whole; one row per choice
     that does not, with its context cut from the left to fit (the harness cuts per choice too)."""
@@ -241,7 +241,7 @@ def _lay_out(index: int, item: Item, pairs: list[tuple[list[int], list[int]]], b
             row = Row(prefix)
             rows.append(row)
         row.continuations.append(continuation)
-        row.owners.append((index, choice))
+        row.choices.append(choice)
     return EncodedItem(item.label, [len(c) for _, c in pairs], [len(c.encode("utf-8")) for c in item.choices],
                        [r for r in rows if r.continuations], truncated)
 
@@ -293,8 +293,8 @@ def score_items(model: "GPT", items: list[EncodedItem], device: torch.device, am
                 batch_size: int = 16, progress: str | None = None) -> list[ItemScore]:
     """The log-likelihood of every choice of every item; ``batch_size`` rows per forward pass."""
     lls = [np.zeros(len(item.tokens)) for item in items]
-    rows = [row for item in items for row in item.rows]
-    rows.sort(key=lambda r: -r.length)  # similar lengths together: little padding
+    rows = [(row, ll) for item, ll in zip(items, lls) for row in item.rows]
+    rows.sort(key=lambda pair: -pair[0].length)  # similar lengths together: little padding
     was_training = model.training
     model.eval()
     from tqdm.auto import tqdm
@@ -302,25 +302,26 @@ def score_items(model: "GPT", items: list[EncodedItem], device: torch.device, am
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc=progress or "", unit="batch", leave=False,
                           disable=progress is None):
-            _score_batch(model, rows[start:start + batch_size], lls, device, amp_dtype)
+            _score_batch(model, rows[start:start + batch_size], device, amp_dtype)
     finally:
         model.train(was_training)
     return [ItemScore(ll.tolist(), item.tokens, item.utf8_bytes, item.label, item.truncated)
             for ll, item in zip(lls, items)]
 
 
-def _score_batch(model: "GPT", rows: list[Row], lls: list[np.ndarray], device: torch.device,
+def _score_batch(model: "GPT", rows: list[tuple[Row, np.ndarray]], device: torch.device,
                  amp_dtype: torch.dtype | None) -> None:
-    width = max(row.length for row in rows)
+    """Add the log-probabilities of each row's continuations to its item's (the array beside it)."""
+    width = max(row.length for row, _ in rows)
     tokens = np.zeros((len(rows), width), dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
     segments = np.full((len(rows), width), -1, dtype=np.int64)
     query_row, query_pos, targets, owners = [], [], [], []
-    for b, row in enumerate(rows):
+    for b, (row, lls) in enumerate(rows):
         p = len(row.prefix)
         tokens[b, :p], positions[b, :p], segments[b, :p] = row.prefix, np.arange(p), 0
         at = p
-        for segment, (continuation, owner) in enumerate(zip(row.continuations, row.owners), 1):
+        for segment, (continuation, choice) in enumerate(zip(row.continuations, row.choices), 1):
             n = len(continuation) - 1
             tokens[b, at:at + n] = continuation[:-1]
             positions[b, at:at + n] = np.arange(p, p + n)
@@ -329,7 +330,7 @@ def _score_batch(model: "GPT", rows: list[Row], lls: list[np.ndarray], device: t
             query_row += [b] * (n + 1)
             query_pos += [p - 1, *range(at, at + n)]
             targets += continuation
-            owners += [owner] * (n + 1)
+            owners += [(lls, choice)] * (n + 1)
             at += n
     layout = PackedChoices(torch.from_numpy(positions).to(device), torch.from_numpy(segments).to(device))
     with autocast(device, amp_dtype):
@@ -338,8 +339,8 @@ def _score_batch(model: "GPT", rows: list[Row], lls: list[np.ndarray], device: t
         logits = model.lm_head(picked)[:, : model.config.vocab_size]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     target_lp = log_probs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].double().cpu().numpy()
-    for (item, choice), value in zip(owners, target_lp):
-        lls[item][choice] += value
+    for (lls, choice), value in zip(owners, target_lp):
+        lls[choice] += value
 
 
 # --------------------------------------------------------------------------------------------

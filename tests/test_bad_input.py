@@ -282,6 +282,8 @@ CASES = [
          write("t.jsonl", '{"question": "a", "answer": "b"}\n')),
     Case("tasks-not-utf8", "trained", "eval --run {run} --tasks {tmp}/t.jsonl", "t.jsonl:1: not UTF-8 text",
          write("t.jsonl", b'{"context": "\xff", "choices": ["a", "b"], "label": 0}\n')),
+    Case("tasks-choice-longer-than-block", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:1: choice 1 is", write("t.jsonl", '{"context": "a", "choices": ["b", "%s"], "label": 0}\n' % ("x = 1; " * 30))),
     Case("tasks-with-data", "trained", "eval --run {run} --tasks {tmp}/t.jsonl --data {tmp}/t.txt",
          "--data and --max-tokens are for bits per byte"),
     Case("tasks-limit-without-tasks", "trained", "eval --run {run} --limit 5", "--limit counts task items"),

@@ -3,6 +3,7 @@ a single process with the same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,12 +39,20 @@ def step_losses(log_text):
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
     config, run_dir = tiny_run
-    result = torchrun(config, "train.max_steps=6", "train.checkpoint_every=3", "train.grad_accum=1")
+    # A task of 5 items: the ranks score 3 and 2 of them, and the log reports all 5.
+    tasks = tmp_path / "mc.jsonl"
+    tasks.write_text("".join(json.dumps({"context": f"def f{i}(x):\n    return", "label": i % 2,
+                                         "choices": [f"x + {i}", "None"]}) + "\n" for i in range(5)))
+    result = torchrun(config, "train.max_steps=6", "train.checkpoint_every=3", "train.grad_accum=1",
+                      f"train.eval_tasks={tasks}")
     assert result.returncode == 0, result.stderr[-3000:]
     log_text = (run_dir / "train.log").read_text()
     assert "all 2 replicas hold identical weights" in log_text
     assert "4 x 1 grad_accum x 2 processes = 8 sequences" in log_text
     ddp_losses = step_losses(log_text)
+    ddp_task_acc = {int(line.split("step ")[1].split(":")[0]): float(line.split(": acc ")[1].split(",")[0])
+                    for line in log_text.splitlines() if "task mc: acc" in line}
+    assert sorted(ddp_task_acc) == [3, 5, 6] and "(5 items, chance 0.5000)" in log_text
 
     resumed = torchrun(config, "train.max_steps=8", "train.checkpoint_every=3", "train.grad_accum=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -56,7 +65,9 @@ def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
     for part in ("tokenizer", "data"):
         shutil.copytree(run_dir / part, single_dir / part)
     base = [f"run.dir={single_dir}", "train.checkpoint_every=3", "train.grad_accum=2"]
-    single = train(load_config(config, base + ["train.max_steps=6"]))
+    single = train(load_config(config, base + ["train.max_steps=6", f"train.eval_tasks={tasks}"]))
+    single_task_acc = {h["step"]: h["tasks/mc/acc"] for h in single.history if "tasks/mc/acc" in h}
+    assert single_task_acc == pytest.approx(ddp_task_acc)
     single_more = train(load_config(config, base + ["train.max_steps=8"]))
     single_losses = {h["step"]: h["loss"] for h in single.history + single_more.history if "loss" in h}
     for step, loss in ddp_losses.items():

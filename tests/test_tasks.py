@@ -37,6 +37,9 @@ HELLASWAG = [
 ]
 
 
+PYTHON_MC = Path(__file__).parent / "data" / "python_mc.jsonl"
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -180,13 +183,14 @@ def test_a_model_trained_on_the_answers_picks_them(tmp_path):
 def test_eval_tasks_prints_a_table_and_json_with_limit(trained_models, tmp_path):
     run_dir = trained_models["gpt2"]
     a = write_jsonl(tmp_path / "code_mc.jsonl", GENERIC)
-    b = write_jsonl(tmp_path / "hs.jsonl", HELLASWAG)
-    table = run_cli("eval", "--run", str(run_dir), "--tasks", f"{a},{b}")
+    b = PYTHON_MC  # the shipped task file the README reports the default model's scores on
+    table = run_cli("eval", "--run", str(run_dir), "--tasks", f"{a}, {b}")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0] == "checkpoint step-00000010 (step 10)"
     assert lines[1].split() == ["task", "items", "acc", "acc_norm", "acc_norm_tokens", "chance", "truncated"]
-    assert lines[2].split()[:2] == ["code_mc", "6"] and lines[3].split()[:2] == ["hs", "2"]
+    assert lines[2].split()[:2] == ["code_mc", "6"] and lines[3].split()[:2] == ["python_mc", "40"]
+    assert lines[3].split()[-2] == "0.2500"  # chance: four choices each
     assert "±" in lines[2]
     out = run_cli("eval", "--run", str(run_dir), "--tasks", str(a), "--limit", "2", "--json")
     assert out.returncode == 0, out.stderr
@@ -196,3 +200,29 @@ def test_eval_tasks_prints_a_table_and_json_with_limit(trained_models, tmp_path)
     assert row["items"] == 2 and row["chance"] == pytest.approx((1 / 4 + 1 / 3) / 2)
     assert set(row) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "acc_norm_tokens",
                         "acc_norm_tokens_stderr", "chance", "truncated", "path"}
+
+
+@pytest.mark.slow
+def test_the_harness_agrees_item_by_item(trained_models, tmp_path):
+    """EleutherAI's lm-evaluation-harness, run on the transformers export with a local task over
+    the same items, picks the same choice as lmtrain for every item (acc, and acc_norm against its
+    acc_bytes), with log-likelihoods equal to float precision. RoPE + RMSNorm + SwiGLU exports as
+    Llama, the shape whose export permutes weights; contexts are cut to fit, one is empty."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    generic = write_jsonl(tmp_path / "code_mc.jsonl", GENERIC)
+    hellaswag = write_jsonl(tmp_path / "hs.jsonl", [{**r, "label": int(r["label"])} for r in HELLASWAG])
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "check_harness.py"), "--run",
+                             str(trained_models["llama"]), "--tasks", f"{generic},{hellaswag}"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["code_mc"]["acc_agree"] == len(GENERIC) and report["hs"]["acc_agree"] == len(HELLASWAG)
+    for task in report.values():
+        assert task["acc"] == task["harness_acc"] and task["acc_norm"] == task["harness_acc_bytes"]
+        assert task["max_abs_loglikelihood_diff"] < 1e-4
