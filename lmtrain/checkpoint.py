@@ -16,6 +16,7 @@ weights are safetensors, ``optimizer.pt`` is read with ``torch.load(weights_only
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -289,9 +290,17 @@ def list_checkpoints(directory: Path) -> list[str]:
 
 
 def model_config_diffs(checkpoint_config: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """``model.KEY: checkpoint A, config B`` for every model key the two disagree on."""
-    return [f"model.{key}: checkpoint {checkpoint_config.get(key)!r}, config {value!r}"
-            for key, value in wanted.items() if key in checkpoint_config and checkpoint_config[key] != value]
+    """``model.KEY: checkpoint A, config B`` for every model key the two disagree on. A key the
+    checkpoint predates counts as its default (the architecture it was trained with)."""
+    from lmtrain.config import ArchitectureConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ArchitectureConfig)}
+    diffs = []
+    for key, value in wanted.items():
+        have = checkpoint_config.get(key, defaults.get(key, value))
+        if have != value:
+            diffs.append(f"model.{key}: checkpoint {have!r}, config {value!r}")
+    return diffs
 
 
 @dataclass
@@ -477,6 +486,13 @@ def check_resumable(loaded: LoadedCheckpoint, model_config: dict[str, Any], toke
         diffs.append(f"vocab size: checkpoint {have.get('vocab_size')}, tokenizer {model_config['vocab_size']}")
     if loaded.state.get("tokenizer_sha256") not in (None, tokenizer_sha256):
         diffs.append("the tokenizer changed since the checkpoint was written")
+    saved_train = (loaded.state.get("config") or {}).get("train") or {}
+    was = saved_train.get("optimizer", "adamw") if isinstance(saved_train, dict) else "adamw"
+    if was != config.train.optimizer:
+        raise CheckpointError(
+            f"cannot resume from {loaded.path}: it was trained with train.optimizer {was}, and {was}'s state "
+            f"cannot continue as {config.train.optimizer}'s. Keep train.optimizer {was}, or start a new "
+            f"run from these weights with a fresh optimiser: model.init_from={loaded.path} (or --restart)")
     if diffs:
         raise CheckpointError(f"cannot resume from {loaded.path}: {'; '.join(diffs)}; "
                               "use --restart to start over (old checkpoints are kept aside)")

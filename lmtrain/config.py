@@ -117,9 +117,12 @@ class ArchitectureConfig:
     bias: bool = _opt(False, help="biases in linear layers and LayerNorm")
     pos_embedding: Literal["learned", "rope"] = _opt("learned", help="learned (GPT-2) or rope")
     norm: Literal["layernorm", "rmsnorm"] = _opt("layernorm", help="normalisation layer")
-    mlp: Literal["gelu", "swiglu"] = _opt("gelu", help="gelu with 4x width, or swiglu")
+    mlp: Literal["gelu", "swiglu", "relu2"] = _opt("gelu", help="gelu or relu2 (squared ReLU) with 4x width, or swiglu")
     tie_embeddings: bool = _opt(True, help="share the token embedding with the LM head")
     rope_theta: float = _opt(10000.0, gt=0.0, help="base of the rotary frequencies")
+    qk_norm: bool = _opt(False, help="RMSNorm on each head's queries and keys (before RoPE)")
+    logit_softcap: float = _opt(0.0, ge=0.0, help="cap * tanh(logits / cap) on the output logits; 0 is off")
+    zero_init_proj: bool = _opt(False, help="the projections into the residual stream (and an untied head) start at zero")
 
     def check(self) -> None:
         if self.n_embd % self.n_head:
@@ -156,6 +159,13 @@ class TrainConfig:
     beta1: float = _opt(0.9, ge=0.0, lt=1.0, help="AdamW beta1")
     beta2: float = _opt(0.95, ge=0.0, lt=1.0, help="AdamW beta2")
     grad_clip: float = _opt(1.0, ge=0.0, help="clip the gradient norm to this; 0 turns clipping off")
+    optimizer: Literal["adamw", "muon"] = _opt("adamw", help="adamw, or muon for the block matrices")
+    muon_lr: float = _opt(0.02, gt=0.0, le=1.0, help="muon: peak learning rate of the block matrices")
+    muon_momentum: float = _opt(0.95, ge=0.0, lt=1.0, help="muon: momentum (Nesterov)")
+    muon_weight_decay: float = _opt(0.0, ge=0.0, help="muon: decoupled weight decay of the block matrices")
+    muon_ns_steps: int = _opt(5, ge=1, le=20, help="muon: Newton-Schulz iterations")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = _opt(
+        "original", help="muon: per-matrix learning-rate scaling (torch.optim.Muon adjust_lr_fn)")
     eval_every: int = _opt(100, ge=1, help="steps between evaluations")
     eval_batches: int = _opt(20, ge=1, help="val batches per evaluation")
     checkpoint_every: int = _opt(500, ge=1, help="steps between checkpoints")

@@ -36,6 +36,12 @@ SUPPORTED = ("rope+rmsnorm+swiglu (Llama), learned+layernorm+gelu (GPT-2), rope+
 
 def architecture_of(config) -> str:
     """``llama`` or ``gpt2`` for a model config (``ModelConfig``/``GPTConfig``), or ConfigError."""
+    unmapped = [name for name, on in (("model.qk_norm", getattr(config, "qk_norm", False)),
+                                      ("model.logit_softcap", getattr(config, "logit_softcap", 0.0)),
+                                      ("model.mlp: relu2", getattr(config, "mlp", None) == "relu2")) if on]
+    if unmapped:
+        raise ConfigError(f"{' and '.join(unmapped)} has no exact counterpart in the transformers architectures "
+                          f"lmtrain writes ({SUPPORTED}); the export would compute another function")
     shape = (config.pos_embedding, config.norm, config.mlp)
     if shape == ("rope", "rmsnorm", "swiglu"):
         return LLAMA

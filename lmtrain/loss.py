@@ -13,15 +13,17 @@ from typing import Callable
 
 import torch
 
-# (hidden states (N, C), LM head weight (padded vocab, C), targets (N,), real vocab size) -> mean loss
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (hidden states (N, C), LM head weight (padded vocab, C), targets (N,), real vocab size,
+#  logit soft-cap (0: none)) -> mean loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 # Logits held at once per chunk: about 4 MB of fp32, small enough to stay in the CPU's cache.
 CE_CHUNK_ELEMENTS = 1 << 20
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``h @ weight[:vocab].T`` against ``targets``, computed chunk by chunk.
+    """Mean cross-entropy of ``h @ weight[:vocab].T`` (soft-capped to ``cap * tanh(z / cap)`` when
+    ``softcap``) against ``targets``, computed chunk by chunk.
 
     The standard path writes the (tokens x vocab) logits to memory, reads them for log-softmax,
     writes that, and in backward zero-fills and rewrites a tensor of the same size: on a CPU that
@@ -32,7 +34,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size):
+    def forward(ctx, h, weight, targets, vocab_size, softcap=0.0):
         n = h.size(0)
         chunk = max(16, CE_CHUNK_ELEMENTS // vocab_size)
         w = weight[:vocab_size]
@@ -42,11 +44,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             h_c, t_c = h[start:start + chunk], targets[start:start + chunk, None]
             logits = (h_c @ w.t()).float()
+            if softcap:
+                capped = torch.tanh(logits.div_(softcap))  # d(cap * tanh(z / cap))/dz = 1 - tanh^2
+                logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             total += (lse - logits.gather(1, t_c)).sum()
             probs = logits.sub_(lse).exp_()  # softmax, in place
             probs.scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=probs.dtype))
             probs.div_(n)
+            if softcap:
+                probs.mul_(1 - capped.square_())
             g = probs.to(h.dtype)
             grad_h[start:start + chunk] = g @ w
             grad_w[:vocab_size].addmm_(g.t(), h_c)
@@ -56,13 +63,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          vocab_size: int) -> torch.Tensor:
+                          vocab_size: int, softcap: float = 0.0) -> torch.Tensor:
     """The mean loss of the LM head ``weight`` over hidden states ``h``, without the logits."""
-    return ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size)
+    return ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, softcap)
 
 
 def training_loss_fn(device: torch.device) -> LossFn | None:

@@ -55,10 +55,26 @@ class GPTConfig(ArchitectureConfig):
         return dataclasses.asdict(self)
 
 
+RMS_EPS = 1e-6
+
+
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-6)
+        return nn.RMSNorm(config.n_embd, eps=RMS_EPS)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm over each head's queries and keys (``model.qk_norm``), one learned scale for q and
+    one for k (Qwen3's q_norm and k_norm): it bounds the attention logits, which lets a higher
+    learning rate train stably. Applied to q and k together, as they come out of the fused qkv."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2, 1, head_dim))  # [q, k], broadcast over heads
+
+    def forward(self, qk: torch.Tensor) -> torch.Tensor:  # (B, T, 2, n_head, head_dim)
+        return F.rms_norm(qk, (qk.size(-1),), eps=RMS_EPS) * self.weight
 
 
 def make_dropout(config: GPTConfig) -> nn.Module:
@@ -102,14 +118,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = make_dropout(config)
         self.rope = config.pos_embedding == "rope"
+        self.qk_norm = QKNorm(config.head_dim) if config.qk_norm else None
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        qk = qkv[:, :, :2] if self.qk_norm is None else self.qk_norm(qkv[:, :, :2])
         if self.rope:
-            q, k = apply_rope(qkv[:, :, :2], *rope).unbind(2)  # q and k rotated in one go
-        else:
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
+            qk = apply_rope(qk, *rope)  # q and k rotated in one go
+        q, k = qk.unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         mask, causal = None, True
         if cache is not None:
@@ -132,9 +149,10 @@ class MLP(nn.Module):
             hidden = math.ceil(int(8 * config.n_embd / 3) / 64) * 64
             # Gate and up projections as one matmul: one call instead of two per token.
             self.up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
-        else:
+        else:  # gelu or relu2
             hidden = 4 * config.n_embd
             self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.relu2 = config.mlp == "relu2"
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = make_dropout(config)
@@ -143,6 +161,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.up(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:
+            h = F.relu(self.up(x)).square()  # squared ReLU (Primer; the modded-nanogpt speedrun)
         else:
             h = F.gelu(self.up(x), approximate="tanh")
         return self.dropout(self.proj(h))
@@ -186,11 +206,17 @@ class GPT(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2: N(0, 0.02), with the projections that write into the residual stream scaled
-        # by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        # by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth. With
+        # model.zero_init_proj they start at zero instead (each block starts as the identity),
+        # and so does an untied head (the first logits are uniform), as in the modded-nanogpt
+        # speedrun.
         if isinstance(module, nn.Linear):
             std = 0.02
-            if getattr(module, "is_residual_projection", False):
+            residual = getattr(module, "is_residual_projection", False)
+            if residual:
                 std /= math.sqrt(2 * self.config.n_layer)
+            if self.config.zero_init_proj and (residual or (module is self.lm_head and not self.config.tie_embeddings)):
+                std = 0.0
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -208,14 +234,24 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, cache)
         if targets is not None and loss_fn is not None:
             return None, loss_fn(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                 self.config.vocab_size)
+                                 self.config.vocab_size, self.config.logit_softcap)
         if targets is None and cache is not None:
             x = x[:, -1:, :]  # generation needs the last position only
-        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        logits = self.logits(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over the real vocabulary, soft-capped if ``model.logit_softcap``."""
+        logits = self.lm_head(hidden)[..., : self.config.vocab_size]
+        cap = self.config.logit_softcap
+        if cap:
+            # Bounds the logits smoothly to (-cap, cap): the model cannot grow overconfident by
+            # scaling them, which the modded-nanogpt speedrun found to help (Gemma 2 does it too).
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
     def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
         """The final (normalised) hidden state of every position: what the LM head reads.

@@ -336,7 +336,7 @@ def _score_batch(model: "GPT", rows: list[tuple[Row, np.ndarray]], device: torch
     with autocast(device, amp_dtype):
         hidden = model.hidden_states(torch.from_numpy(tokens).to(device), cache=layout)
         picked = hidden[torch.tensor(query_row, device=device), torch.tensor(query_pos, device=device)]
-        logits = model.lm_head(picked)[:, : model.config.vocab_size]
+        logits = model.logits(picked)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     target_lp = log_probs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].double().cpu().numpy()
     for (lls, choice), value in zip(owners, target_lp):

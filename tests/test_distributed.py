@@ -75,3 +75,14 @@ def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
     single_weights = load_file(str(single_dir / "checkpoints" / "step-00000008" / "model.safetensors"))
     for key, value in single_weights.items():
         torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_muon_replicas_stay_identical(tiny_run):
+    """Muon under DDP: gradients are averaged before the step, every rank orthogonalises the same
+    update, and the replica check finds the weights identical."""
+    config, run_dir = tiny_run
+    result = torchrun(config, "train.max_steps=4", "train.checkpoint_every=4", "train.optimizer=muon",
+                      "model.qk_norm=true", "model.pos_embedding=rope")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "all 2 replicas hold identical weights" in (run_dir / "train.log").read_text()

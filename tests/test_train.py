@@ -64,13 +64,18 @@ def interrupted_at(stop_step, cfg, monkeypatch):
     return info.value
 
 
-def test_exact_resume_is_bit_identical(tmp_path, tiny_run, monkeypatch):
+SPEEDRUN_OPTIONS = ["train.optimizer=muon", "model.qk_norm=true", "model.mlp=relu2", "model.logit_softcap=15",
+                    "model.zero_init_proj=true", "model.tie_embeddings=false", "model.pos_embedding=rope"]
+
+
+@pytest.mark.parametrize("options", [[], SPEEDRUN_OPTIONS], ids=["default", "muon-and-architecture-options"])
+def test_exact_resume_is_bit_identical(tmp_path, tiny_run, monkeypatch, options):
     config, run_dir = tiny_run
-    straight = train(load_config(config, ["train.max_steps=20", "model.dropout=0.1"]))
+    straight = train(load_config(config, ["train.max_steps=20", "model.dropout=0.1", *options]))
     straight_weights = weights(run_dir)
 
     other = tmp_path / "other"
-    overrides = [f"run.dir={other}", "model.dropout=0.1"]
+    overrides = [f"run.dir={other}", "model.dropout=0.1", *options]
     other.mkdir()
     for part in ("tokenizer", "data"):
         import shutil
