@@ -27,7 +27,7 @@ from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import tokenizer_path
 
 FORMATS = ("hf", "gguf")
-ARCH_NAMES = {"llama": "Llama", "gpt2": "GPT-2", "starcoder2": "Starcoder2", "stablelm": "StableLM"}
+ARCH_NAMES = {"llama": "Llama", "gpt2": "GPT-2", "starcoder2": "Starcoder2", "stablelm": "StableLM", "qwen3": "Qwen3"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -63,6 +63,9 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
     if fmt == "gguf" and arch not in (LLAMA, GPT2):
         raise ExportError(f"GGUF export writes the llama and gpt2 architectures; this model maps to {arch} "
                           "in transformers: export it with --format hf instead")
+    if fmt == "gguf" and loaded.model.config.mlp == "relu2":
+        raise ExportError("llama.cpp's gpt2 architecture computes GELU, and this model has model.mlp: relu2; "
+                          "export it with --format hf instead")
     if fmt == "gguf" and arch == LLAMA and loaded.model.config.bias:
         raise ExportError("llama.cpp's llama architecture has no MLP biases, and this model has model.bias: "
                           "true; export it with --format hf instead")

@@ -9,6 +9,11 @@ function, and the weight maps in both directions (export, and ``model.init_from`
                                    zeros where model.bias is false)
     rope + layernorm + swiglu   -> StableLmForCausalLM (full rotary, sequential residual; exact only
                                    without biases: its MLP and output projection have none)
+    rope + rmsnorm + swiglu + qk_norm, no biases -> Qwen3ForCausalLM (Llama with q_norm/k_norm)
+    mlp relu2 (squared ReLU) in place of gelu: GPT-2 (activation_function relu2) and Starcoder2
+                                   (hidden_act relu2)
+
+model.logit_softcap has no counterpart in these architectures and is refused.
 
 Any other combination is refused with the list of these. Nothing here imports transformers:
 the maps are plain tensors and dicts, so ``lmtrain train`` can start from a Hugging Face directory
@@ -28,26 +33,30 @@ LLAMA = "llama"
 GPT2 = "gpt2"
 STARCODER2 = "starcoder2"
 STABLELM = "stablelm"
+QWEN3 = "qwen3"
 RMS_EPS = 1e-6  # lmtrain's nn.RMSNorm eps
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's layer_norm_epsilon
-SUPPORTED = ("rope+rmsnorm+swiglu (Llama), learned+layernorm+gelu (GPT-2), rope+layernorm+gelu (Starcoder2) "
-             "or rope+layernorm+swiglu without biases (StableLM)")
+SUPPORTED = ("rope+rmsnorm+swiglu (Llama; with qk_norm and no biases, Qwen3), learned+layernorm+gelu|relu2 "
+             "(GPT-2), rope+layernorm+gelu|relu2 (Starcoder2) or rope+layernorm+swiglu without biases (StableLM)")
 
 
 def architecture_of(config) -> str:
-    """``llama`` or ``gpt2`` for a model config (``ModelConfig``/``GPTConfig``), or ConfigError."""
-    unmapped = [name for name, on in (("model.qk_norm", getattr(config, "qk_norm", False)),
-                                      ("model.logit_softcap", getattr(config, "logit_softcap", 0.0)),
-                                      ("model.mlp: relu2", getattr(config, "mlp", None) == "relu2")) if on]
-    if unmapped:
-        raise ConfigError(f"{' and '.join(unmapped)} has no exact counterpart in the transformers architectures "
-                          f"lmtrain writes ({SUPPORTED}); the export would compute another function")
+    """The transformers architecture (``llama``, ``gpt2``, ...) of a model config
+    (``ModelConfig``/``GPTConfig``), or ConfigError."""
+    if config.logit_softcap:
+        raise ConfigError(f"model.logit_softcap has no exact counterpart in the transformers architectures lmtrain "
+                          f"writes ({SUPPORTED}); the export would compute another function")
     shape = (config.pos_embedding, config.norm, config.mlp)
+    if config.qk_norm:
+        if shape == ("rope", "rmsnorm", "swiglu") and not config.bias:
+            return QWEN3
+        raise ConfigError(f"model.qk_norm with {'+'.join(shape)}{' and biases' if config.bias else ''} has no exact "
+                          f"counterpart in transformers that lmtrain writes; supported: {SUPPORTED}")
     if shape == ("rope", "rmsnorm", "swiglu"):
         return LLAMA
-    if shape == ("learned", "layernorm", "gelu"):
+    if shape[:2] == ("learned", "layernorm") and config.mlp in ("gelu", "relu2"):
         return GPT2
-    if shape == ("rope", "layernorm", "gelu"):
+    if shape[:2] == ("rope", "layernorm") and config.mlp in ("gelu", "relu2"):
         return STARCODER2
     if shape == ("rope", "layernorm", "swiglu") and not config.bias:
         return STABLELM
@@ -70,7 +79,7 @@ def to_hf(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     arch = architecture_of(config)
     V, C = config.vocab_size, config.n_embd
     out: dict[str, torch.Tensor] = {}
-    if arch == LLAMA:
+    if arch in (LLAMA, QWEN3):
         H = swiglu_hidden(C)
         out["model.embed_tokens.weight"] = state["wte.weight"][:V]
         for i in range(config.n_layer):
@@ -85,6 +94,9 @@ def to_hf(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
                             f"{dst}self_attn.o_proj.{kind}": state[f"{src}attn.proj.{kind}"],
                             f"{dst}mlp.gate_proj.{kind}": gate, f"{dst}mlp.up_proj.{kind}": up,
                             f"{dst}mlp.down_proj.{kind}": state[f"{src}mlp.proj.{kind}"]})
+            if arch == QWEN3:
+                q_scale, k_scale = state[f"{src}attn.qk_norm.weight"].reshape(2, -1)
+                out.update({f"{dst}self_attn.q_norm.weight": q_scale, f"{dst}self_attn.k_norm.weight": k_scale})
         out["model.norm.weight"] = state["norm_f.weight"]
     elif arch in (STARCODER2, STABLELM):
         out["model.embed_tokens.weight"] = state["wte.weight"][:V]
@@ -148,7 +160,8 @@ def hf_config(config, eot_id: int) -> dict[str, Any]:
             "initializer_range": 0.02, "use_cache": True}
     if arch == STARCODER2:
         return {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2", **common, **rope,
-                "intermediate_size": 4 * config.n_embd, "hidden_act": "gelu_pytorch_tanh",
+                "intermediate_size": 4 * config.n_embd,
+                "hidden_act": "relu2" if config.mlp == "relu2" else "gelu_pytorch_tanh",
                 "norm_epsilon": LAYERNORM_EPS, "use_bias": True, "sliding_window": None,
                 "residual_dropout": 0.0, "embedding_dropout": 0.0}
     if arch == STABLELM:
@@ -156,6 +169,11 @@ def hf_config(config, eot_id: int) -> dict[str, Any]:
                 "intermediate_size": swiglu_hidden(config.n_embd), "hidden_act": "silu",
                 "layer_norm_eps": LAYERNORM_EPS, "use_qkv_bias": False, "qk_layernorm": False,
                 "use_parallel_residual": False, "partial_rotary_factor": 1.0, "hidden_dropout": 0.0}
+    if arch == QWEN3:
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **common, **rope,
+                "intermediate_size": swiglu_hidden(config.n_embd), "head_dim": config.n_embd // config.n_head,
+                "hidden_act": "silu", "rms_norm_eps": RMS_EPS, "attention_bias": False,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
     if arch == LLAMA:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
                 "hidden_size": config.n_embd, "intermediate_size": swiglu_hidden(config.n_embd),
@@ -170,7 +188,8 @@ def hf_config(config, eot_id: int) -> dict[str, Any]:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
             "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
             "n_positions": config.block_size, "n_ctx": config.block_size, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": LAYERNORM_EPS,
+            "activation_function": "relu2" if config.mlp == "relu2" else "gelu_new",
+            "layer_norm_epsilon": LAYERNORM_EPS,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "initializer_range": 0.02, "use_cache": True}

@@ -59,6 +59,27 @@ def test_transformers_computes_the_same_logits(tiny_run, tmp_path, arch, bias, t
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # every position: RoPE layout shows past 0
 
 
+OPTION_VARIANTS = {
+    "Qwen3ForCausalLM": ARCHS["llama"] + ["model.qk_norm=true", "model.tie_embeddings=false"],
+    "GPT2LMHeadModel": ARCHS["gpt2"][:2] + ["model.mlp=relu2", "model.bias=true"],
+    "Starcoder2ForCausalLM": ARCHS["starcoder2"][:2] + ["model.mlp=relu2", "model.zero_init_proj=true"],
+}
+
+
+@pytest.mark.parametrize("cls", OPTION_VARIANTS)
+def test_speedrun_options_export_exactly(tiny_run, tmp_path, cls):
+    """model.qk_norm exports as Qwen3 and model.mlp relu2 as GPT-2/Starcoder2 with relu2: the same logits."""
+    config, run_dir = tiny_run
+    train(load_config(config, OPTION_VARIANTS[cls] + ["train.max_steps=3", "train.lr=3e-2"]))
+    export(run_dir, "hf", tmp_path / "hf")
+    ours = load_model(run_dir, "latest", "cpu")
+    theirs = hf_model(tmp_path / "hf")
+    assert type(theirs).__name__ == cls
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours.model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_trained_export_tokenizer_and_greedy_generation_agree(tiny_run, tmp_path, arch):
     from lmtrain.generate import SamplingParams, generate

@@ -104,14 +104,26 @@ def test_flops_count_the_matmuls_each_option_has():
     assert untied.flops_per_token() == plain.flops_per_token()  # the head is a matmul either way
 
 
-@pytest.mark.parametrize("option", [{"qk_norm": True}, {"logit_softcap": 15.0}, {"mlp": "relu2"}])
-def test_export_refuses_what_transformers_cannot_represent(option):
+@pytest.mark.parametrize("option, expected", [
+    ({"qk_norm": True}, "qwen3"),
+    ({"qk_norm": True, "bias": True}, "no exact counterpart"),
+    ({"qk_norm": True, "norm": "layernorm"}, "no exact counterpart"),
+    ({"logit_softcap": 15.0}, "no exact counterpart"),
+    ({"mlp": "relu2"}, "no exact counterpart"),  # rope + rmsnorm + relu2: no such HF model
+    ({"mlp": "relu2", "norm": "layernorm"}, "starcoder2"),
+    ({"mlp": "relu2", "norm": "layernorm", "pos_embedding": "learned"}, "gpt2"),
+    ({"zero_init_proj": True}, "llama"),  # an initialisation: nothing to represent
+])
+def test_which_options_export_and_which_are_refused(option, expected):
     from lmtrain.errors import ConfigError
     from lmtrain.hf_format import architecture_of
 
     config = dataclasses.replace(ModelConfig(pos_embedding="rope", norm="rmsnorm", mlp="swiglu"), **option)
-    with pytest.raises(ConfigError, match="no exact counterpart"):
-        architecture_of(config)
+    if expected == "no exact counterpart":
+        with pytest.raises(ConfigError, match="no exact counterpart"):
+            architecture_of(config)
+    else:
+        assert architecture_of(config) == expected
 
 
 def test_synthetic_step_with_every_option_on_muon():
