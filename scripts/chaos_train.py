@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fault injection: SIGKILL lmtrain at random moments, restart it, and check nothing was lost.
 
-    python scripts/chaos_train.py [--kills 25] [--stage train|shard|tokenize|all] [--seed 0]
+    python scripts/chaos_train.py [--kills 25] [--stage train|shard|tokenize|all] [--seed 0] [--set train.optimizer=muon]
 
 train:    runs `lmtrain train` on a tiny config that checkpoints every step (so kills land inside
           checkpoint writes too), kills it at random moments, restarts it, and repeats until the
@@ -85,7 +85,8 @@ def kill_after(proc: subprocess.Popen, started: callable, delay: float, timeout:
 # ---------------------------------------------------------------------------------------------
 
 
-def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 1000) -> dict:
+def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 1000,
+                extra: tuple[str, ...] = ()) -> dict:
     from safetensors.torch import load_file
 
     from lmtrain.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint
@@ -102,7 +103,7 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
         run = workdir / name
         for part in ("tokenizer", "data"):
             shutil.copytree(prepared / part, run / part)
-        return run, base_sets(run, 80, 1 << 16) + TRAIN_SETS + [f"train.max_steps={max_steps}"]
+        return run, base_sets(run, 80, 1 << 16) + TRAIN_SETS + [f"train.max_steps={max_steps}", *extra]
 
     # The reference runs exactly as the chaos runs do (a subprocess, the same thread count):
     # bit-identity is only promised for the same arithmetic.
@@ -263,10 +264,13 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=25)
     parser.add_argument("--stage", choices=["train", "shard", "tokenize", "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="train stage: an extra config override, e.g. train.optimizer=muon")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     stages = ["train", "shard", "tokenize"] if args.stage == "all" else [args.stage]
-    runners = {"train": chaos_train, "shard": chaos_shard, "tokenize": chaos_tokenize}
+    runners = {"train": lambda *a: chaos_train(*a, extra=tuple(args.sets)), "shard": chaos_shard,
+               "tokenize": chaos_tokenize}
     reports = []
     with tempfile.TemporaryDirectory(prefix="lmtrain-chaos-") as tmp:
         for stage in stages:
