@@ -177,6 +177,8 @@ class TrainConfig:
     max_bad_steps: int = _opt(10, ge=1, help="non-finite steps in a row before training stops")
     device: Literal["auto", "cpu", "cuda", "mps"] = _opt("auto", help="auto, cpu, cuda or mps")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _opt("auto", help="auto, bf16, fp16 or fp32")
+    activation_checkpointing: Literal["none", "full", "selective"] = _opt(
+        "none", help="recompute block activations in the backward pass: full or selective")
     compile: Literal["auto", "true", "false"] = _opt("auto", help="torch.compile: auto means on CUDA")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _opt(
         "default", help="torch.compile mode; reduce-overhead replays CUDA graphs")

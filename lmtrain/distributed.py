@@ -30,6 +30,11 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def local_world_size(self) -> int:
+        """Processes on this machine (torchrun's LOCAL_WORLD_SIZE; all of them without it)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.enabled else 1
+
 
 def from_environment() -> DistInfo:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

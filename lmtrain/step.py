@@ -19,6 +19,7 @@ from lmtrain import distributed as dist_util
 from lmtrain.config import Config, ModelConfig, TrainConfig
 from lmtrain.device import AMP_DTYPES, autocast, enable_fast_matmul, synchronize
 from lmtrain.loss import training_loss_fn
+from lmtrain.memory import apply_activation_checkpointing
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.optim import lr_at, make_optimizer, set_lr
 
@@ -78,6 +79,7 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
     if restore is not None:
         restore.weights(model)
     model.to(device)
+    apply_activation_checkpointing(model, config.train.activation_checkpointing)
     optimizer = make_optimizer(model, config.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if restore is not None:

@@ -44,6 +44,7 @@ from lmtrain.device import AMP_DTYPES, resolve_device, resolve_precision
 from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
 from lmtrain.evaluate import val_loss, val_metrics
 from lmtrain.fsutil import sha256_file
+from lmtrain.memory import check_fits
 from lmtrain.metrics import TrainLog
 from lmtrain.optim import lr_at
 from lmtrain.model import GPTConfig
@@ -200,12 +201,16 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         log.info("train: starting from the weights of model.init_from (%s), with a fresh optimiser",
                  config.model.init_from)
     tasks = _encode_eval_tasks(config, data.manifest)
+    need = check_fits(config, data.manifest.vocab_size, device, AMP_DTYPES[precision], info.world_size,
+                      info.local_world_size)
     training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=restore)
     state = TrainState()
     if resume is not None:
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
         resume.restore_rng()
     if info.is_main:
+        log.info("memory: %s (estimated; micro-batch %d x %d tokens)", need.describe(), config.train.batch_size,
+                 config.model.block_size)
         _warn_about_the_schedule(config.train, state.step, resume)
         prepare_run_dir(config)
         if restart:

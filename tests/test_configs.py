@@ -11,7 +11,8 @@ from conftest import REPO
 from lmtrain.config import SECTIONS, default_config_text, load_config
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "gpt2-small.yaml", "example.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "gpt2-small.yaml", "gpt2-medium.yaml", "gpt2-large.yaml",
+                                  "gpt2-xl.yaml", "example.yaml"])
 def test_shipped_configs_load(name):
     load_config(REPO / "configs" / name)
 
@@ -36,3 +37,19 @@ def test_gpt2_small_is_the_124m_shape():
     with torch.device("meta"):
         model = build_model(cfg.model, 50257)
     assert 123e6 < model.num_params() < 125e6
+
+
+@pytest.mark.parametrize("name, low, high", [("gpt2-medium", 350e6, 360e6), ("gpt2-large", 770e6, 780e6),
+                                             ("gpt2-xl", 1.55e9, 1.57e9)])
+def test_bigger_configs_have_their_size_and_fit_80_gb(name, low, high):
+    """Their parameter counts (SwiGLU keeps GPT-2's), 524,288 tokens per step, and an estimated
+    peak under 80 GB with room to spare (the estimate leaves out allocator slack)."""
+    import torch
+
+    from lmtrain.memory import estimate
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    need = estimate(cfg, 50257, torch.bfloat16)
+    assert low < need.parameters < high
+    assert cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size == 524288
+    assert need.total < 0.7 * 80 * 1024 ** 3

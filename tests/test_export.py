@@ -266,7 +266,8 @@ def test_what_cannot_be_exported_or_loaded_is_one_line_and_writes_nothing(tiny_r
                                "train.max_steps=2"]))
     result = run_cli("export", "--run", str(run_dir), "--format", "hf", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "learned+rmsnorm+swiglu has no exact counterpart" in result.stderr
-    assert "supported: rope+rmsnorm+swiglu (Llama), learned+layernorm+gelu (GPT-2)" in result.stderr
+    assert ("supported: rope+rmsnorm+swiglu (Llama; with qk_norm and no biases, Qwen3), "
+            "learned+layernorm+gelu|relu2 (GPT-2)") in result.stderr
     assert not (tmp_path / "out").exists()
     # A Hugging Face directory whose weights are not safetensors.
     src = tmp_path / "src"

@@ -40,6 +40,17 @@ HELLASWAG = [
 PYTHON_MC = Path(__file__).parent / "data" / "python_mc.jsonl"
 
 
+def cli(*args: str) -> str:
+    """The real CLI, in-process (as tests/test_bad_input.py drives it): its stdout."""
+    from typer.testing import CliRunner
+
+    from lmtrain.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -165,9 +176,8 @@ def test_a_model_trained_on_the_answers_picks_them(tmp_path):
     }))
     result = run_cli("run", "--config", str(config))
     assert result.returncode == 0, result.stderr
-    out = run_cli("eval", "--run", str(tmp_path / "run"), "--tasks", str(task_file), "--json")
-    assert out.returncode == 0, out.stderr
-    scores = json.loads(out.stdout)["tasks"]["animals"]
+    out = cli("eval", "--run", str(tmp_path / "run"), "--tasks", str(task_file), "--json")
+    scores = json.loads(out)["tasks"]["animals"]
     assert scores["items"] == 8 and scores["chance"] == pytest.approx(1 / 8)
     assert scores["acc"] >= 0.75 and scores["acc_norm"] >= 0.75 and scores["acc_norm_tokens"] >= 0.75
     log = (tmp_path / "run" / "train.log").read_text()
@@ -184,17 +194,13 @@ def test_eval_tasks_prints_a_table_and_json_with_limit(trained_models, tmp_path)
     run_dir = trained_models["gpt2"]
     a = write_jsonl(tmp_path / "code_mc.jsonl", GENERIC)
     b = PYTHON_MC  # the shipped task file the README reports the default model's scores on
-    table = run_cli("eval", "--run", str(run_dir), "--tasks", f"{a}, {b}")
-    assert table.returncode == 0, table.stderr
-    lines = table.stdout.splitlines()
+    lines = cli("eval", "--run", str(run_dir), "--tasks", f"{a}, {b}").splitlines()
     assert lines[0] == "checkpoint step-00000010 (step 10)"
     assert lines[1].split() == ["task", "items", "acc", "acc_norm", "acc_norm_tokens", "chance", "truncated"]
     assert lines[2].split()[:2] == ["code_mc", "6"] and lines[3].split()[:2] == ["python_mc", "40"]
     assert lines[3].split()[-2] == "0.2500"  # chance: four choices each
     assert "±" in lines[2]
-    out = run_cli("eval", "--run", str(run_dir), "--tasks", str(a), "--limit", "2", "--json")
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
+    data = json.loads(cli("eval", "--run", str(run_dir), "--tasks", str(a), "--limit", "2", "--json"))
     assert set(data) == {"checkpoint", "step", "tasks"}
     row = data["tasks"]["code_mc"]
     assert row["items"] == 2 and row["chance"] == pytest.approx((1 / 4 + 1 / 3) / 2)
