@@ -101,12 +101,16 @@ def test_raising_max_steps_resumes_and_finished_run_is_done(tiny_run):
     assert more.step == 15 and more.resumed_from == "step-00000010"
 
 
-def test_resume_with_another_shape_names_what_differs(tiny_run):
+@pytest.mark.parametrize("change, message", [
+    ("model.n_layer=3", r"model.n_layer: checkpoint 2, config 3.*--restart"),
+    ("train.optimizer=muon", r"trained with train.optimizer adamw.*model.init_from=.*--restart"),
+], ids=["shape", "optimizer"])
+def test_resume_with_another_shape_or_optimizer_names_what_differs(tiny_run, change, message):
     config, _ = tiny_run
     train(load_config(config, ["train.max_steps=10"]))
-    with pytest.raises(CheckpointError, match=r"model.n_layer: checkpoint 2, config 3.*--restart"):
-        train(load_config(config, ["train.max_steps=20", "model.n_layer=3"]))
-    result = train(load_config(config, ["train.max_steps=5", "model.n_layer=3"]), restart=True)
+    with pytest.raises(CheckpointError, match=message):
+        train(load_config(config, ["train.max_steps=20", change]))
+    result = train(load_config(config, ["train.max_steps=5", change]), restart=True)
     assert result.step == 5 and result.resumed_from is None
     assert list(run_dir_aside(config))
 
