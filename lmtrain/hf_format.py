@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from lmtrain.errors import ConfigError
+from lmtrain.model import RMS_EPS  # lmtrain's RMSNorm eps, which the exports must carry
 
 LLAMA = "llama"
 GPT2 = "gpt2"
 STARCODER2 = "starcoder2"
 STABLELM = "stablelm"
 QWEN3 = "qwen3"
-RMS_EPS = 1e-6  # lmtrain's nn.RMSNorm eps
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's layer_norm_epsilon
 SUPPORTED = ("rope+rmsnorm+swiglu (Llama; with qk_norm and no biases, Qwen3), learned+layernorm+gelu|relu2 "
              "(GPT-2), rope+layernorm+gelu|relu2 (Starcoder2) or rope+layernorm+swiglu without biases (StableLM)")

@@ -21,6 +21,7 @@ per parameter, plus activations per micro-batch, from the model's shape.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -98,12 +99,13 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     the gradients.
     """
     from lmtrain.model import GPT, GPTConfig
+    from lmtrain.optim import muon_matrices
 
     model_config = GPTConfig.of(config.model, vocab_size)
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = GPT(model_config)
     params = model.num_params()
-    matrices = sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2)  # what Muon updates
+    matrices = sum(p.numel() for p in muon_matrices(model))
     tc, c = config.train, model_config
     a = torch.finfo(amp_dtype).bits // 8 if amp_dtype is not None else 4
     tokens = tc.batch_size * c.block_size
@@ -126,8 +128,6 @@ def device_memory(device: torch.device, processes_here: int = 1) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[1]
     if device.type == "cpu":
-        import os
-
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, processes_here)
     return None
 

@@ -186,7 +186,9 @@ class TrainLog:
 
     def task(self, step: int, score) -> None:
         """``score``: a ``lmtrain.tasks.TaskScore``, logged as tasks/<name>/<metric>."""
-        metrics = {f"tasks/{score.name}/{m}": getattr(score, m) for m in ("acc", "acc_norm", "acc_norm_tokens")}
+        from lmtrain.tasks import METRICS
+
+        metrics = {f"tasks/{score.name}/{m}": getattr(score, m) for m in METRICS}
         self.history.append({"step": step, **metrics})
         if not self.info.is_main:
             return
