@@ -79,18 +79,15 @@ def _decode(s: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict, with a tied LM head stored once (safetensors refuses shared tensors)."""
-    state = model.state_dict()
-    if getattr(model.config, "tie_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in state.items()}
+def weights_for_saving(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """A model's state dict as stored: a ``tied`` LM head once (safetensors refuses shared tensors)."""
+    return {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+def save_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    save_file(model_state_for_saving(model), str(path), metadata=metadata)
+    save_file(weights, str(path), metadata=metadata)
     os.chmod(path, default_file_mode())  # safetensors creates files 0600; the rest follow the umask
 
 
@@ -139,12 +136,13 @@ class SavedCheckpoint:
     is_best: bool
 
 
-def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer_state: dict,
+def save_checkpoint(directory: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict[str, Any], keep: int) -> SavedCheckpoint:
     """Write ``step-XXXXXXXX/`` atomically, then move ``latest`` (and ``best``) to it, then prune.
 
-    ``state`` must hold ``val_loss`` (the loss measured at this step, or None); ``best`` moves
-    when it is lower than the val loss of the checkpoint ``best`` names now.
+    ``weights`` is the model's whole state dict; ``state`` must hold ``model_config`` and
+    ``val_loss`` (the loss measured at this step, or None): ``best`` moves when it is lower than
+    the val loss of the checkpoint ``best`` names now.
     """
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(directory)
@@ -157,7 +155,8 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
     previous = _pointer_name(directory, "latest") or "none"
     try:
         with atomic_dir(final) as tmp:
-            save_weights(model, tmp / MODEL_FILE, metadata)
+            tied = bool(state["model_config"].get("tie_embeddings", False))
+            save_weights(weights_for_saving(weights, tied), tmp / MODEL_FILE, metadata)
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         atomic_write_text(directory / "latest", name + "\n")
@@ -416,14 +415,19 @@ class Checkpointer:
             pointer.unlink()
             log.warning("%s: removed it; the next checkpoint sets it", problem)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer_state, state: dict[str, Any]) -> Path:
-        """Write ``step-XXXXXXXX`` (``optimizer_state()`` is called on rank 0 only)."""
+    def save(self, step: int, training, state: dict[str, Any]) -> Path:
+        """Write ``step-XXXXXXXX`` of ``training`` (a ``step.Training``); every rank calls this.
+
+        Before saving, the ranks check that they agree: under DDP their weights must be identical;
+        under FSDP, where each holds different shards, their optimiser step counts and buffers.
+        """
         if self.info.enabled:
-            dist_util.check_replicas_in_sync(model, self.info, self.device)
+            what = dist_util.check_ranks_agree(training.model, training.optimizer, self.info, self.device)
             if self.info.is_main:
-                log.info("step %d: all %d replicas hold identical weights", step, self.info.world_size)
+                log.info("step %d: all %d %s", step, self.info.world_size, what)
+        weights, optimizer_state = training.snapshot(keep=self.info.is_main)
         if self.info.is_main:
-            saved = save_checkpoint(self.directory, step, model, optimizer_state(), state, self.keep)
+            saved = save_checkpoint(self.directory, step, weights, optimizer_state, state, self.keep)
             self.last = saved.path
             log.info("step %d: checkpoint %s%s", step, saved.path, " (best)" if saved.is_best else "")
         else:
@@ -462,6 +466,9 @@ class Resume:
         try:
             optimizer.load_state_dict(self.optimizer_state["optimizer"])
             scaler.load_state_dict(self.optimizer_state["scaler"])
+            from lmtrain.sharding import shard_loaded_state
+
+            shard_loaded_state(optimizer)  # a no-op unless the model is sharded (FSDP)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{self.path / OPTIMIZER_FILE} does not fit this optimiser ({exc})") from None
 

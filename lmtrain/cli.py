@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -175,6 +176,8 @@ def train(
         result = run_training(cfg, restart=restart)
     except TrainingInterrupted as stop:
         _stopped(stop, _resume_hint("train", config, set_))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports for all
     if result.already_done:
         typer.echo(f"training is already complete: step {result.step} of {result.max_steps} "
                    f"(raise train.max_steps to train longer, or --restart)")
@@ -361,7 +364,8 @@ def run(
 def _stopped(stop, hint: str) -> None:
     """Training stopped on a signal: say where it saved and how to go on; exit 128 + signal."""
     where = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
-    typer.echo(f"stopped at step {stop.step}; wrote {where}\nresume with: {hint}", err=True)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"stopped at step {stop.step}; wrote {where}\nresume with: {hint}", err=True)
     raise typer.Exit(128 + stop.signum) from None
 
 

@@ -177,6 +177,8 @@ class TrainConfig:
     max_bad_steps: int = _opt(10, ge=1, help="non-finite steps in a row before training stops")
     device: Literal["auto", "cpu", "cuda", "mps"] = _opt("auto", help="auto, cpu, cuda or mps")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _opt("auto", help="auto, bf16, fp16 or fp32")
+    parallel: Literal["ddp", "fsdp"] = _opt(
+        "ddp", help="under torchrun: ddp (a replica per process) or fsdp (weights, gradients, optimiser sharded)")
     activation_checkpointing: Literal["none", "full", "selective"] = _opt(
         "none", help="recompute block activations in the backward pass: full or selective")
     compile: Literal["auto", "true", "false"] = _opt("auto", help="torch.compile: auto means on CUDA")

@@ -1,4 +1,4 @@
-"""torchrun / DistributedDataParallel setup.
+"""torchrun setup: the process group, and what the ranks must agree on.
 
 ``torchrun --nproc_per_node=N -m lmtrain train --config C`` sets RANK, WORLD_SIZE and LOCAL_RANK
 in each process; we read them, join the process group (NCCL on CUDA, gloo on CPU) and give each
@@ -83,14 +83,26 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def check_replicas_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device) -> None:
-    """Raise if the ranks' weights differ (a bug: DDP keeps them identical)."""
-    if not info.enabled:
-        return
+def check_ranks_agree(model: torch.nn.Module, optimizer, info: DistInfo, device: torch.device) -> str:
+    """Raise if the ranks have drifted apart (a bug); return what was compared, for the log.
+
+    Under DDP every rank holds the same weights, and they are compared. Under FSDP each rank holds
+    other shards, so what must agree instead is what every rank keeps whole: the optimiser's step
+    counts (a rank that skipped or repeated an update differs there) and the model's buffers.
+    """
+    from lmtrain.sharding import is_sharded, local_scalars
+
     with torch.no_grad():
-        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+        if is_sharded(model):
+            values = local_scalars(optimizer) + [b.double().sum().item() for b in model.buffers()]
+            sums, what = torch.tensor(values or [0.0], dtype=torch.float64), "ranks agree on the optimiser's step counts and buffers (weights are sharded)"
+        else:
+            sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+            what = "replicas hold identical weights"
+    sums = sums.to(device)
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
-        raise RuntimeError("DDP replicas have diverged: their weights differ across ranks")
+        raise RuntimeError(f"the {info.world_size} ranks have diverged: {what.split(' (')[0]} no longer holds")
+    return what

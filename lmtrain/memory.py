@@ -96,7 +96,8 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     recomputed, selective keeps the matmul and attention outputs (~10 x C). The logits cost
     (activation bytes + an fp32 copy + its gradient) per vocabulary entry per token, unless the
     chunked loss computes them in pieces (on a CPU). DDP's gradient buckets add one more copy of
-    the gradients.
+    the gradients; FSDP (``train.parallel: fsdp``) divides weights, gradients and optimiser state
+    by the number of processes and adds what it gathers whole (``_sharded``).
     """
     from lmtrain.model import GPT, GPTConfig
     from lmtrain.optim import muon_matrices
@@ -118,8 +119,22 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     if not chunked_loss:
         activations += tokens * model_config.padded_vocab_size * (a + 4 + 4)
     optimizer = 8 * params if tc.optimizer == "adamw" else 8 * (params - matrices) + 4 * matrices
+    if tc.parallel == "fsdp" and world_size > 1:
+        return _sharded(model, params, optimizer, a, world_size, int(activations))
     gradients = 4 * params * (2 if world_size > 1 else 1)
     return MemoryEstimate(params, 4 * params, gradients, optimizer, int(activations))
+
+
+def _sharded(model, params: int, optimizer: int, a: int, world_size: int, activations: int) -> MemoryEstimate:
+    """FSDP: 1/N of the fp32 weights, gradients and optimiser state per rank, plus what is
+    gathered whole at a time: the root's weights (embeddings, final norm, head: gathered for the
+    whole step), two blocks' (the one running and the one prefetched) in the compute dtype, and
+    one block's unsharded fp32 gradients before they are reduce-scattered."""
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = params - block * len(model.blocks)
+    gathered = (root + 2 * block) * a
+    return MemoryEstimate(params, -(-4 * params // world_size) + gathered, -(-4 * params // world_size) + 4 * block,
+                          -(-optimizer // world_size), activations)
 
 
 def device_memory(device: torch.device, processes_here: int = 1) -> int | None:
@@ -146,6 +161,8 @@ def check_fits(config, vocab_size: int, device: torch.device, amp_dtype: torch.d
         advice = [f"lower train.batch_size ({tc.batch_size}; raise train.grad_accum to keep the global batch)"]
         if tc.activation_checkpointing != "full":
             advice.append("set train.activation_checkpointing: full")
+        if tc.parallel == "ddp":
+            advice.append("shard the model over several GPUs with train.parallel: fsdp (under torchrun)")
         advice.append("or train a smaller model")
         raise ConfigError(f"this run needs {need.describe()}, more than the {have / 1024 ** 3:.1f} GB "
                           f"{'of ' + str(device) if device.type == 'cuda' else 'of memory per process'} has: "

@@ -84,7 +84,7 @@ class MuonWithAdamW:
     (both optimisers' groups), ``step``, ``zero_grad``, and a ``state_dict`` of
     ``{"adamw": ..., "muon": ...}``. Muon's group carries ``lr_scale = muon_lr / lr``, so the
     learning-rate schedule (``set_lr``) scales both the same way. torch.optim.Muon lacks nothing
-    this needs on a GPU, where it is used as it is; on a CPU, ``_MuonFp32``.
+    this needs on one GPU, where it is used as it is; on a CPU or sharded (FSDP), ``_Muon``.
     """
 
     def __init__(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> None:
@@ -96,15 +96,24 @@ class MuonWithAdamW:
         ids = {id(p) for p in matrices}
         rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in param_groups(model, tc.weight_decay)]
         self.adamw = _adamw([g for g in rest if g["params"]], tc, device)
-        muon = torch.optim.Muon if device.type == "cuda" else _MuonFp32
+        sharded = any(_is_dtensor(p) for p in matrices)
+        muon = torch.optim.Muon if device.type == "cuda" and not sharded else _Muon
         self.muon = muon(matrices, lr=tc.muon_lr, weight_decay=tc.muon_weight_decay, momentum=tc.muon_momentum,
                          nesterov=True, ns_steps=tc.muon_ns_steps, adjust_lr_fn=tc.muon_adjust_lr)
+        if muon is _Muon:
+            # torch's Newton-Schulz dtype on GPUs (bf16, fast there); fp32 on CPUs (see _Muon).
+            self.muon.ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for group in self.muon.param_groups:
             group["lr_scale"] = tc.muon_lr / tc.lr
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict:
+        """Per-parameter state of both (the same dicts the two optimisers hold)."""
+        return {**self.adamw.state, **self.muon.state}
 
     def step(self) -> None:
         self.adamw.step()
@@ -124,12 +133,25 @@ class MuonWithAdamW:
         self.muon.load_state_dict(state["muon"])
 
 
-class _MuonFp32(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
-    """``torch.optim.Muon`` with its Newton-Schulz iteration in fp32: torch's always computes it in
-    bf16, which GPUs do fast but CPUs without bf16 matrix units emulate, about 25x slower than fp32
-    (one 768x128 orthogonalisation: 170 ms against 6 ms on our 2-core CPU), enough to halve the
-    default model's training throughput. The state (one momentum buffer per matrix), the update
-    rule and the learning-rate adjustment are torch's; only the iteration's dtype differs."""
+class _Muon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
+    """``torch.optim.Muon``'s update, with two differences where torch's does not serve:
+
+    - On a CPU the Newton-Schulz iteration runs in fp32 (``ns_dtype``): torch's always computes it
+      in bf16, which GPUs do fast but CPUs without bf16 matrix units emulate, about 25x slower than
+      fp32 (one 768x128 orthogonalisation: 170 ms against 6 ms on our 2-core CPU), enough to halve
+      the default model's training throughput.
+    - Under FSDP (``train.parallel: fsdp``) each rank holds a slice of rows of every matrix, and
+      orthogonalising a slice is not orthogonalising the matrix. The update is gathered whole
+      (``full_tensor``, the volume of one forward's weight gather), orthogonalised on every rank
+      alike, and each rank keeps its rows: the arithmetic of one process, at the price of every
+      rank repeating the Newton-Schulz work (a Muon that spreads whole matrices over the ranks, as
+      nanochat's does, would not repeat it).
+
+    The state (one momentum buffer per matrix, sharded like its matrix), the update rule and the
+    learning-rate adjustment are torch's.
+    """
+
+    ns_dtype = torch.float32
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -144,17 +166,32 @@ class _MuonFp32(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.opti
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                update = self._orthogonalise(update, group)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * _lr_ratio(group["adjust_lr_fn"], p.shape))
 
+    def _orthogonalise(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        args = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+        if not _is_dtensor(update):
+            return newton_schulz(update, *args)
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = newton_schulz(update.full_tensor(), *args)
+        return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
+def _is_dtensor(value) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> torch.Tensor:
-    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's), in fp32: an
+                  eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's), in ``dtype``: an
     approximately orthogonal matrix with ``grad``'s singular vectors."""
     a, b, c = coefficients
-    x = grad.float()
+    x = grad.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T

@@ -22,6 +22,7 @@ from lmtrain.loss import training_loss_fn
 from lmtrain.memory import apply_activation_checkpointing
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.optim import lr_at, make_optimizer, set_lr
+from lmtrain.sharding import is_sharded
 
 
 def build_model(model: ModelConfig, vocab_size: int) -> GPT:
@@ -39,10 +40,18 @@ def uses_compile(tc: TrainConfig, device: torch.device) -> bool:
     return tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
 
 
+def shards(tc: TrainConfig, info: dist_util.DistInfo) -> bool:
+    """Whether this run shards the model (``train.parallel: fsdp`` over more than one process)."""
+    return tc.parallel == "fsdp" and info.enabled
+
+
 def wrap_model(model: GPT, tc: TrainConfig, device: torch.device, info: dist_util.DistInfo) -> torch.nn.Module:
-    """The module the training step calls: compiled (CUDA by default) and DDP-wrapped as needed."""
+    """The module the training step calls: compiled (CUDA by default) and DDP-wrapped as needed.
+    A sharded model is neither: its blocks were compiled before sharding (``shard_model``)."""
     enable_fast_matmul(device)
     wrapped: torch.nn.Module = model
+    if shards(tc, info):
+        return wrapped
     if uses_compile(tc, device):
         wrapped = torch.compile(wrapped, mode=tc.compile_mode)
     if info.enabled:
@@ -61,8 +70,18 @@ class Training:
     scaler: torch.amp.GradScaler
     runner: "StepRunner"
 
-    def optimizer_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+    def snapshot(self, keep: bool) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+        """The weights and the optimiser + scaler state as a checkpoint stores them, whole; every
+        rank calls this (a sharded model is gathered), the ranks that ``keep`` get them."""
+        if is_sharded(self.model):
+            from lmtrain.sharding import full_model_state, full_optimizer_state
+
+            weights, optimizer = full_model_state(self.model, keep), full_optimizer_state(self.optimizer, keep)
+        elif keep:
+            weights, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        else:
+            return None, None
+        return weights, ({"optimizer": optimizer, "scaler": self.scaler.state_dict()} if keep else None)
 
 
 def build_training(config: Config, vocab_size: int, device: torch.device, precision: str,
@@ -80,6 +99,10 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
         restore.weights(model)
     model.to(device)
     apply_activation_checkpointing(model, config.train.activation_checkpointing)
+    if shards(config.train, info):
+        from lmtrain.sharding import shard_model
+
+        shard_model(model, config.train, device, AMP_DTYPES[precision], uses_compile(config.train, device))
     optimizer = make_optimizer(model, config.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if restore is not None:
@@ -101,6 +124,7 @@ class StepRunner:
         self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
         self.tc, self.precision, self.device, self.info = tc, precision, device, info
         self.amp_dtype = AMP_DTYPES[precision]
+        self.sharded = is_sharded(model)
         self.loss_fn = training_loss_fn(device)
         self.cuda_graphs = (device.type == "cuda" and forward_model is not model
                             and tc.compile_mode in ("reduce-overhead", "max-autotune"))
@@ -117,8 +141,10 @@ class StepRunner:
             x, y = batches.get(step, micro)
             clock.stop("data")
             last = micro == tc.grad_accum - 1
-            # DDP: synchronise gradients on the last micro-step only.
-            sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.forward_model.no_sync()
+            # DDP: synchronise gradients on the last micro-step only. FSDP reduce-scatters every
+            # micro-step: skipping it would hold whole (unsharded) gradients, what FSDP is there to avoid.
+            ddp = self.info.enabled and not self.sharded
+            sync = self.forward_model.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync:
                 if self.cuda_graphs:
                     # Each micro-step is a new replay; earlier outputs are consumed by now.
@@ -132,6 +158,8 @@ class StepRunner:
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.sharded:
+            norm = norm.full_tensor()  # the norm over every rank's shard, replicated
         good = self._apply(total, norm)
         clock.stop("optimizer")
         return total, norm, good

@@ -48,6 +48,7 @@ import torch
 from lmtrain import distributed as dist_util
 from lmtrain.device import autocast
 from lmtrain.errors import DataError
+from lmtrain.sharding import is_sharded
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -290,19 +291,28 @@ class ItemScore:
 
 @torch.no_grad()
 def score_items(model: "GPT", items: list[EncodedItem], device: torch.device, amp_dtype: torch.dtype | None,
-                batch_size: int = 16, progress: str | None = None) -> list[ItemScore]:
-    """The log-likelihood of every choice of every item; ``batch_size`` rows per forward pass."""
+                batch_size: int = 16, progress: str | None = None, min_batches: int = 0,
+                spare: EncodedItem | None = None) -> list[ItemScore]:
+    """The log-likelihood of every choice of every item; ``batch_size`` rows per forward pass.
+
+    ``min_batches``: run at least this many forward passes, repeating the first batch (or the
+    rows of ``spare`` when there are no items) and discarding the result: a sharded model's
+    forward pass is a collective that every rank must join."""
     lls = [np.zeros(len(item.tokens)) for item in items]
     rows = [(row, ll) for item, ll in zip(items, lls) for row in item.rows]
     rows.sort(key=lambda pair: -pair[0].length)  # similar lengths together: little padding
+    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    if len(batches) < min_batches:
+        first = batches[0] if batches else [(row, np.zeros(len(spare.tokens))) for row in spare.rows]
+        filler = [(row, np.zeros_like(ll)) for row, ll in first]
+        batches += [filler] * (min_batches - len(batches))
     was_training = model.training
     model.eval()
     from tqdm.auto import tqdm
 
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc=progress or "", unit="batch", leave=False,
-                          disable=progress is None):
-            _score_batch(model, rows[start:start + batch_size], device, amp_dtype)
+        for batch in tqdm(batches, desc=progress or "", unit="batch", leave=False, disable=progress is None):
+            _score_batch(model, batch, device, amp_dtype)
     finally:
         model.train(was_training)
     return [ItemScore(ll.tolist(), item.tokens, item.utf8_bytes, item.label, item.truncated)
@@ -374,7 +384,12 @@ def score_task(model: "GPT", task: EncodedTask, device: torch.device, amp_dtype:
     info = info or dist_util.DistInfo()
     start = time.perf_counter()
     mine = task.items[info.rank :: info.world_size]
-    scores = score_items(model, mine, device, amp_dtype, batch_size, progress)
+    min_batches = 0
+    if is_sharded(model):  # every rank must make as many forward passes as the busiest one
+        rows = torch.tensor([math.ceil(sum(len(item.rows) for item in mine) / batch_size)], device=device)
+        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
+        min_batches = int(rows.item())
+    scores = score_items(model, mine, device, amp_dtype, batch_size, progress, min_batches, task.items[0])
     # Sums over items: count, then the correct ones per metric, the chance level and truncations.
     sums = np.zeros(2 + len(METRICS) + 1)
     for score in scores:

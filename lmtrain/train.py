@@ -16,8 +16,9 @@ Where things are:
     lmtrain/metrics.py     progress bar, train.log, TensorBoard, MFU (TrainLog)
     lmtrain/checkpoint.py  Checkpointer (when and how to save), Resume (loading one back)
 
-Under torchrun each process trains a DistributedDataParallel replica; rank 0 alone writes
-checkpoints, TensorBoard events and the log.
+Under torchrun each process trains a DistributedDataParallel replica, or with ``train.parallel:
+fsdp`` a shard of the model (lmtrain/sharding.py); rank 0 alone writes checkpoints, TensorBoard
+events and the log.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from lmtrain.model import GPTConfig
 from lmtrain.rundir import (check_run_dir_usable, checkpoints_dir, data_dir, hold_run_dir, move_aside, prepare_run_dir,
                             tb_dir, tokenizer_path)
 from lmtrain.shards import Manifest, read_manifest
-from lmtrain.step import Training, build_training, tokens_per_step
+from lmtrain.step import Training, build_training, shards, tokens_per_step
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,11 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     check_run_dir_usable(run_dir)
     data = RunData.open(config)
     precision = resolve_precision(config.train.precision, device)
+    if precision == "fp16" and shards(config.train, info):
+        # GradScaler's inf check would see one shard per rank, and ranks could disagree on skipping.
+        why = " (train.precision auto chose it: this GPU lacks bf16)" if config.train.precision == "auto" else ""
+        raise ConfigError(f"train.parallel fsdp trains in bf16 or fp32, not fp16{why}: set train.precision: "
+                          "fp32 (or bf16 where the GPU has it), or train.parallel: ddp")
     checkpointer = Checkpointer(checkpoints_dir(run_dir), config.train.checkpoint_every,
                                 config.train.keep_checkpoints, info, device)
     resume = None
@@ -298,7 +304,8 @@ class Trainer:
         self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.history: list[dict[str, float]] = []
         self.tokenizer = None
-        if self.tc.sample_every and info.is_main:
+        # A sharded model generates on every rank (its forward passes are collectives); rank 0 logs.
+        if self.tc.sample_every and (info.is_main or shards(self.tc, info)):
             from lmtrain.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(config.run_dir)
@@ -333,8 +340,7 @@ class Trainer:
                 if tc.sample_every and state.step % tc.sample_every == 0 and self.tokenizer is not None:
                     metrics.text("sample", self._sample(), state.step)
                 if save:
-                    self.checkpointer.save(state.step, self.model, self.training.optimizer_state,
-                                           self._checkpoint_state(val))
+                    self.checkpointer.save(state.step, self.training, self._checkpoint_state(val))
                 if stop == "max_minutes" and self.info.is_main:
                     log.info("train.max_minutes reached (%.1f min): stopping at step %d",
                              state.train_seconds / 60, state.step)

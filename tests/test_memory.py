@@ -76,6 +76,13 @@ def test_the_estimate_adds_up_and_refuses_what_cannot_fit(tiny_run):
     assert full.activations < blocks.activations / 3
     muon = estimate(load_config("configs/gpt2-small.yaml", ["train.optimizer=muon"]), 50257, torch.bfloat16)
     assert muon.optimizer < est.optimizer
+    # FSDP: an eighth of the optimiser state per rank; weights and gradients an eighth plus what is
+    # gathered whole (the embeddings and head, two blocks); the activations do not shrink.
+    ddp = estimate(load_config("configs/gpt2-xl.yaml"), 50257, torch.bfloat16, 8)
+    fsdp = estimate(load_config("configs/gpt2-xl.yaml", ["train.parallel=fsdp"]), 50257, torch.bfloat16, 8)
+    assert fsdp.optimizer == -(-ddp.optimizer // 8) and fsdp.activations == ddp.activations
+    assert 4 * fsdp.parameters / 8 < fsdp.weights < 4 * fsdp.parameters / 4
+    assert fsdp.total < ddp.total - 20 * 1024 ** 3
     config, run_dir = tiny_run
     with pytest.raises(ConfigError, match=r"this run needs ~.* GB per device.*lower train.batch_size"):
         train(load_config(config, ["train.batch_size=200000000"]))
