@@ -191,6 +191,11 @@ def train(
         f"checkpoint {result.checkpoint}\n"
         f"tensorboard --logdir {result.run_dir / 'tb'}"
     )
+    if result.budget is not None:
+        from lmtrain.budget import spent
+
+        typer.echo(spent(result.budget, result.step, result.tokens_seen, result.train_seconds, result.eval_seconds,
+                         result.checkpoint_seconds))
 
 
 RunOption = typer.Option(..., "--run", "-r", help="The run directory (run.dir of its config).")

@@ -78,6 +78,15 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Each of ``values``' largest value over the ranks (so that decisions made from timings agree)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

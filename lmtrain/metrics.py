@@ -140,6 +140,11 @@ class TrainLog:
                  tc.batch_size, tc.grad_accum, info.world_size, tc.batch_size * tc.grad_accum * info.world_size,
                  self.tokens_per_step)
 
+    def set_total(self, max_steps: int) -> None:
+        """The run's last step moved (``train.max_minutes`` re-planned it)."""
+        self._bar.total = max_steps
+        self._bar.refresh()
+
     def step(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
         """Step ``step`` (1-based) is done; log the window since the last line when one is due."""
         self._window_loss += loss.detach()

@@ -28,7 +28,7 @@ def lr_at(step: int, tc: TrainConfig) -> float:
             return tc.lr
         progress = min(1.0, (step - decay_start + 1) / decay_steps)
         return tc.lr - (tc.lr - tc.min_lr) * progress
-    span = max(1, tc.max_steps - tc.warmup_steps)
+    span = max(1, tc.max_steps - 1 - tc.warmup_steps)  # the last step (max_steps - 1) is at min_lr
     progress = min(1.0, (step - tc.warmup_steps) / span)
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 

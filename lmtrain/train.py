@@ -38,6 +38,7 @@ import torch
 
 from lmtrain import distributed as dist_util
 from lmtrain.artifacts import check_shards_agree, check_tokenizer_agrees
+from lmtrain.budget import REPLAN_EVERY
 from lmtrain.checkpoint import STATE_FILE, Checkpointer, Resume, rng_state
 from lmtrain.config import Config, TrainConfig
 from lmtrain.data import TokenWindows, TrainBatches, val_positions
@@ -83,6 +84,9 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     bad_streak: int = 0  # ... of them in a row, up to now
     last_val: dict[str, float] | None = None  # the latest evaluation, with its step
+    eval_seconds: float = 0.0  # of train_seconds: in evaluations
+    checkpoint_seconds: float = 0.0  # ... and in writing checkpoints
+    budget: dict[str, Any] | None = None  # train.max_minutes' decision (lmtrain.budget.Budget)
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any], path: Path) -> "TrainState":
@@ -90,13 +94,21 @@ class TrainState:
         ``CheckpointError`` naming the file, never a crash later in the loop."""
         state = cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
         numbers = {"step": int, "tokens_seen": int, "train_seconds": (int, float), "skipped_steps": int,
-                   "bad_streak": int, "best_val_loss": (int, float, type(None))}
+                   "bad_streak": int, "best_val_loss": (int, float, type(None)), "eval_seconds": (int, float),
+                   "checkpoint_seconds": (int, float)}
         for name, kind in numbers.items():
             value = getattr(state, name)
             if isinstance(value, bool) or not isinstance(value, kind) or (value is not None and value < 0):
                 raise CheckpointError(f"{path}: {name} is {value!r}; the checkpoint is corrupt")
         if state.last_val is not None and not isinstance(state.last_val, dict):
             raise CheckpointError(f"{path}: last_val is {state.last_val!r}; the checkpoint is corrupt")
+        if state.budget is not None:
+            from lmtrain.budget import Budget
+
+            try:
+                Budget.from_dict(state.budget)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise CheckpointError(f"{path}: budget is {state.budget!r}; the checkpoint is corrupt") from None
         return state
 
     def record_eval(self, step: int, val: dict[str, float]) -> None:
@@ -120,6 +132,10 @@ class TrainResult:
     tokens_seen: int = 0
     seconds: float = 0.0
     tokens_per_sec: float = 0.0
+    train_seconds: float = 0.0  # over every resume, with eval, checkpoints and the budget's probe
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    budget: dict[str, Any] | None = None  # the train.max_minutes decision, when there is one
     skipped_steps: int = 0
     checkpoint: Path | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -214,6 +230,7 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     if resume is not None:
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
         resume.restore_rng()
+    _keep_the_recorded_budget(config.train, state, info)
     if info.is_main:
         log.info("memory: %s (estimated; micro-batch %d x %d tokens)", need.describe(), config.train.batch_size,
                  config.model.block_size)
@@ -228,6 +245,24 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     dist_util.barrier(info)
     return Trainer(config, info, device, precision, data, training, checkpointer, state,
                    resume.path.name if resume is not None else None, tasks)
+
+
+def _keep_the_recorded_budget(tc: TrainConfig, state: TrainState, info: dist_util.DistInfo) -> None:
+    """A run resumed under the same ``train.max_minutes`` keeps the step count its budget decided
+    (and so its schedule); a changed budget is re-planned from the recorded costs (no new probe)."""
+    if tc.max_minutes is None or state.budget is None:
+        return
+    from lmtrain.budget import Budget, plan
+
+    budget = Budget.from_dict(state.budget)
+    if budget.minutes != tc.max_minutes:
+        replanned = plan(tc.max_minutes, budget.costs, tc, state.step, state.train_seconds, budget.probe_seconds)
+        if info.is_main:
+            log.info("train.max_minutes changed (%g -> %g): the run now ends at step %d (was %d)", budget.minutes,
+                     tc.max_minutes, replanned.max_steps, budget.max_steps)
+        budget = replanned
+        state.budget = budget.to_dict()
+    tc.max_steps = budget.max_steps
 
 
 def _encode_eval_tasks(config: Config, manifest: Manifest) -> list:
@@ -316,14 +351,18 @@ class Trainer:
             return self._result(already_done=True, stopped_by="max_minutes")
         if state.step >= tc.max_steps:
             return self._result(already_done=True)
-        start_step, seconds_before = state.step, state.train_seconds
         batches = TrainBatches(self.data.train, self.config.run.seed, tc.batch_size, self.info.rank,
                                self.info.world_size, self.device)
+        start_step = state.step
         stop = None
         with TrainLog(self.config, self.config.run_dir, self.model, self.device, self.info, start_step) as metrics, \
                 StopSignals() as signals:
             self.history = metrics.history
             metrics.announce(self.model, self.precision, self.resumed_from)
+            if tc.max_minutes is not None and state.budget is None:
+                self._plan_the_budget(batches)  # (plan() refuses a budget that fits no step)
+                metrics.set_total(tc.max_steps)
+            seconds_before, pace = state.train_seconds, _Pace()
             run_start = time.perf_counter()
             while state.step < tc.max_steps:
                 loss, norm, applied = self.training.runner.run(state.step, batches)
@@ -332,21 +371,36 @@ class Trainer:
                 state.tokens_seen += self.tokens_per_step
                 metrics.step(state.step, loss, norm)
                 state.train_seconds = seconds_before + time.perf_counter() - run_start
+                if state.budget is not None and state.step % REPLAN_EVERY == 0:
+                    self._keep_within_budget(pace, state.step - start_step, metrics)
                 stop = self._stop_reason(signals)
                 final = state.step == tc.max_steps or stop is not None
                 save = self.checkpointer.due(state.step, final)
                 if state.step % tc.eval_every == 0 or save:  # every checkpoint records its val loss
-                    val = self._evaluate(metrics)
+                    with pace.timing("eval"):
+                        val = self._evaluate(metrics)
                 if tc.sample_every and state.step % tc.sample_every == 0 and self.tokenizer is not None:
                     metrics.text("sample", self._sample(), state.step)
                 if save:
-                    self.checkpointer.save(state.step, self.training, self._checkpoint_state(val))
+                    with pace.timing("checkpoint"):
+                        state.eval_seconds += pace.take("eval")
+                        state.checkpoint_seconds += pace.take("checkpoint")  # the ones before this
+                        state.train_seconds = seconds_before + time.perf_counter() - run_start
+                        self.checkpointer.save(state.step, self.training, self._checkpoint_state(val))
                 if stop == "max_minutes" and self.info.is_main:
                     log.info("train.max_minutes reached (%.1f min): stopping at step %d",
                              state.train_seconds / 60, state.step)
                 if stop is not None:
                     break
-        seconds = time.perf_counter() - run_start
+            seconds = time.perf_counter() - run_start
+            state.eval_seconds += pace.take("eval")
+            state.checkpoint_seconds += pace.take("checkpoint")  # the last one's
+            state.train_seconds = seconds_before + seconds
+            if state.budget is not None and self.info.is_main:
+                from lmtrain.budget import spent
+
+                log.info("%s", spent(state.budget, state.step, state.tokens_seen, state.train_seconds,
+                                     state.eval_seconds, state.checkpoint_seconds))
         if stop == "signal":
             raise TrainingInterrupted(signals.signum or signal.SIGTERM, state.step, self.checkpointer.last,
                                       self.history)
@@ -372,6 +426,53 @@ class Trainer:
                 f"{state.bad_streak} non-finite steps in a row at step {state.step + 1}: training "
                 "diverged. Lower train.lr, raise train.warmup_steps or use "
                 "train.precision: bf16/fp32; the last good checkpoint is untouched")
+
+    def _plan_the_budget(self, batches) -> None:
+        """``train.max_minutes``: probe this machine and fix ``train.max_steps`` to what fits."""
+        from lmtrain.budget import plan, probe
+
+        tc, state = self.tc, self.state
+        costs, probe_seconds = probe(self, batches, tc.max_minutes * 60 - state.train_seconds)
+        state.train_seconds += probe_seconds
+        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds, probe_seconds)
+        state.budget = budget.to_dict()
+        if self.info.is_main:
+            log.info("train.max_minutes %g: %d steps fit (%s; probe %.1f s), so the schedule ends at step %d "
+                     "instead of train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(),
+                     probe_seconds, budget.max_steps, tc.max_steps)
+        tc.max_steps = budget.max_steps
+
+    def _keep_within_budget(self, pace: "_Pace", steps: int, metrics: TrainLog) -> None:
+        """End earlier (and so decay earlier) if the run goes slower than its budget planned."""
+        from lmtrain.budget import Budget, Costs, replan
+
+        budget = Budget.from_dict(self.state.budget)
+        planned = budget.costs
+        mine = pace.costs(steps, time.perf_counter(), planned)
+        *figures, spent = dist_util.max_over_ranks([mine.step, mine.eval, mine.checkpoint, self.state.train_seconds],
+                                                   self.info, self.device)
+        last = replan(budget, Costs(*figures), self.tc, self.state.step, spent)
+        if last is None:
+            return
+        if self.info.is_main:
+            log.warning("step %d: training runs slower than the probe measured (%.3g s a step, planned %.3g): the "
+                        "run now ends at step %d instead of %d, with its decay, inside train.max_minutes %g",
+                        self.state.step, figures[0], planned.step, last, self.tc.max_steps, budget.minutes)
+        budget.replans.append({"at": self.state.step, "max_steps": last, "step_seconds": figures[0]})
+        budget.max_steps = last
+        self.state.budget = budget.to_dict()
+        self.tc.max_steps = last
+        metrics.set_total(last)
+
+    def evaluate_quietly(self) -> None:
+        """An evaluation as the loop runs it, logging nothing (the budget's probe times it)."""
+        val_loss(self.model, self.data.val, self.val_positions, self.tc.batch_size, self.device,
+                 AMP_DTYPES[self.precision], self.info)
+        if self.tasks:
+            from lmtrain.tasks import score_task
+
+            for task in self.tasks:
+                score_task(self.model, task, self.device, AMP_DTYPES[self.precision], self.tc.batch_size, self.info)
 
     def _out_of_time(self) -> bool:
         return self.tc.max_minutes is not None and self.state.train_seconds >= self.tc.max_minutes * 60
@@ -420,7 +521,41 @@ class Trainer:
             resumed_from=self.resumed_from, already_done=already_done, stopped_by=stopped_by,
             val_loss=last.get("val_loss"), val_bpb=last.get("val_bpb"), best_val_loss=state.best_val_loss,
             tokens_seen=state.tokens_seen, skipped_steps=state.skipped_steps, checkpoint=self.checkpointer.last,
-            history=self.history)
+            history=self.history, train_seconds=state.train_seconds, eval_seconds=state.eval_seconds,
+            checkpoint_seconds=state.checkpoint_seconds, budget=state.budget)
+
+
+class _Pace:
+    """Where this session's loop time goes: evals and checkpoints (timed), and steps (the rest)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds = {"eval": 0.0, "checkpoint": 0.0}  # this session's
+        self.counts = {"eval": 0, "checkpoint": 0}
+        self.untaken = {"eval": 0.0, "checkpoint": 0.0}  # not yet added to the run's state
+
+    @contextlib.contextmanager
+    def timing(self, what: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - t0
+            self.seconds[what] += took
+            self.untaken[what] += took
+            self.counts[what] += 1
+
+    def take(self, what: str) -> float:
+        took, self.untaken[what] = self.untaken[what], 0.0
+        return took
+
+    def costs(self, steps: int, now: float, planned):
+        """The costs measured so far in this session (the planned ones where nothing was measured)."""
+        from lmtrain.budget import Costs
+
+        step = (now - self.start - sum(self.seconds.values())) / max(1, steps)
+        mean = {k: self.seconds[k] / self.counts[k] if self.counts[k] else getattr(planned, k) for k in self.seconds}
+        return Costs(step, mean["eval"], mean["checkpoint"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_lr_schedules():
                              "train.max_steps=100"]).train
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=0.01)
+    assert lr_at(99, cfg) == pytest.approx(1e-4)  # the last step ends the decay
     cfg.schedule = "wsd"
     cfg.decay_fraction = 0.2
     assert lr_at(50, cfg) == pytest.approx(1e-3)

@@ -1,0 +1,230 @@
+"""A learning-rate schedule that fits ``train.max_minutes``.
+
+Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phase, decay) and
+``train.max_minutes`` would only cut it off, before the decay that is worth most at the end. With
+``train.max_minutes`` set, the run decides its number of steps from the budget instead:
+
+1. ``probe`` times real training steps on this machine (after one or two warm-up steps, which
+   also pay for compilation), one evaluation and one checkpoint write, then puts the weights, the
+   optimiser, the scaler and the random number generators back as they were: the probe changes
+   nothing but the decision.
+2. ``steps_that_fit`` picks the largest step count whose steps, evaluations and checkpoints fit
+   in ``MARGIN`` of the time left; that count becomes ``train.max_steps``, so warmup, the stable
+   phase and the decay all happen inside the budget.
+3. The decision (the figures and the count) is recorded in the run's state: a resumed run keeps
+   the same schedule, and so stays bit-exact.
+4. While training, ``Replan`` watches the real pace. If the machine turns out slower than the
+   probe said, it moves the end (and with it the decay) earlier, so that the run still ends
+   inside the budget with its decay done, rather than being cut off, and says so. The hard stop at
+   ``train.max_minutes`` stays as the last resort.
+
+The figures are the slowest rank's under torchrun, so every rank reaches the same decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmtrain.config import TrainConfig
+from lmtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmtrain.train import Trainer
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.95  # share of the time left that the plan fills: the rest absorbs noise
+REPLAN_EVERY = 10  # steps between checks of the pace
+REPLAN_OVER = 1.02  # re-plan when the rest would take this much more than the time left ...
+REPLAN_TO = 0.97  # ... and then plan the rest for this share of it
+
+
+@dataclass
+class Costs:
+    """Seconds, on this machine, for what a run spends its time on."""
+
+    step: float  # one optimiser step (all micro-batches, the update)
+    eval: float  # one evaluation: val loss, and the tasks of train.eval_tasks
+    checkpoint: float  # gathering and writing one checkpoint
+
+    def describe(self) -> str:
+        return f"{self.step:.3g} s a step, {self.eval:.3g} s an eval, {self.checkpoint:.3g} s a checkpoint"
+
+
+def _multiples(every: int, start: int, end: int) -> int:
+    """Multiples of ``every`` in (start, end]."""
+    return end // every - start // every
+
+
+def seconds_for(steps: int, costs: Costs, tc: TrainConfig, start: int = 0) -> float:
+    """Time to train from step ``start`` to step ``steps`` (the last), with the loop's evals and
+    checkpoints: an eval every ``eval_every`` steps and at every checkpoint, a checkpoint every
+    ``checkpoint_every`` steps and at the end."""
+    if steps <= start:
+        return 0.0
+    e, c = tc.eval_every, tc.checkpoint_every
+    both = e * c // math.gcd(e, c)
+    saves = _multiples(c, start, steps) + (steps % c != 0)
+    evals = _multiples(e, start, steps) + _multiples(c, start, steps) - _multiples(both, start, steps)
+    evals += steps % e != 0 and steps % c != 0
+    return (steps - start) * costs.step + evals * costs.eval + saves * costs.checkpoint
+
+
+def steps_that_fit(seconds: float, costs: Costs, tc: TrainConfig, start: int = 0) -> int:
+    """The last step of the longest run from ``start`` that ``seconds`` pays for (``start`` when
+    not even one step fits)."""
+    low, high = start, start + int(seconds / max(costs.step, 1e-9)) + 1
+    while low < high:  # seconds_for grows with the step count: bisect
+        mid = (low + high + 1) // 2
+        if seconds_for(mid, costs, tc, start) <= seconds:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+@dataclass
+class Budget:
+    """The decision, as the run's state records it (``TrainState.budget``)."""
+
+    minutes: float
+    max_steps: int
+    costs: Costs
+    probe_seconds: float  # spent measuring, counted against the budget
+    replans: list[dict[str, Any]] = field(default_factory=list)  # {"at", "max_steps", "step_seconds"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "Budget":
+        return cls(float(saved["minutes"]), int(saved["max_steps"]), Costs(**saved["costs"]),
+                   float(saved["probe_seconds"]), list(saved.get("replans", [])))
+
+
+def plan(minutes: float, costs: Costs, tc: TrainConfig, step: int, seconds_spent: float,
+         probe_seconds: float) -> Budget:
+    """The step count ``minutes`` pays for, from step ``step`` with ``seconds_spent`` of them
+    gone; a ``ConfigError`` when it leaves no room beyond the warmup."""
+    left = minutes * 60 - seconds_spent
+    last = steps_that_fit(MARGIN * left, costs, tc, step)
+    if last <= max(step, tc.warmup_steps):
+        raise ConfigError(
+            f"train.max_minutes {minutes:g} leaves time for {last - step} steps on this machine "
+            f"({costs.describe()}, measured), not enough to get past train.warmup_steps ({tc.warmup_steps}): "
+            "raise train.max_minutes, or lower train.warmup_steps, train.batch_size or the model size")
+    return Budget(minutes, last, costs, probe_seconds)
+
+
+def replan(budget: Budget, pace: Costs, tc: TrainConfig, step: int, seconds_spent: float) -> int | None:
+    """A new, earlier last step if the rest of the run at ``pace`` would overrun the budget, else
+    None. The end only moves earlier: a run that goes faster than planned ends early."""
+    left = budget.minutes * 60 - seconds_spent
+    if seconds_for(tc.max_steps, pace, tc, step) <= REPLAN_OVER * left:
+        return None
+    last = max(step + 1, steps_that_fit(REPLAN_TO * left, pace, tc, step))
+    return last if last < tc.max_steps else None
+
+
+def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, eval_seconds: float,
+          checkpoint_seconds: float) -> str:
+    """How a budgeted run spent its time, for the summary line and the log."""
+    b = Budget.from_dict(budget)
+    steps_seconds = train_seconds - eval_seconds - checkpoint_seconds - b.probe_seconds
+    moved = f"; end moved earlier {len(b.replans)}x (slower than probed)" if b.replans else ""
+    return (f"budget {b.minutes:g} min: {train_seconds:.0f} s used, {step} steps ({tokens:,} tokens) in "
+            f"{steps_seconds:.0f} s, eval {eval_seconds:.0f} s, checkpoints {checkpoint_seconds:.0f} s, probe "
+            f"{b.probe_seconds:.0f} s{moved}")
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, float]:
+    """Time real steps, one eval and one checkpoint of ``trainer`` on this machine, and leave its
+    state as it was; return the costs (the slowest rank's) and the seconds the probe took."""
+    from lmtrain import distributed as dist_util
+    from lmtrain.device import synchronize
+
+    training, device, start_step = trainer.training, trainer.device, trainer.state.step
+    began = time.perf_counter()
+    saved = _Saved.take(training)
+    try:
+        # Warm-up steps pay for compilation, allocator growth and caches; they are not timed.
+        for i in range(2 if training.runner.forward_model is not training.model else 1):
+            training.runner.run(start_step + i, batches)
+        synchronize(device)
+        t0, steps = time.perf_counter(), 0
+        # At least 3 timed steps, and more while they cost under 2% of the budget (at most 10 s).
+        while steps < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and steps < 50):
+            training.runner.run(start_step + 2 + steps, batches)
+            synchronize(device)
+            steps += 1
+        step_seconds = (time.perf_counter() - t0) / steps
+        t0 = time.perf_counter()
+        trainer.evaluate_quietly()
+        synchronize(device)
+        eval_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _time_a_checkpoint(trainer)
+        checkpoint_seconds = time.perf_counter() - t0
+    finally:
+        saved.restore(training)
+    *figures, took = dist_util.max_over_ranks([step_seconds, eval_seconds, checkpoint_seconds,
+                                               time.perf_counter() - began], trainer.info, device)
+    return Costs(*figures), took
+
+
+def _time_a_checkpoint(trainer: "Trainer") -> None:
+    """Gather and write what a checkpoint holds, into a scratch directory that is then removed."""
+    from lmtrain import distributed as dist_util
+    from lmtrain.checkpoint import save_weights, weights_for_saving
+
+    weights, optimizer_state = trainer.training.snapshot(keep=trainer.info.is_main)
+    if trainer.info.is_main:
+        scratch = trainer.checkpointer.directory / ".budget-probe.tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            save_weights(weights_for_saving(weights, trainer.model.config.tie_embeddings), scratch / "w", {})
+            torch.save(optimizer_state, scratch / "o")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    dist_util.barrier(trainer.info)
+
+
+@dataclass
+class _Saved:
+    """Everything a probe's steps change, to put back: weights, optimiser, scaler, RNG."""
+
+    weights: dict
+    optimizer: dict
+    scaler: dict
+    rng: dict
+
+    @classmethod
+    def take(cls, training) -> "_Saved":
+        from lmtrain.checkpoint import rng_state
+
+        weights = {k: v.detach().clone() for k, v in training.model.state_dict().items()}
+        return cls(weights, copy.deepcopy(training.optimizer.state_dict()), copy.deepcopy(training.scaler.state_dict()),
+                   rng_state())
+
+    def restore(self, training) -> None:
+        from lmtrain.checkpoint import set_rng_state
+
+        training.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            training.model.load_state_dict(self.weights)
+        training.optimizer.load_state_dict(self.optimizer)
+        training.scaler.load_state_dict(self.scaler)
+        set_rng_state(self.rng)

@@ -1,0 +1,143 @@
+"""train.max_minutes: the run decides its step count from the budget, fits its whole schedule
+(warmup, stable phase, decay) inside it, keeps the decision on resume, and moves its end earlier
+when the machine turns out slower than the probe said."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from lmtrain import budget as budget_mod
+from lmtrain.budget import Costs, plan, replan, seconds_for, steps_that_fit
+from lmtrain.config import load_config
+from lmtrain.errors import ConfigError
+from lmtrain.optim import lr_at
+from lmtrain.train import train
+from test_train import interrupted_at
+
+
+def train_config(**changes):
+    tc = load_config(None).train
+    tc.eval_every, tc.checkpoint_every, tc.warmup_steps = 10, 25, 5
+    for key, value in changes.items():
+        setattr(tc, key, value)
+    return tc
+
+
+def test_the_decision_is_a_pure_function_of_the_measured_costs():
+    tc = train_config()
+    costs = Costs(step=0.1, eval=1.0, checkpoint=2.0)
+    # 30 steps: evals at 10, 20, 25 (a checkpoint), 30 (the end); checkpoints at 25 and 30.
+    assert seconds_for(30, costs, tc) == pytest.approx(30 * 0.1 + 4 * 1.0 + 2 * 2.0)
+    assert seconds_for(30, costs, tc, start=20) == pytest.approx(10 * 0.1 + 2 * 1.0 + 2 * 2.0)
+    last = steps_that_fit(100.0, costs, tc)
+    assert seconds_for(last, costs, tc) <= 100.0 < seconds_for(last + 1, costs, tc)
+    assert steps_that_fit(100.0, costs, tc) == last  # the same figures, the same decision
+    for schedule in ("cosine", "wsd"):
+        tc = train_config(schedule=schedule)
+        tc.max_steps = plan(2.0, costs, tc, step=0, seconds_spent=3.0, probe_seconds=3.0).max_steps
+        assert lr_at(tc.max_steps - 1, tc) == pytest.approx(tc.min_lr)  # the decay is done at the last step
+        assert lr_at(tc.warmup_steps, tc) == pytest.approx(tc.lr)
+    with pytest.raises(ConfigError, match=r"train.max_minutes 0.02 leaves time for \d+ steps .* train.warmup_steps"):
+        plan(0.02, costs, train_config(), step=0, seconds_spent=0.0, probe_seconds=0.0)
+    # Slower than planned: the end moves earlier, to what fits; faster: it stays.
+    tc = train_config(max_steps=1000)
+    budget = plan(3.0, Costs(0.1, 1.0, 2.0), tc, 0, 0.0, 0.0)
+    tc.max_steps = budget.max_steps
+    assert replan(budget, Costs(0.05, 1.0, 2.0), tc, step=100, seconds_spent=30.0) is None
+    earlier = replan(budget, Costs(0.2, 1.0, 2.0), tc, step=100, seconds_spent=30.0)
+    assert 100 < earlier < budget.max_steps
+    assert seconds_for(earlier, Costs(0.2, 1.0, 2.0), tc, start=100) <= 150.0
+
+
+def fixed_probe(monkeypatch, costs, seconds=1.0):
+    calls = []
+
+    def probe(trainer, batches, budget_seconds):
+        calls.append(trainer.state.step)
+        return costs, seconds
+
+    monkeypatch.setattr(budget_mod, "probe", probe)
+    return calls
+
+
+def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+    config, run_dir = tiny_run
+    calls = fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
+    sets = ["train.max_minutes=0.2", "train.max_steps=1000", "train.schedule=cosine", "train.eval_every=5",
+            "train.checkpoint_every=10"]
+    cfg = load_config(config, sets)
+    interrupted_at(7, cfg, monkeypatch)
+    fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
+    resumed = train(load_config(config, sets))
+    state = json.loads((resumed.checkpoint / "state.json").read_text())
+    # 12 s less the 1 s probe, 95% of it: 10.45 s of 0.2 s steps, evals and checkpoints.
+    expected = steps_that_fit(0.95 * 11.0, Costs(0.2, 0.5, 0.5), cfg.train)
+    assert state["budget"]["max_steps"] == resumed.step == expected and calls == [0]
+    assert resumed.budget["costs"] == {"step": 0.2, "eval": 0.5, "checkpoint": 0.5}
+    assert [h["lr"] for h in resumed.history if "lr" in h][-1] == pytest.approx(cfg.train.min_lr)
+    log_text = (run_dir / "train.log").read_text()
+    assert f"schedule ends at step {expected} instead of train.max_steps 1000" in log_text
+    assert "budget 0.2 min:" in log_text
+
+    # Uninterrupted, with the same decision: the same weights, bit for bit.
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    for part in ("tokenizer", "data"):
+        import shutil
+
+        shutil.copytree(run_dir / part, straight / part)
+    fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
+    other = train(load_config(config, sets + [f"run.dir={straight}"]))
+    ours, theirs = load_file(str(resumed.checkpoint / "model.safetensors")), load_file(str(other.checkpoint / "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_the_real_probe_changes_nothing_but_the_step_count(tiny_run, tmp_path, monkeypatch):
+    config, run_dir = tiny_run
+    # The tiny model's steps are so short that logging each one costs as much again, which the
+    # probe (of the step alone) does not see; plan for half the budget and never re-plan, so the
+    # run keeps the probe's decision and a plain run can repeat it.
+    monkeypatch.setattr(budget_mod, "MARGIN", 0.5)
+    monkeypatch.setattr(budget_mod, "REPLAN_OVER", 1e9)
+    budgeted = train(load_config(config, ["train.max_minutes=0.05", "train.eval_every=20",
+                                          "train.checkpoint_every=1000"]))
+    steps = budgeted.budget["max_steps"]
+    assert budgeted.step == steps > 5 and budgeted.stopped_by == "max_steps"
+    assert budgeted.budget["probe_seconds"] > 0 and budgeted.budget["costs"]["step"] > 0
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    import shutil
+
+    for part in ("tokenizer", "data"):
+        shutil.copytree(run_dir / part, straight / part)
+    plain = train(load_config(config, [f"run.dir={straight}", f"train.max_steps={steps}", "train.eval_every=20",
+                                       "train.checkpoint_every=1000"]))
+    ours = load_file(str(budgeted.checkpoint / "model.safetensors"))
+    theirs = load_file(str(plain.checkpoint / "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_slower_machine_moves_the_decay_earlier(tiny_run, monkeypatch):
+    config, run_dir = tiny_run
+    # The probe claims 1 ms a step: the plan is thousands of steps, far more than 6 s allow.
+    fixed_probe(monkeypatch, Costs(step=0.001, eval=0.001, checkpoint=0.001), seconds=0.0)
+    result = train(load_config(config, ["train.max_minutes=0.1", "train.schedule=wsd", "train.eval_every=50",
+                                        "train.checkpoint_every=100000"]))
+    assert result.stopped_by == "max_steps" and result.train_seconds <= 6.0
+    assert result.budget["replans"] and result.step < result.budget["replans"][0]["at"] + 10_000
+    assert [h["lr"] for h in result.history if "lr" in h][-1] == pytest.approx(3e-4)  # min_lr: decayed
+    assert "training runs slower than the probe measured" in (run_dir / "train.log").read_text()
+
+
+def test_a_budget_too_small_for_the_warmup_is_one_line(tiny_run):
+    config, run_dir = tiny_run
+    result = run_cli("train", "--config", str(config), "--set", "train.max_minutes=0.001",
+                     "--set", "train.warmup_steps=500")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "train.max_minutes 0.001 leaves time for" in result.stderr and "train.warmup_steps (500)" in result.stderr
