@@ -164,12 +164,15 @@ def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, fl
         for i in range(2 if training.runner.forward_model is not training.model else 1):
             training.runner.run(start_step + i, batches)
         synchronize(device)
-        t0, steps = time.perf_counter(), 0
-        # At least 3 timed steps, and more while they cost under 2% of the budget (at most 10 s).
-        while steps < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and steps < 50):
+        t0, steps, more = time.perf_counter(), 0, True
+        # At least 3 timed steps, and more while they cost under 2% of the budget (at most 10 s);
+        # under torchrun every rank runs as many as the slowest wants (a step is a collective).
+        while more:
             training.runner.run(start_step + 2 + steps, batches)
             synchronize(device)
             steps += 1
+            more = steps < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and steps < 50)
+            more = dist_util.any_rank(more, trainer.info, device)
         step_seconds = (time.perf_counter() - t0) / steps
         t0 = time.perf_counter()
         trainer.evaluate_quietly()

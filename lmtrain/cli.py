@@ -276,6 +276,7 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="--tasks: score the first N items of each file."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Windows (8) or task items (16) per forward pass."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=2, help="Score at most this many tokens."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="Score this GGUF export of the run (dequantized) instead of the checkpoint."),
     device: str = DeviceOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
@@ -286,8 +287,8 @@ def eval_(
     from lmtrain.errors import LmtrainError
 
     if tasks is not None:
-        if data is not None or max_tokens is not None:
-            raise LmtrainError("--tasks scores task files; --data and --max-tokens are for bits per byte")
+        if data is not None or max_tokens is not None or gguf is not None:
+            raise LmtrainError("--tasks scores task files; --data, --max-tokens and --gguf are for bits per byte")
         from lmtrain.tasks import evaluate_tasks, format_table
 
         files = [f.strip() for f in tasks.split(",") if f.strip()]
@@ -300,7 +301,7 @@ def eval_(
         raise LmtrainError("--limit counts task items; with bits per byte use --max-tokens")
     from lmtrain.evaluate import evaluate
 
-    result = evaluate(run, checkpoint, data, device, batch_size or 8, max_tokens)
+    result = evaluate(run, checkpoint, data, device, batch_size or 8, max_tokens, gguf)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -322,12 +323,38 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="The directory (hf) or file (gguf) to write."),
     checkpoint: str = CheckpointOption,
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export at --out."),
 ) -> None:
-    """Export a checkpoint for transformers (Llama or GPT-2) or llama.cpp (GGUF)."""
+    """Export a checkpoint for transformers (Llama or GPT-2) or llama.cpp (GGUF, quantized with --quant)."""
     from lmtrain.export import describe, export as run_export
 
-    typer.echo(describe(run_export(run, fmt, out, checkpoint, dtype, force)))
+    typer.echo(describe(run_export(run, fmt, out, checkpoint, dtype, force, quant)))
+
+
+@app.command()
+@user_errors
+def plan(
+    minutes: float = typer.Option(..., "--minutes", "-m", min=0.01, help="The training budget, in minutes."),
+    config: Optional[Path] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the picked config here (YAML)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Measure this machine on model shapes around the config's and pick the one predicted to
+    reach the lowest val bpb in MINUTES; --out writes its config for `lmtrain run`."""
+    from lmtrain.plan import format_plan, make_plan, write_plan
+
+    cfg = _load(config, set_)
+    if out is not None and out.exists() and not force:
+        from lmtrain.errors import ConfigError
+
+        raise ConfigError(f"{out} exists; use --force to overwrite it")  # before minutes of measuring
+    result = make_plan(cfg, minutes)
+    typer.echo(format_plan(result))
+    if out is not None:
+        write_plan(result, out, force)
+        typer.echo(f"wrote {out}: lmtrain run --config {out}")
 
 
 @app.command()

@@ -78,8 +78,9 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = _opt(8192, ge=1, le=1 << 24, help="size of the BPE vocabulary, specials included")
-    min_frequency: int = _opt(2, ge=1, help="a pair must occur this often to be merged")
+    model: Literal["bpe", "unigram"] = _opt("bpe", help="bpe (byte-level BPE) or unigram (byte-level Unigram)")
+    vocab_size: int = _opt(8192, ge=1, le=1 << 24, help="size of the vocabulary, specials included")
+    min_frequency: int = _opt(2, ge=1, help="bpe: a pair must occur this often to be merged")
     special_tokens: list[str] = _opt(
         ["<|endoftext|>"], help="special tokens; the first is the end-of-text token"
     )
@@ -149,7 +150,9 @@ class TrainConfig:
     batch_size: int = _opt(16, ge=1, help="sequences per device per micro-step")
     grad_accum: int = _opt(1, ge=1, help="micro-steps per optimiser step")
     max_steps: int = _opt(1000, ge=1, help="optimiser steps in total")
-    max_minutes: Optional[float] = _opt(None, gt=0.0, help="wall-clock budget; stops, evaluates, checkpoints")
+    max_minutes: Optional[float] = _opt(None, gt=0.0, help="wall-clock budget: the schedule is fitted to it")
+    fit_to_budget: bool = _opt(True, help="with max_minutes: choose max_steps so the schedule ends in time; "
+                                          "false keeps max_steps and only stops at the budget (resume later)")
     lr: float = _opt(1e-3, gt=0.0, le=1.0, help="peak learning rate")
     min_lr: float = _opt(1e-4, ge=0.0, le=1.0, help="learning rate at the end of the decay")
     warmup_steps: int = _opt(100, ge=0, help="linear warmup from 0 to lr")
@@ -159,6 +162,9 @@ class TrainConfig:
     beta1: float = _opt(0.9, ge=0.0, lt=1.0, help="AdamW beta1")
     beta2: float = _opt(0.95, ge=0.0, lt=1.0, help="AdamW beta2")
     grad_clip: float = _opt(1.0, ge=0.0, help="clip the gradient norm to this; 0 turns clipping off")
+    distill_from: Optional[str] = _opt(None, help="a teacher (lmtrain run or HF directory, same tokenizer) to distill")
+    distill_alpha: float = _opt(0.5, ge=0.0, le=1.0, help="distill: weight of the KL to the teacher (1 - it: the data's CE)")
+    distill_temperature: float = _opt(1.0, gt=0.0, help="distill: softmax temperature of both distributions in the KL")
     optimizer: Literal["adamw", "muon"] = _opt("adamw", help="adamw, or muon for the block matrices")
     muon_lr: float = _opt(0.02, gt=0.0, le=1.0, help="muon: peak learning rate of the block matrices")
     muon_momentum: float = _opt(0.95, ge=0.0, lt=1.0, help="muon: momentum (Nesterov)")

@@ -80,9 +80,15 @@ class EvalResult:
 
 
 def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None = None,
-             device: str = "auto", batch_size: int = 8, max_tokens: int | None = None) -> EvalResult:
-    """Score a checkpoint on the run's val split, or on ``data_source`` (any ``data.source``)."""
+             device: str = "auto", batch_size: int = 8, max_tokens: int | None = None,
+             gguf: Path | None = None) -> EvalResult:
+    """Score a checkpoint on the run's val split, or on ``data_source`` (any ``data.source``);
+    with ``gguf``, the weights of that GGUF export of the run instead (dequantized)."""
     loaded = load_model(run_dir, checkpoint, device)
+    if gguf is not None:
+        from lmtrain.export import load_gguf_into
+
+        load_gguf_into(loaded, gguf)
     unigram = None
     if data_source is None:
         manifest = read_manifest(data_dir(run_dir))
@@ -102,7 +108,8 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
         source = data_source
     nll, scored = score_stream(loaded, np.asarray(stream, dtype=np.int64), batch_size)
     loss = nll / max(scored, 1)
-    return EvalResult(source=source, checkpoint=loaded.checkpoint.name, step=loaded.step, loss=loss,
+    return EvalResult(source=source, checkpoint=str(gguf) if gguf is not None else loaded.checkpoint.name,
+                      step=loaded.step, loss=loss,
                       ppl=perplexity(loss), bpb=bits_per_byte(nll, max(n_bytes, 1)),
                       tokens=scored, bytes=n_bytes, unigram_bpb=unigram)
 

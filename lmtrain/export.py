@@ -27,6 +27,9 @@ from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import tokenizer_path
 
 FORMATS = ("hf", "gguf")
+# GGUF tensor types for --quant: llama.cpp's names. Matrices take the type (those whose rows are
+# not a whole number of quantization blocks fall back to f16); 1-D tensors stay f32.
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 ARCH_NAMES = {"llama": "Llama", "gpt2": "GPT-2", "starcoder2": "Starcoder2", "stablelm": "StableLM", "qwen3": "Qwen3"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,12 +50,20 @@ class ExportResult:
 
 
 def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype: str = "fp32",
-           force: bool = False) -> ExportResult:
-    """Write the checkpoint ``checkpoint`` of ``run_dir`` to ``out`` in ``fmt``."""
+           force: bool = False, quant: str | None = None) -> ExportResult:
+    """Write the checkpoint ``checkpoint`` of ``run_dir`` to ``out`` in ``fmt``; a GGUF file's
+    matrices in ``quant`` (one of ``GGUF_QUANTS``; by default the type of ``dtype``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quant is not None and fmt != "gguf":
+        raise ConfigError(f"--quant is for --format gguf; --format {fmt} takes --dtype")
+    if quant is not None and dtype != "fp32":
+        raise ConfigError("give --quant or --dtype, not both: --quant f16 is --dtype fp16 for GGUF")
+    if quant is not None and quant not in GGUF_QUANTS:
+        raise ConfigError(f"--quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+    quant = quant or {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[dtype]
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; --force replaces it")
     if out.exists() and (fmt == "hf") != out.is_dir():
@@ -76,7 +87,7 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
         if fmt == "hf":
             _write_hf(loaded, tensors, out, dtype, run_dir)
         else:
-            _write_gguf(loaded, tensors, out, dtype, run_dir)
+            _write_gguf(loaded, tensors, out, quant, run_dir)
     except OSError as exc:
         raise ExportError(f"could not write {out}: {describe_os_error(exc)}; "
                           f"{'the previous export is intact' if out.exists() else 'nothing was written'}") from None
@@ -221,7 +232,7 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Te
     return out
 
 
-def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, dtype: str, run_dir: Path) -> None:
+def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, quant: str, run_dir: Path) -> None:
     try:
         import gguf
     except ImportError:
@@ -229,13 +240,16 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
     config = loaded.model.config
     arch = architecture_of(config)
     raw = json.loads(tokenizer_path(run_dir).read_text("utf-8"))
+    if raw["model"].get("type") != "BPE":
+        raise ExportError(f"GGUF holds byte-level BPE tokenizers (llama.cpp's gpt2 type); this run's is "
+                          f"{raw['model'].get('type')} (tokenizer.model: unigram): export it with --format hf "
+                          "instead, or train the run with tokenizer.model: bpe")
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"].get("merges", [])]
     tokenizer = loaded.tokenizer
     tokens = [tokenizer.id_to_token(i) for i in range(config.vocab_size)]
     specials = set(loaded.config.tokenizer.special_tokens)
     types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
-    file_type = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    file_type = gguf.LlamaFileType.ALL_F32 if quant == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}")
 
     def write_file(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -264,7 +278,7 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
         writer.add_eos_token_id(loaded.eot_id)
         writer.add_add_bos_token(False)
         for name, tensor in gguf_tensors(tensors, config).items():
-            writer.add_tensor(name, *_gguf_data(gguf, tensor, dtype))
+            writer.add_tensor(name, *_gguf_data(gguf, tensor, quant))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -273,16 +287,91 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
     _write_atomically(write_file, out, directory=False)
 
 
-def _gguf_data(gguf, tensor: torch.Tensor, dtype: str) -> tuple[Any, ...]:
-    """(array,) or (array, raw_shape, raw_dtype): 1-D tensors (norms, biases) stay fp32, as
-    llama.cpp expects; matrices take ``dtype``."""
+def _gguf_data(gguf, tensor: torch.Tensor, quant: str) -> tuple[Any, ...]:
+    """(array,) or (quantized, its shape, its type) for ``GGUFWriter.add_tensor``: 1-D tensors (norms, biases) stay f32, as llama.cpp
+    expects; matrices take ``quant``, or f16 where their rows do not split into its blocks."""
     array = tensor.detach().float().contiguous().numpy()
-    if tensor.dim() == 1 or dtype == "fp32":
+    if tensor.dim() == 1 or quant == "f32":
         return (array,)
-    if dtype == "fp16":
+    kind = getattr(gguf.GGMLQuantizationType, quant.upper())
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    if quant == "f16" or array.shape[-1] % block:
         return (array.astype("float16"),)
-    quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.BF16)
-    return (quantized, array.shape, gguf.GGMLQuantizationType.BF16)
+    quantized = gguf.quants.quantize(array, kind)  # uint8 rows of blocks (uint16 for bf16)
+    return (quantized, quantized.shape, kind)  # the writer takes the byte shape and works out the rest
+
+
+def _unpermute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of ``_permute_for_llama_cpp``."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path, config) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A GGUF file this module wrote, read back: lmtrain's state dict (every tensor dequantized to
+    fp32; the vocabulary unpadded, as ``hf_format.from_hf`` returns it) and the token list.
+    ``config`` is the model's ``GPTConfig``."""
+    import gguf
+
+    from lmtrain.hf_format import from_hf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path} is not a readable GGUF file ({exc})") from None
+    raw = {}
+    for t in reader.tensors:
+        # GGUF lists dimensions fastest-first; numpy's (and torch's) order is the reverse.
+        shape = tuple(int(d) for d in reversed(t.shape))
+        raw[t.name] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype("float32"))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    hf = {}
+    if architecture_of(config) == LLAMA:
+        hf["model.embed_tokens.weight"] = raw["token_embd.weight"]
+        for i in range(config.n_layer):
+            h, g = f"model.layers.{i}.", f"blk.{i}."
+            hf[h + "input_layernorm.weight"] = raw[g + "attn_norm.weight"]
+            hf[h + "self_attn.q_proj.weight"] = _unpermute_for_llama_cpp(raw[g + "attn_q.weight"], config.n_head)
+            hf[h + "self_attn.k_proj.weight"] = _unpermute_for_llama_cpp(raw[g + "attn_k.weight"], config.n_head)
+            for ours, theirs in (("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                                 ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"),
+                                 ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
+                hf[f"{h}{ours}.weight"] = raw[f"{g}{theirs}.weight"]
+        hf["model.norm.weight"] = raw["output_norm.weight"]
+        hf["lm_head.weight"] = raw["output.weight"]
+    else:
+        hf["transformer.wte.weight"], hf["transformer.wpe.weight"] = raw["token_embd.weight"], raw["position_embd.weight"]
+        names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        for i in range(config.n_layer):
+            for h, g in names.items():
+                weight = raw[f"blk.{i}.{g}.weight"]
+                hf[f"transformer.h.{i}.{h}.weight"] = weight.t() if weight.dim() == 2 else weight
+                hf[f"transformer.h.{i}.{h}.bias"] = raw[f"blk.{i}.{g}.bias"]
+        hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"] = raw["output_norm.weight"], raw["output_norm.bias"]
+        hf["lm_head.weight"] = raw["output.weight"]
+    return from_hf(hf, config), tokens
+
+
+def load_gguf_into(loaded: LoadedModel, path: Path) -> None:
+    """Replace ``loaded``'s weights by those of the GGUF export at ``path`` (dequantized), so that
+    what quantization costs can be measured on the run's own val split. The file must hold this
+    model's shape and the run's tokenizer."""
+    model = loaded.model
+    try:
+        state, tokens = read_gguf(path, model.config)
+    except KeyError as exc:
+        raise ExportError(f"{path} lacks the tensor {exc.args[0]}: it was not exported from this run's model") from None
+    run_tokens = [loaded.tokenizer.id_to_token(i) for i in range(model.config.vocab_size)]
+    if tokens != run_tokens:
+        raise ExportError(f"{path} holds another tokenizer than {loaded.config.run_dir}: it was not exported from this run")
+    full = model.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            target = full[key]
+            if value.shape[1:] != target.shape[1:] or value.shape[0] > target.shape[0]:
+                raise ExportError(f"{path}: {key} has shape {tuple(value.shape)}, this run's model {tuple(target.shape)}")
+            target[: value.shape[0]].copy_(value.to(target.device))
 
 
 def describe(result: ExportResult) -> str:

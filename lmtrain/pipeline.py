@@ -74,6 +74,11 @@ def _run_pipeline(config: Config, report: Callable[[str, str], None],
         what = f"resumed from {result.resumed_from}" if result.resumed_from else "trained"
         report("train", f"{what} to step {result.step} in {result.seconds:.0f}s, "
                         f"{result.tokens_per_sec:,.0f} tokens/s")
+        if result.budget is not None:
+            from lmtrain.budget import spent
+
+            report("train", spent(result.budget, result.step, result.tokens_seen, result.train_seconds,
+                                  result.eval_seconds, result.checkpoint_seconds))
 
     report("sample", f"prompt {config.sample.prompt!r}")
     stats = sample(run_dir, SampleOptions(), on_text=lambda i, piece: on_sample_text(piece))

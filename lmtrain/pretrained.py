@@ -47,15 +47,16 @@ class Source:
         return {k: v for k, v in self.fields.items() if k != "vocab_size"}
 
 
-def open_source(init_from: str) -> Source:
-    """Read what ``model.init_from`` names (its config only; the weights are read when training)."""
+def open_source(init_from: str, key: str = "model.init_from") -> Source:
+    """Read what ``model.init_from`` (or the config ``key``) names: its config only; the weights
+    are read when training."""
     path = Path(init_from).expanduser()
-    where = f"model.init_from {init_from}"
+    where = f"{key} {init_from}"
     if not path.exists():
         if HUB_NAME.match(init_from) and not init_from.startswith((".", "~")):
             raise ConfigError(f"{where}: no such directory; lmtrain downloads nothing. If it is a Hugging Face "
                               f"Hub name, download it first (`huggingface-cli download {init_from} --local-dir "
-                              "DIR`) and set model.init_from to DIR")
+                              f"DIR`) and set {key} to DIR")
         raise ConfigError(f"{where}: no such file or directory")
     if (path / "config.json").is_file():
         return _hf_source(path, where)
@@ -107,8 +108,8 @@ def _token_of(tokenizer_file: Path, token_id: Any, where: str) -> str:
     except Exception as exc:  # tokenizers raises its own exception type for a malformed file
         raise ConfigError(f"{where}: tokenizer.json is not a valid tokenizer ({str(exc).splitlines()[0]})") from None
     raw = json.loads(tokenizer_file.read_text("utf-8"))
-    if (raw.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):
-        raise ConfigError(f"{where}: its tokenizer is not a byte-level BPE (lmtrain's kind); it cannot be used")
+    if (raw.get("model") or {}).get("type") not in ("BPE", "Unigram") or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):
+        raise ConfigError(f"{where}: its tokenizer is not a byte-level BPE or Unigram (lmtrain's kinds); it cannot be used")
     token = tokenizer.id_to_token(token_id) if isinstance(token_id, int) else None
     if token is None:
         raise ConfigError(f"{where}: config.json names no end-of-text token (eos_token_id) in its tokenizer")

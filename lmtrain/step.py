@@ -85,12 +85,13 @@ class Training:
 
 
 def build_training(config: Config, vocab_size: int, device: torch.device, precision: str,
-                   info: dist_util.DistInfo | None = None, restore=None) -> Training:
+                   info: dist_util.DistInfo | None = None, restore=None, teacher=None) -> Training:
     """Model, optimiser, scaler and step for ``config``, as ``lmtrain train`` builds them.
 
     ``restore`` (a ``checkpoint.Resume``) loads a checkpoint's weights into the model once it is
     initialised, and its optimiser and scaler state once they exist, all before the model is
-    wrapped (compiled, DDP): resuming goes through here too.
+    wrapped (compiled, DDP): resuming goes through here too. ``teacher`` (an
+    ``lmtrain.distill.Teacher``) makes the step distil from it (``train.distill_from``).
     """
     info = info or dist_util.DistInfo()
     torch.manual_seed(config.run.seed)
@@ -108,7 +109,7 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
     if restore is not None:
         restore.optimizer(optimizer, scaler)
     runner = StepRunner(model, wrap_model(model, config.train, device, info), optimizer, scaler,
-                        config.train, precision, device, info)
+                        config.train, precision, device, info, teacher)
     return Training(model, optimizer, scaler, runner)
 
 
@@ -120,8 +121,9 @@ class StepRunner:
     """
 
     def __init__(self, model: GPT, forward_model: torch.nn.Module, optimizer, scaler, tc: TrainConfig,
-                 precision: str, device: torch.device, info: dist_util.DistInfo) -> None:
+                 precision: str, device: torch.device, info: dist_util.DistInfo, teacher=None) -> None:
         self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
+        self.teacher = teacher
         self.tc, self.precision, self.device, self.info = tc, precision, device, info
         self.amp_dtype = AMP_DTYPES[precision]
         self.sharded = is_sharded(model)
@@ -150,7 +152,10 @@ class StepRunner:
                     # Each micro-step is a new replay; earlier outputs are consumed by now.
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast(self.device, self.amp_dtype):
-                    _, loss = self.forward_model(x, y, loss_fn=self.loss_fn)
+                    if self.teacher is None:
+                        _, loss = self.forward_model(x, y, loss_fn=self.loss_fn)
+                    else:
+                        loss = self._distillation_loss(x, y)
                 self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.detach() / tc.grad_accum
             clock.stop("forward_backward")
@@ -163,6 +168,13 @@ class StepRunner:
         good = self._apply(total, norm)
         clock.stop("optimizer")
         return total, norm, good
+
+    def _distillation_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``train.distill_from``: the data's CE mixed with the KL to the teacher (lmtrain.distill)."""
+        from lmtrain.distill import distillation_loss
+
+        logits, _ = self.forward_model(x)
+        return distillation_loss(logits, self.teacher.logits(x), y, self.tc.distill_alpha, self.tc.distill_temperature)
 
     def _apply(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         """Apply the update unless the loss or gradient is non-finite (one host sync a step)."""

@@ -1,7 +1,17 @@
-"""The run's byte-level BPE tokenizer: train it, save it, load it.
+"""The run's byte-level tokenizer: train it, save it, load it.
 
-Byte-level BPE (GPT-2's scheme) starts from all 256 byte values, so any string, in any script or
-with any control character, encodes without an unknown token and decodes back to itself exactly.
+Both models work on bytes: the text is first mapped byte by byte onto 256 printable characters
+(GPT-2's ByteLevel pre-tokenizer, which also splits it into words and spaces), and every one of
+those 256 is in the vocabulary, so any string, in any script or with any control character,
+encodes without an unknown token and decodes back to itself exactly: decode(encode(x)) == x for
+every string x (tested on emoji, CJK, combining marks, NUL and tabs, for both models).
+
+    tokenizer.model: bpe       byte-level BPE, GPT-2's scheme: pieces built by merging frequent pairs
+    tokenizer.model: unigram   byte-level Unigram (SentencePiece's model, trained by ``tokenizers``):
+                               a large candidate vocabulary pruned to the pieces that best explain
+                               the text under a unigram language model; encoding picks the most
+                               likely segmentation (Viterbi)
+
 There is deliberately no normalizer: NFC/NFKC would change the text, and then decode(encode(x))
 would no longer be x.
 """
@@ -72,11 +82,11 @@ def stale_tokenizer_reason(config: Config) -> str | None:
     return None
 
 
-def build_tokenizer() -> "Tokenizer":
-    """An untrained byte-level BPE tokenizer (model, pre-tokenizer, decoder)."""
+def build_tokenizer(model: str = "bpe") -> "Tokenizer":
+    """An untrained byte-level tokenizer (model, pre-tokenizer, decoder): ``bpe`` or ``unigram``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = Tokenizer(models.BPE() if model == "bpe" else models.Unigram())
     # add_prefix_space=False: a leading space would be added on encode and kept on decode,
     # breaking the exact round trip.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -108,14 +118,25 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         return _copy_from_source(config)
     check_sources(config.data)
     tok_cfg = config.tokenizer
-    tokenizer = build_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=tok_cfg.vocab_size,
-        min_frequency=tok_cfg.min_frequency,
-        special_tokens=list(tok_cfg.special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,  # our own tqdm bar counts documents instead
-    )
+    tokenizer = build_tokenizer(tok_cfg.model)
+    if tok_cfg.model == "bpe":
+        trainer = trainers.BpeTrainer(
+            vocab_size=tok_cfg.vocab_size,
+            min_frequency=tok_cfg.min_frequency,
+            special_tokens=list(tok_cfg.special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,  # our own tqdm bar counts documents instead
+        )
+    else:
+        # All 256 byte characters stay in the vocabulary whatever the pruning does, so no unknown
+        # token is needed (unk_token None): every input has a segmentation into known pieces.
+        trainer = trainers.UnigramTrainer(
+            vocab_size=tok_cfg.vocab_size,
+            special_tokens=list(tok_cfg.special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            unk_token=None,
+            show_progress=False,
+        )
     counter = _DocumentCounter(iter_split(config.data, "train"))
     start = time.perf_counter()
     with tqdm(desc="tokenize: reading documents", unit="doc", leave=False) as bar:

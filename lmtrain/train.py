@@ -225,15 +225,25 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     tasks = _encode_eval_tasks(config, data.manifest)
     need = check_fits(config, data.manifest.vocab_size, device, AMP_DTYPES[precision], info.world_size,
                       info.local_world_size)
-    training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=restore)
+    # What setup has to say, logged once train.log is open (Trainer.fit).
+    notes = [f"memory: {need.describe()} (estimated; micro-batch {config.train.batch_size} x "
+             f"{config.model.block_size} tokens)"]
+    teacher = None
+    if config.train.distill_from is not None:
+        from lmtrain.distill import load_teacher
+
+        teacher = load_teacher(config.train.distill_from, tokenizer_path(run_dir), device)
+        notes.append(f"distilling from {config.train.distill_from} ({teacher.model.num_params() / 1e6:.2f}M "
+                     f"parameters), alpha {config.train.distill_alpha:g}, temperature "
+                     f"{config.train.distill_temperature:g}")
+    training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=restore,
+                              teacher=teacher)
     state = TrainState()
     if resume is not None:
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
         resume.restore_rng()
     _keep_the_recorded_budget(config.train, state, info)
     if info.is_main:
-        log.info("memory: %s (estimated; micro-batch %d x %d tokens)", need.describe(), config.train.batch_size,
-                 config.model.block_size)
         _warn_about_the_schedule(config.train, state.step, resume)
         prepare_run_dir(config)
         if restart:
@@ -243,14 +253,18 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         else:
             checkpointer.repair_best()
     dist_util.barrier(info)
-    return Trainer(config, info, device, precision, data, training, checkpointer, state,
-                   resume.path.name if resume is not None else None, tasks)
+    trainer = Trainer(config, info, device, precision, data, training, checkpointer, state,
+                      resume.path.name if resume is not None else None, tasks)
+    trainer.notes = notes
+    return trainer
 
 
 def _keep_the_recorded_budget(tc: TrainConfig, state: TrainState, info: dist_util.DistInfo) -> None:
     """A run resumed under the same ``train.max_minutes`` keeps the step count its budget decided
     (and so its schedule); a changed budget is re-planned from the recorded costs (no new probe)."""
-    if tc.max_minutes is None or state.budget is None:
+    if tc.max_minutes is None or not tc.fit_to_budget:
+        state.budget = None  # no budget to fit now: train.max_steps lays out the schedule
+    if state.budget is None:
         return
     from lmtrain.budget import Budget, plan
 
@@ -338,6 +352,7 @@ class Trainer:
         self.val_positions = val_positions(data.val, self.tc.eval_batches * self.tc.batch_size)
         self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.history: list[dict[str, float]] = []
+        self.notes: list[str] = []  # setup's lines for the log (memory estimate, teacher)
         self.tokenizer = None
         # A sharded model generates on every rank (its forward passes are collectives); rank 0 logs.
         if self.tc.sample_every and (info.is_main or shards(self.tc, info)):
@@ -359,7 +374,10 @@ class Trainer:
                 StopSignals() as signals:
             self.history = metrics.history
             metrics.announce(self.model, self.precision, self.resumed_from)
-            if tc.max_minutes is not None and state.budget is None:
+            if self.info.is_main:
+                for note in self.notes:
+                    log.info("%s", note)
+            if tc.max_minutes is not None and tc.fit_to_budget and state.budget is None:
                 self._plan_the_budget(batches)  # (plan() refuses a budget that fits no step)
                 metrics.set_total(tc.max_steps)
             seconds_before, pace = state.train_seconds, _Pace()

@@ -286,7 +286,7 @@ CASES = [
     Case("tasks-choice-longer-than-block", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
          "t.jsonl:1: choice 1 is", write("t.jsonl", '{"context": "a", "choices": ["b", "%s"], "label": 0}\n' % ("x = 1; " * 30))),
     Case("tasks-with-data", "trained", "eval --run {run} --tasks {tmp}/t.jsonl --data {tmp}/t.txt",
-         "--data and --max-tokens are for bits per byte"),
+         "--data, --max-tokens and --gguf are for bits per byte"),
     Case("tasks-limit-without-tasks", "trained", "eval --run {run} --limit 5", "--limit counts task items"),
     Case("train-eval-tasks-missing", "sharded", TRAIN + " --set train.eval_tasks={tmp}/nope.jsonl",
          "train.eval_tasks: ", ),

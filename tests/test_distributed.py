@@ -91,3 +91,25 @@ def test_muon_replicas_stay_identical(tiny_run):
     planned = int(log_text.split("so the schedule ends at step ")[1].split()[0])
     moved = [int(line.split("now ends at step ")[1].split()[0]) for line in log_text.splitlines() if "now ends at" in line]
     assert f"step {(moved or [planned])[-1]}: checkpoint" in log_text and "budget 0.1 min:" in log_text
+
+
+@pytest.mark.slow
+def test_distillation_under_ddp_matches_one_process(tiny_run, tmp_path):
+    """Every rank runs the teacher on its own micro-batches: the mixed loss averages like any other."""
+    from test_distill import teacher_run
+
+    config, run_dir = tiny_run
+    teacher = teacher_run(config, run_dir, tmp_path)
+    sets = [f"train.distill_from={teacher}", "train.max_steps=4", "train.checkpoint_every=4"]
+    result = torchrun(config, *sets, "train.grad_accum=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp_losses = step_losses((run_dir / "train.log").read_text())
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    for part in ("tokenizer", "data"):
+        shutil.copytree(run_dir / part, single_dir / part)
+    single = train(load_config(config, sets + ["train.grad_accum=2", f"run.dir={single_dir}"]))
+    single_losses = {h["step"]: h["loss"] for h in single.history if "loss" in h}
+    assert sorted(ddp_losses) == [1, 2, 3, 4]
+    for step, loss in ddp_losses.items():
+        assert abs(loss - single_losses[step]) < 1e-4, (step, loss, single_losses[step])

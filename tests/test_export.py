@@ -156,6 +156,53 @@ def test_gguf_holds_every_tensor_and_the_tokenizer(tiny_run, tmp_path, arch):
         torch.testing.assert_close(model(ids).logits, ours.model(ids)[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_quantized_gguf_reads_back_within_its_types_error(tiny_run, tmp_path, arch):
+    """--quant: every type reads back (gguf's reader, dequantized) to logits within a tolerance
+    that grows as the bits shrink; transformers' GGUF loader dequantizes q8_0 to the same model;
+    `lmtrain eval --gguf` scores the quantized file on the val split."""
+    from lmtrain.export import read_gguf
+
+    config, run_dir = tiny_run
+    trained(config, arch, arch == "gpt2", arch == "llama")
+    ours = load_model(run_dir, "latest", "cpu")
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = ours.model(ids)[0]
+    sizes, errors = {}, {}
+    for quant in ("f32", "f16", "bf16", "q8_0", "q5_1", "q4_0"):
+        path = tmp_path / f"m-{quant}.gguf"
+        export(run_dir, "gguf", path, quant=quant)
+        sizes[quant] = path.stat().st_size
+        state, tokens = read_gguf(path, ours.model.config)
+        assert tokens == [ours.tokenizer.id_to_token(i) for i in range(300)]
+        model = load_model(run_dir, "latest", "cpu")
+        from lmtrain.export import load_gguf_into
+
+        load_gguf_into(model, path)
+        with torch.no_grad():
+            errors[quant] = float((model.model(ids)[0] - reference).abs().max() / reference.abs().max())
+    assert errors["f32"] == 0.0 and errors["f16"] < 2e-3 and errors["bf16"] < 2e-2 and errors["q8_0"] < 2e-2
+    assert errors["q4_0"] < 0.25 and sizes["bf16"] == sizes["f16"]
+    assert errors["f16"] <= errors["q8_0"] <= errors["q5_1"] <= errors["q4_0"]
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q5_1"] > sizes["q4_0"]
+    extra = {"n_positions": 32} if arch == "gpt2" else {}
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m-q8_0.gguf", dtype=torch.float32,
+                                                               **extra).eval()
+    model = load_model(run_dir, "latest", "cpu")
+    from lmtrain.export import load_gguf_into
+
+    load_gguf_into(model, tmp_path / "m-q8_0.gguf")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model.model(ids)[0], rtol=1e-4, atol=1e-4)
+    scored = run_cli("eval", "--run", str(run_dir), "--gguf", str(tmp_path / "m-q4_0.gguf"), "--json")
+    plain = run_cli("eval", "--run", str(run_dir), "--json")
+    assert scored.returncode == 0 and plain.returncode == 0, scored.stderr + plain.stderr
+    q4, fp = json.loads(scored.stdout), json.loads(plain.stdout)
+    assert q4["checkpoint"].endswith("m-q4_0.gguf") and q4["tokens"] == fp["tokens"] and q4["bpb"] != fp["bpb"]
+    assert abs(q4["bpb"] - fp["bpb"]) < 0.2 * fp["bpb"]
+
+
 def test_export_refuses_and_overwrites_only_with_force(tiny_run, tmp_path):
     config, run_dir = tiny_run
     trained(config, "llama", False, True)

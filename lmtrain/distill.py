@@ -1,0 +1,76 @@
+"""Knowledge distillation (``train.distill_from``): a student learns from a teacher's predictions.
+
+Besides the next token of the data, each position of a batch tells the student what a bigger
+model (the teacher) thinks could come next: its whole distribution over the vocabulary, which
+carries more information per token than the one right answer (Hinton et al. 2015). The loss mixes
+the two,
+
+    loss = (1 - alpha) * CE(student, data) + alpha * T^2 * KL(teacher_T || student_T)
+
+where ``_T`` is the softmax at temperature ``T`` (``train.distill_temperature``; the T^2 keeps
+the gradient's scale as T changes) and ``alpha`` is ``train.distill_alpha``. The teacher is any
+model ``model.init_from`` could start from (an lmtrain run or checkpoint, or a Hugging Face
+directory) with the student's exact tokenizer; it runs in inference mode, in the training
+precision, on the same batches, on every rank. Val loss and bpb stay the plain cross-entropy on
+the data, so distilled and undistilled runs compare; the train loss logged is the mixed one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmtrain.errors import ConfigError
+
+
+class Teacher:
+    """The frozen teacher model, and its next-token logits for a batch."""
+
+    def __init__(self, model: torch.nn.Module, where: str) -> None:
+        self.model, self.where = model, where
+
+    @torch.no_grad()
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.model(idx)
+        return logits
+
+
+def load_teacher(distill_from: str, tokenizer_file, device: torch.device) -> Teacher:
+    """The model ``train.distill_from`` names, on ``device``, frozen; refused (one line) unless its
+    tokenizer is the run's (``tokenizer_file``) token for token."""
+    from tokenizers import Tokenizer
+
+    from lmtrain.model import GPT, GPTConfig
+    from lmtrain.pretrained import Pretrained, open_source
+
+    key = "train.distill_from"
+    source = open_source(distill_from, key)
+    theirs = Tokenizer.from_file(str(source.tokenizer_file)).get_vocab(with_added_tokens=True)
+    ours = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+    if theirs != ours:
+        differ = sorted(set(theirs.items()) ^ set(ours.items()))[:2]
+        raise ConfigError(f"{key} {distill_from}: its tokenizer differs from the run's ({len(theirs)} tokens against "
+                          f"{len(ours)}; e.g. {differ}): a teacher's predictions are over its own tokens, so it "
+                          "must share the student's tokenizer")
+    try:
+        config = GPTConfig(**source.fields)
+    except TypeError as exc:
+        raise ConfigError(f"{key} {distill_from}: unreadable model config ({exc})") from None
+    model = GPT(config)
+    Pretrained(source).weights(model)
+    model.to(device).eval().requires_grad_(False)
+    return Teacher(model, f"{key} {distill_from}")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """The mixed loss above, averaged over positions (both logits over the same vocabulary)."""
+    vocab = student_logits.size(-1)
+    student = student_logits.float().reshape(-1, vocab)
+    loss = F.cross_entropy(student, targets.reshape(-1)) if alpha < 1 else student.new_zeros(())
+    if alpha > 0:
+        teacher = teacher_logits.float().reshape(-1, vocab)
+        kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
+                      log_target=True, reduction="batchmean")  # batchmean over rows: per position
+        loss = (1 - alpha) * loss + alpha * temperature ** 2 * kl
+    return loss

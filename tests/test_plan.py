@@ -1,0 +1,64 @@
+"""`lmtrain plan`: the scaling rule, the choice among measured shapes, and the config it writes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import run_cli
+from lmtrain.config import load_config
+from lmtrain.errors import ConfigError
+from lmtrain.plan import ALPHA, BETA, Candidate, ScalingRule, candidates, choose
+
+
+def test_the_rule_recovers_a_law_it_was_fitted_on_and_says_how_wrong_it_is():
+    law = lambda n, d: 0.8 + 0.3 * (n / 1e6) ** -ALPHA + 0.9 * (d / 1e6) ** -BETA  # noqa: E731
+    points = [{"params": n, "tokens": d, "val_bpb": law(n, d)}
+              for n in (1e5, 6e5, 3e6) for d in (2e5, 1e6, 5e6)]
+    rule = ScalingRule.fit(points)
+    assert rule.predict(1e6, 2e6) == pytest.approx(law(1e6, 2e6), abs=0.02)
+    assert rule.loo_error < 0.02 and rule.runs == 9
+    noisy = [dict(p, val_bpb=p["val_bpb"] + (0.05 if i % 2 else -0.05)) for i, p in enumerate(points)]
+    assert ScalingRule.fit(noisy).loo_error > 0.04  # noise shows up in the error it reports
+    ours = ScalingRule.ours()  # the shipped measurements fit, and predict bpb in a sane range
+    assert ours.runs >= 4 and 0 < ours.predict(6e5, 1.2e6) < 4
+
+
+def test_the_pick_trades_model_size_against_the_tokens_the_budget_buys():
+    config = load_config(None, ["train.warmup_steps=10", "train.eval_every=1000", "train.checkpoint_every=1000"])
+    shapes = candidates(config)
+    L, C = config.model.n_layer, config.model.n_embd
+    assert {(c.n_layer, c.n_embd) for c in shapes} >= {(L - 1, C // 2), (L, C), (L + 1, 2 * C)}
+    assert all(c.n_embd // c.n_head == config.model.n_embd // config.model.n_head for c in shapes)
+    rule = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.01, runs=9)
+
+    def measured():  # step time proportional to parameters: the bigger, the fewer tokens
+        rows = [Candidate(1, 64, 1), Candidate(2, 128, 2), Candidate(4, 256, 4)]
+        for row, params in zip(rows, (5e4, 4e5, 3.2e6)):
+            row.params = row.total_params = int(params)
+            row.step_seconds = params / 2e6
+        return rows
+
+    short, _ = choose(config, measured(), rule, minutes=0.5)
+    long, rows = choose(config, measured(), rule, minutes=600)
+    assert short.params < long.params  # more time buys a bigger model
+    assert long.predicted_bpb == min(r.predicted_bpb for r in rows) and long.tokens == long.steps * 4096
+    assert choose(config, measured(), rule, minutes=600)[0].n_layer == long.n_layer  # deterministic
+    with pytest.raises(ConfigError, match="no candidate gets past train.warmup_steps"):
+        choose(config, measured(), rule, minutes=0.001)
+
+
+def test_plan_writes_a_config_that_trains(tiny_run, tmp_path):
+    config, run_dir = tiny_run
+    out = tmp_path / "plan.yaml"
+    result = run_cli("plan", "--minutes", "0.5", "--config", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "<- pick" in result.stdout and "error: predictions are off by" in result.stdout
+    assert f"wrote {out}: lmtrain run --config {out}" in result.stdout
+    planned = load_config(out)  # validates
+    assert planned.train.max_minutes == 0.5 and planned.train.fit_to_budget
+    assert planned.run_dir != run_dir and str(planned.run_dir).startswith(str(run_dir))
+    again = run_cli("plan", "--minutes", "0.5", "--config", str(config), "--out", str(out))
+    assert again.returncode == 2 and "exists; use --force" in again.stderr
+    assert math.isfinite(float(result.stdout.split("lowest predicted val bpb, ")[1].split(",")[0]))
