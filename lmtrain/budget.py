@@ -5,17 +5,23 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
 ``train.max_minutes`` set, the run decides its number of steps from the budget instead:
 
 1. ``probe`` times real training steps on this machine (after one or two warm-up steps, which
-   also pay for compilation), one evaluation and one checkpoint write, then puts the weights, the
-   optimiser, the scaler and the random number generators back as they were: the probe changes
-   nothing but the decision.
+   also pay for compilation) and one checkpoint write, then puts the weights, the optimiser, the
+   scaler and the random number generators back as they were: the probe changes nothing but the
+   decision. An evaluation is estimated from the step (a forward pass over ``eval_batches``
+   micro-batches, a third of a training step's work each) rather than run: at a one-minute budget
+   a real one would cost more than the steps it informs (with ``train.eval_tasks``, whose scoring
+   a step says nothing about, one is run).
 2. ``steps_that_fit`` picks the largest step count whose steps, evaluations and checkpoints fit
    in ``MARGIN`` of the time left; that count becomes ``train.max_steps``, so warmup, the stable
    phase and the decay all happen inside the budget.
 3. The decision (the figures and the count) is recorded in the run's state: a resumed run keeps
    the same schedule, and so stays bit-exact.
-4. While training, ``Replan`` watches the real pace. If the machine turns out slower than the
+4. While training, ``replan`` watches the real pace (steps with everything the loop does around
+   them, evaluations and checkpoints as they happen). If the machine turns out slower than the
    probe said, it moves the end (and with it the decay) earlier, so that the run still ends
-   inside the budget with its decay done, rather than being cut off, and says so. The hard stop at
+   inside the budget with its decay done, rather than being cut off, and says so; if faster, it
+   moves the end later, but only while that leaves the learning rate of the steps done unchanged
+   (in the warmup, the stable phase of ``wsd``, or a ``constant`` schedule). The hard stop at
    ``train.max_minutes`` stays as the last resort.
 
 The figures are the slowest rank's under torchrun, so every rank reaches the same decision.
@@ -27,6 +33,7 @@ import copy
 import logging
 import math
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MARGIN = 0.95  # share of the time left that the plan fills: the rest absorbs noise
+MARGIN = 0.97  # share of the time left that the plan fills: the rest absorbs noise
 REPLAN_EVERY = 10  # steps between checks of the pace
 REPLAN_OVER = 1.02  # re-plan when the rest would take this much more than the time left ...
 REPLAN_TO = 0.97  # ... and then plan the rest for this share of it
@@ -125,13 +132,28 @@ def plan(minutes: float, costs: Costs, tc: TrainConfig, step: int, seconds_spent
 
 
 def replan(budget: Budget, pace: Costs, tc: TrainConfig, step: int, seconds_spent: float) -> int | None:
-    """A new, earlier last step if the rest of the run at ``pace`` would overrun the budget, else
-    None. The end only moves earlier: a run that goes faster than planned ends early."""
+    """A new last step if the rest of the run at ``pace`` would overrun the budget (earlier), or
+    would leave a good part of it unused while the end can still move without changing the
+    learning rate of the steps done (later); else None."""
     left = budget.minutes * 60 - seconds_spent
-    if seconds_for(tc.max_steps, pace, tc, step) <= REPLAN_OVER * left:
-        return None
-    last = max(step + 1, steps_that_fit(REPLAN_TO * left, pace, tc, step))
-    return last if last < tc.max_steps else None
+    if seconds_for(tc.max_steps, pace, tc, step) > REPLAN_OVER * left:
+        last = max(step + 1, steps_that_fit(REPLAN_TO * left, pace, tc, step))
+        return last if last < tc.max_steps else None
+    last = steps_that_fit(MARGIN * left, pace, tc, step)
+    if last > tc.max_steps * REPLAN_OVER and _end_can_move(tc, step, last):
+        return last
+    return None
+
+
+def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
+    """Whether moving the end to ``last`` leaves the learning rate up to step ``step`` as it was:
+    in the warmup, in a constant schedule, or in the stable phase of wsd (before either decay)."""
+    if step < tc.warmup_steps or tc.schedule == "constant":
+        return True
+    if tc.schedule == "wsd":
+        decay_start = min(n - max(1, round(tc.decay_fraction * n)) for n in (tc.max_steps, last))
+        return step < decay_start
+    return False
 
 
 def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, eval_seconds: float,
@@ -139,7 +161,7 @@ def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, 
     """How a budgeted run spent its time, for the summary line and the log."""
     b = Budget.from_dict(budget)
     steps_seconds = train_seconds - eval_seconds - checkpoint_seconds - b.probe_seconds
-    moved = f"; end moved earlier {len(b.replans)}x (slower than probed)" if b.replans else ""
+    moved = f"; end moved {len(b.replans)}x to the pace measured" if b.replans else ""
     return (f"budget {b.minutes:g} min: {train_seconds:.0f} s used, {step} steps ({tokens:,} tokens) in "
             f"{steps_seconds:.0f} s, eval {eval_seconds:.0f} s, checkpoints {checkpoint_seconds:.0f} s, probe "
             f"{b.probe_seconds:.0f} s{moved}")
@@ -164,20 +186,24 @@ def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, fl
         for i in range(2 if training.runner.forward_model is not training.model else 1):
             training.runner.run(start_step + i, batches)
         synchronize(device)
-        t0, steps, more = time.perf_counter(), 0, True
+        t0, times, more = time.perf_counter(), [], True
         # At least 3 timed steps, and more while they cost under 2% of the budget (at most 10 s);
         # under torchrun every rank runs as many as the slowest wants (a step is a collective).
         while more:
-            training.runner.run(start_step + 2 + steps, batches)
+            began_step = time.perf_counter()
+            training.runner.run(start_step + 2 + len(times), batches)
             synchronize(device)
-            steps += 1
-            more = steps < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and steps < 50)
+            times.append(time.perf_counter() - began_step)
+            more = len(times) < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and len(times) < 50)
             more = dist_util.any_rank(more, trainer.info, device)
-        step_seconds = (time.perf_counter() - t0) / steps
-        t0 = time.perf_counter()
-        trainer.evaluate_quietly()
-        synchronize(device)
-        eval_seconds = time.perf_counter() - t0
+        step_seconds = statistics.median(times)  # a slow outlier (the OS, a page fault) is not the pace
+        tc = trainer.tc
+        eval_seconds = step_seconds * tc.eval_batches / (3 * tc.grad_accum)
+        if trainer.tasks:  # scoring train.eval_tasks cannot be estimated from a step: time one eval
+            t0 = time.perf_counter()
+            trainer.evaluate_quietly()
+            synchronize(device)
+            eval_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         _time_a_checkpoint(trainer)
         checkpoint_seconds = time.perf_counter() - t0

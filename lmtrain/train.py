@@ -228,6 +228,8 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     # What setup has to say, logged once train.log is open (Trainer.fit).
     notes = [f"memory: {need.describe()} (estimated; micro-batch {config.train.batch_size} x "
              f"{config.model.block_size} tokens)"]
+    if config.train.parallel == "fsdp" and not info.enabled:
+        notes.append("train.parallel fsdp: one process, so nothing is sharded (FSDP applies under torchrun)")
     teacher = None
     if config.train.distill_from is not None:
         from lmtrain.distill import load_teacher
@@ -472,10 +474,14 @@ class Trainer:
         last = replan(budget, Costs(*figures), self.tc, self.state.step, spent)
         if last is None:
             return
-        if self.info.is_main:
+        if self.info.is_main and last < self.tc.max_steps:
             log.warning("step %d: training runs slower than the probe measured (%.3g s a step, planned %.3g): the "
                         "run now ends at step %d instead of %d, with its decay, inside train.max_minutes %g",
                         self.state.step, figures[0], planned.step, last, self.tc.max_steps, budget.minutes)
+        elif self.info.is_main:
+            log.info("step %d: training runs faster than planned (%.3g s a step, planned %.3g): the run now ends "
+                     "at step %d instead of %d, still inside train.max_minutes %g", self.state.step, figures[0],
+                     planned.step, last, self.tc.max_steps, budget.minutes)
         budget.replans.append({"at": self.state.step, "max_steps": last, "step_seconds": figures[0]})
         budget.max_steps = last
         self.state.budget = budget.to_dict()
