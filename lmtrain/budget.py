@@ -13,7 +13,9 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
    a step says nothing about, one is run).
 2. ``steps_that_fit`` picks the largest step count whose steps, evaluations and checkpoints fit
    in ``MARGIN`` of the time left; that count becomes ``train.max_steps``, so warmup, the stable
-   phase and the decay all happen inside the budget.
+   phase and the decay all happen inside the budget. The config's schedule keeps its shape: when
+   the budget buys fewer steps than ``train.max_steps``, the warmup keeps its share of them (50
+   warmup steps of 780 become 6 of 91), as the decay (``decay_fraction``) always does.
 3. The decision (the figures and the count) is recorded in the run's state: a resumed run keeps
    the same schedule, and so stays bit-exact.
 4. While training, ``replan`` watches the real pace (steps with everything the loop does around
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARGIN = 0.97  # share of the time left that the plan fills: the rest absorbs noise
+MIN_STEPS = 10  # the fewest steps a budget may buy: fewer make no schedule
 REPLAN_EVERY = 10  # steps between checks of the pace
 REPLAN_OVER = 1.02  # re-plan when the rest would take this much more than the time left ...
 REPLAN_TO = 0.97  # ... and then plan the rest for this share of it
@@ -106,6 +109,7 @@ class Budget:
     max_steps: int
     costs: Costs
     probe_seconds: float  # spent measuring, counted against the budget
+    warmup_steps: int | None = None  # the warmup, scaled with the schedule (None: the config's)
     replans: list[dict[str, Any]] = field(default_factory=list)  # {"at", "max_steps", "step_seconds"}
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,22 +117,29 @@ class Budget:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "Budget":
+        warmup = saved.get("warmup_steps")
         return cls(float(saved["minutes"]), int(saved["max_steps"]), Costs(**saved["costs"]),
-                   float(saved["probe_seconds"]), list(saved.get("replans", [])))
+                   float(saved["probe_seconds"]), None if warmup is None else int(warmup),
+                   list(saved.get("replans", [])))
 
 
 def plan(minutes: float, costs: Costs, tc: TrainConfig, step: int, seconds_spent: float,
          probe_seconds: float) -> Budget:
     """The step count ``minutes`` pays for, from step ``step`` with ``seconds_spent`` of them
-    gone; a ``ConfigError`` when it leaves no room beyond the warmup."""
+    gone, and the warmup scaled with it; a ``ConfigError`` when that is too few steps for a
+    schedule (``MIN_STEPS``) or when even the scaled warmup would not end."""
     left = minutes * 60 - seconds_spent
     last = steps_that_fit(MARGIN * left, costs, tc, step)
-    if last <= max(step, tc.warmup_steps):
+    warmup = tc.warmup_steps
+    if step == 0 and 0 < last < tc.max_steps:
+        warmup = min(warmup, max(1, round(warmup * last / tc.max_steps))) if warmup else 0
+    if last - step < MIN_STEPS or last <= warmup:
         raise ConfigError(
-            f"train.max_minutes {minutes:g} leaves time for {last - step} steps on this machine "
-            f"({costs.describe()}, measured), not enough to get past train.warmup_steps ({tc.warmup_steps}): "
-            "raise train.max_minutes, or lower train.warmup_steps, train.batch_size or the model size")
-    return Budget(minutes, last, costs, probe_seconds)
+            f"train.max_minutes {minutes:g} leaves time for {max(0, last - step)} steps on this machine "
+            f"({costs.describe()}, measured): too few for a schedule (at least {MIN_STEPS}: warmup, then the "
+            f"decay; train.warmup_steps {tc.warmup_steps}); raise train.max_minutes, or lower train.batch_size "
+            "or the model size")
+    return Budget(minutes, last, costs, probe_seconds, warmup)
 
 
 def replan(budget: Budget, pace: Costs, tc: TrainConfig, step: int, seconds_spent: float) -> int | None:

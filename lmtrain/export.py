@@ -199,37 +199,47 @@ def _permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """GGUF tensor names and contents (``(out, in)`` weights) from the Hugging Face state dict."""
-    arch, out = architecture_of(config), {}
-    if arch == LLAMA:
-        out["token_embd.weight"] = tensors["model.embed_tokens.weight"]
+# One table per architecture, used both ways (export and read-back): HF block tensor -> GGUF's.
+_LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def gguf_names(config) -> dict[str, str]:
+    """Hugging Face tensor name -> GGUF tensor name, for every tensor of the export."""
+    if architecture_of(config) == LLAMA:
+        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
         for i in range(config.n_layer):
-            hf, gg = f"model.layers.{i}.", f"blk.{i}."
-            out[gg + "attn_norm.weight"] = tensors[hf + "input_layernorm.weight"]
-            out[gg + "attn_q.weight"] = _permute_for_llama_cpp(tensors[hf + "self_attn.q_proj.weight"], config.n_head)
-            out[gg + "attn_k.weight"] = _permute_for_llama_cpp(tensors[hf + "self_attn.k_proj.weight"], config.n_head)
-            out[gg + "attn_v.weight"] = tensors[hf + "self_attn.v_proj.weight"]
-            out[gg + "attn_output.weight"] = tensors[hf + "self_attn.o_proj.weight"]
-            out[gg + "ffn_norm.weight"] = tensors[hf + "post_attention_layernorm.weight"]
-            out[gg + "ffn_gate.weight"] = tensors[hf + "mlp.gate_proj.weight"]
-            out[gg + "ffn_up.weight"] = tensors[hf + "mlp.up_proj.weight"]
-            out[gg + "ffn_down.weight"] = tensors[hf + "mlp.down_proj.weight"]
-        out["output_norm.weight"] = tensors["model.norm.weight"]
-        out["output.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
-        return out
-    out["token_embd.weight"] = tensors["transformer.wte.weight"]
-    out["position_embd.weight"] = tensors["transformer.wpe.weight"]
-    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+            names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in _LLAMA_BLOCK.items()})
+        return names
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+             "lm_head.weight": "output.weight"}
     for i in range(config.n_layer):
-        for hf, gg in names.items():
-            weight = tensors[f"transformer.h.{i}.{hf}.weight"]
-            out[f"blk.{i}.{gg}.weight"] = weight.t() if weight.dim() == 2 else weight  # back to (out, in)
-            out[f"blk.{i}.{gg}.bias"] = tensors[f"transformer.h.{i}.{hf}.bias"]
-    out["output_norm.weight"], out["output_norm.bias"] = tensors["transformer.ln_f.weight"], tensors["transformer.ln_f.bias"]
-    out["output.weight"] = tensors.get("lm_head.weight", tensors["transformer.wte.weight"])
-    return out
+        for h, g in _GPT2_BLOCK.items():
+            names.update({f"transformer.h.{i}.{h}.{kind}": f"blk.{i}.{g}.{kind}" for kind in ("weight", "bias")})
+    return names
+
+
+def _gguf_layout(name: str, tensor: torch.Tensor, config, to_gguf: bool) -> torch.Tensor:
+    """The layout change between a Hugging Face tensor and its GGUF twin (``to_gguf``, or back):
+    llama.cpp's interleaved RoPE order for q and k; GPT-2's Conv1D (in, out) matrices as (out, in)."""
+    if architecture_of(config) == LLAMA:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            return (_permute_for_llama_cpp if to_gguf else _unpermute_for_llama_cpp)(tensor, config.n_head)
+        return tensor
+    return tensor.t() if name.startswith("transformer.h.") and tensor.dim() == 2 else tensor
+
+
+def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """GGUF tensor names and contents (``(out, in)`` weights) from the Hugging Face state dict; a
+    tied head is written as ``output.weight`` too (llama.cpp expects it)."""
+    embed = "model.embed_tokens.weight" if architecture_of(config) == LLAMA else "transformer.wte.weight"
+    return {g: _gguf_layout(h, tensors.get(h, tensors[embed]) if h == "lm_head.weight" else tensors[h], config, True)
+            for h, g in gguf_names(config).items()}
 
 
 def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, quant: str, run_dir: Path) -> None:
@@ -325,31 +335,7 @@ def read_gguf(path: Path, config) -> tuple[dict[str, torch.Tensor], list[str]]:
         raw[t.name] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype("float32"))
     field = reader.fields["tokenizer.ggml.tokens"]
     tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-    hf = {}
-    if architecture_of(config) == LLAMA:
-        hf["model.embed_tokens.weight"] = raw["token_embd.weight"]
-        for i in range(config.n_layer):
-            h, g = f"model.layers.{i}.", f"blk.{i}."
-            hf[h + "input_layernorm.weight"] = raw[g + "attn_norm.weight"]
-            hf[h + "self_attn.q_proj.weight"] = _unpermute_for_llama_cpp(raw[g + "attn_q.weight"], config.n_head)
-            hf[h + "self_attn.k_proj.weight"] = _unpermute_for_llama_cpp(raw[g + "attn_k.weight"], config.n_head)
-            for ours, theirs in (("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
-                                 ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"),
-                                 ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
-                hf[f"{h}{ours}.weight"] = raw[f"{g}{theirs}.weight"]
-        hf["model.norm.weight"] = raw["output_norm.weight"]
-        hf["lm_head.weight"] = raw["output.weight"]
-    else:
-        hf["transformer.wte.weight"], hf["transformer.wpe.weight"] = raw["token_embd.weight"], raw["position_embd.weight"]
-        names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-        for i in range(config.n_layer):
-            for h, g in names.items():
-                weight = raw[f"blk.{i}.{g}.weight"]
-                hf[f"transformer.h.{i}.{h}.weight"] = weight.t() if weight.dim() == 2 else weight
-                hf[f"transformer.h.{i}.{h}.bias"] = raw[f"blk.{i}.{g}.bias"]
-        hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"] = raw["output_norm.weight"], raw["output_norm.bias"]
-        hf["lm_head.weight"] = raw["output.weight"]
+    hf = {h: _gguf_layout(h, raw[g], config, False) for h, g in gguf_names(config).items()}
     return from_hf(hf, config), tokens
 
 
