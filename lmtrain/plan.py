@@ -244,7 +244,7 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     pick, rows = choose(config, rows, rule, minutes)
     configured = next(r for r in rows if (r.n_layer, r.n_embd) == (config.model.n_layer, config.model.n_embd))
     picked = shaped(config, pick)
-    warmup = min(config.train.warmup_steps, max(1, pick.steps * 15 // 100))
+    warmup = min(config.train.warmup_steps, max(1, pick.steps // 2))  # the warmup must end mid-run at the latest
     picked = replace(picked, train=replace(picked.train, max_minutes=minutes, fit_to_budget=True, warmup_steps=warmup))
     # A run directory of its own: the config's may hold checkpoints of another shape.
     suffix = f"-{pick.n_layer}x{pick.n_embd}-{minutes:g}min"
@@ -284,7 +284,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"error: predictions are off by ~{rule.loo_error:.3f} bpb (leave-one-out, on our runs); shapes "
                  f"closer than that are a toss-up")
     if plan.warmup_capped:
-        lines.append(f"train.warmup_steps lowered to {plan.config.train.warmup_steps} (15% of the planned steps)")
+        lines.append(f"train.warmup_steps lowered to {plan.config.train.warmup_steps} (half the planned steps)")
     return "\n".join(lines)
 
 

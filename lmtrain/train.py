@@ -462,9 +462,6 @@ class Trainer:
             log.info("train.max_minutes %g: %d steps fit (%s; probe %.1f s), so the schedule ends at step %d "
                      "instead of train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(),
                      probe_seconds, budget.max_steps, tc.max_steps)
-            if budget.warmup_steps != tc.warmup_steps:
-                log.info("train.warmup_steps %d -> %d: the warmup keeps its share of the schedule",
-                         tc.warmup_steps, budget.warmup_steps)
         tc.max_steps, tc.warmup_steps = budget.max_steps, budget.warmup_steps
 
     def _keep_within_budget(self, pace: "_Pace", steps: int, metrics: TrainLog) -> None:

@@ -45,9 +45,11 @@ def test_the_decision_is_a_pure_function_of_the_measured_costs():
         assert lr_at(tc.warmup_steps, tc) == pytest.approx(tc.lr)
     with pytest.raises(ConfigError, match=r"train.max_minutes 0.01 leaves time for \d+ steps .* too few for a schedule"):
         plan(0.01, costs, train_config(), step=0, seconds_spent=0.0, probe_seconds=0.0)
-    # Fewer steps than train.max_steps: the warmup keeps its share (5 of 1000 -> 1 of 100 or so).
+    # Fewer steps than train.max_steps: the warmup keeps its length (a shorter one measured worse).
     short = plan(0.3, Costs(0.1, 0.1, 0.1), train_config(max_steps=200, warmup_steps=20), 0, 0.0, 0.0)
-    assert short.max_steps < 200 and short.warmup_steps == round(20 * short.max_steps / 200)
+    assert short.max_steps < 200 and short.warmup_steps == 20
+    with pytest.raises(ConfigError, match="too few for a schedule"):  # the budget cannot end the warmup
+        plan(0.3, Costs(0.1, 0.1, 0.1), train_config(max_steps=2000, warmup_steps=500), 0, 0.0, 0.0)
     # Slower than planned: the end moves earlier, to what fits. Faster: later, but only where
     # that changes no learning rate already used (wsd's stable phase, not a cosine's decay).
     for schedule in ("cosine", "wsd"):
