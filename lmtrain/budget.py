@@ -109,7 +109,7 @@ class Budget:
     max_steps: int
     costs: Costs
     probe_seconds: float  # spent measuring, counted against the budget
-    warmup_steps: int | None = None  # the warmup, scaled with the schedule (None: the config's)
+    warmup_steps: int | None = None  # the warmup the schedule was planned with (None: the config's)
     replans: list[dict[str, Any]] = field(default_factory=list)  # {"at", "max_steps", "step_seconds"}
 
     def to_dict(self) -> dict[str, Any]:
