@@ -165,6 +165,12 @@ def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
     return False
 
 
+def estimated_eval_seconds(step_seconds: float, tc: TrainConfig) -> float:
+    """An evaluation's time from a training step's: a forward pass over ``eval_batches``
+    micro-batches, each a third of a micro-batch's forward and backward work."""
+    return step_seconds * tc.eval_batches / (3 * tc.grad_accum)
+
+
 def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, eval_seconds: float,
           checkpoint_seconds: float) -> str:
     """How a budgeted run spent its time, for the summary line and the log."""
@@ -206,8 +212,7 @@ def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, fl
             more = len(times) < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and len(times) < 50)
             more = dist_util.any_rank(more, trainer.info, device)
         step_seconds = statistics.median(times)  # a slow outlier (the OS, a page fault) is not the pace
-        tc = trainer.tc
-        eval_seconds = step_seconds * tc.eval_batches / (3 * tc.grad_accum)
+        eval_seconds = estimated_eval_seconds(step_seconds, trainer.tc)
         if trainer.tasks:  # scoring train.eval_tasks cannot be estimated from a step: time one eval
             t0 = time.perf_counter()
             trainer.evaluate_quietly()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtrain.budget import MARGIN, Costs, steps_that_fit
+from lmtrain.budget import MARGIN, Costs, estimated_eval_seconds, steps_that_fit
 from lmtrain.config import Config
 from lmtrain.errors import ConfigError
 
@@ -188,10 +188,10 @@ def measure(config: Config, vocab_size: int, device, precision: str, steps: int 
 
 
 def fitted_steps(config: Config, step_seconds: float, params: int, minutes: float) -> int:
-    """The steps ``train.max_minutes`` would give this shape: its steps, plus its evals (a forward
-    pass over the eval batches, a third of a training step's work each) and checkpoints."""
+    """The steps ``train.max_minutes`` would give this shape: its steps, plus its evals (estimated
+    as the budget's probe does) and checkpoints."""
     tc = config.train
-    costs = Costs(step=step_seconds, eval=step_seconds * tc.eval_batches / (3 * tc.grad_accum),
+    costs = Costs(step=step_seconds, eval=estimated_eval_seconds(step_seconds, tc),
                   checkpoint=16 * params / CHECKPOINT_BYTES_PER_SECOND)
     return steps_that_fit(MARGIN * minutes * 60, costs, tc)
 

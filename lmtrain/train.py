@@ -255,10 +255,8 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         else:
             checkpointer.repair_best()
     dist_util.barrier(info)
-    trainer = Trainer(config, info, device, precision, data, training, checkpointer, state,
-                      resume.path.name if resume is not None else None, tasks)
-    trainer.notes = notes
-    return trainer
+    return Trainer(config, info, device, precision, data, training, checkpointer, state,
+                   resume.path.name if resume is not None else None, tasks, notes)
 
 
 def _keep_the_recorded_budget(tc: TrainConfig, state: TrainState, info: dist_util.DistInfo) -> None:
@@ -348,7 +346,7 @@ class Trainer:
 
     def __init__(self, config: Config, info: dist_util.DistInfo, device: torch.device, precision: str,
                  data: RunData, training: Training, checkpointer: Checkpointer, state: TrainState,
-                 resumed_from: str | None, tasks: list | None = None) -> None:
+                 resumed_from: str | None, tasks: list | None = None, notes: list[str] | None = None) -> None:
         self.config, self.tc, self.info, self.device, self.precision = config, config.train, info, device, precision
         self.data, self.training, self.model = data, training, training.model
         self.checkpointer, self.state, self.resumed_from = checkpointer, state, resumed_from
@@ -356,7 +354,7 @@ class Trainer:
         self.val_positions = val_positions(data.val, self.tc.eval_batches * self.tc.batch_size)
         self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.history: list[dict[str, float]] = []
-        self.notes: list[str] = []  # setup's lines for the log (memory estimate, teacher)
+        self.notes = notes or []  # setup's lines for the log (memory estimate, teacher)
         self.tokenizer = None
         # A sharded model generates on every rank (its forward passes are collectives); rank 0 logs.
         if self.tc.sample_every and (info.is_main or shards(self.tc, info)):
