@@ -125,6 +125,17 @@ def load_weights_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     model.load_state_dict(tensors)
 
 
+def load_model_weights(model: torch.nn.Module, loaded: "LoadedCheckpoint") -> None:
+    """Fill ``model`` (a fresh GPT of the checkpoint's shape) with what the checkpoint computes:
+    its weights, or for a LoRA run's checkpoint its base with the adapters merged in."""
+    from lmtrain.lora import is_lora_checkpoint, load_merged
+
+    if is_lora_checkpoint(loaded.state):
+        load_merged(model, loaded)
+    else:
+        load_weights_into(model, loaded.tensors, loaded.path / MODEL_FILE)
+
+
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
@@ -150,8 +161,9 @@ def save_checkpoint(directory: Path, step: int, weights: dict[str, torch.Tensor]
     final = directory / name
     if final.exists():  # a rerun of the same step (resumed after a crash past it): replace
         shutil.rmtree(final)
+    # A LoRA run's weights file holds its adapters only; the base is read from state["lora"]["base"].
     metadata = {"model_config": json.dumps(state["model_config"]), "step": str(step),
-                "format": "lmtrain-checkpoint-1"}
+                "format": "lmtrain-lora-1" if state.get("lora") else "lmtrain-checkpoint-1"}
     previous = _pointer_name(directory, "latest") or "none"
     try:
         with atomic_dir(final) as tmp:
@@ -460,7 +472,16 @@ class Resume:
         return cls(loaded, load_optimizer_state(path))
 
     def weights(self, model: torch.nn.Module) -> None:
-        load_weights_into(model, self.checkpoint.tensors, self.path / MODEL_FILE)
+        """The checkpoint's weights into ``model``; a LoRA run's ``model`` already holds its base and
+        adapters (``lora.adapt``), and the checkpoint's adapters go into those."""
+        from lmtrain.lora import LoraRecord, check_same_base, load_trainable, record_of
+
+        current = record_of(model)
+        if current is None:
+            load_weights_into(model, self.checkpoint.tensors, self.path / MODEL_FILE)
+            return
+        check_same_base(LoraRecord.from_state(self.state, self.path / STATE_FILE), current, self.path)
+        load_trainable(model, self.checkpoint.tensors, self.path / MODEL_FILE)
 
     def optimizer(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
         try:
@@ -500,6 +521,30 @@ def check_resumable(loaded: LoadedCheckpoint, model_config: dict[str, Any], toke
             f"cannot resume from {loaded.path}: it was trained with train.optimizer {was}, and {was}'s state "
             f"cannot continue as {config.train.optimizer}'s. Keep train.optimizer {was}, or start a new "
             f"run from these weights with a fresh optimiser: model.init_from={loaded.path} (or --restart)")
+    diffs += _lora_differences(loaded, config)
     if diffs:
         raise CheckpointError(f"cannot resume from {loaded.path}: {'; '.join(diffs)}; "
                               "use --restart to start over (old checkpoints are kept aside)")
+
+
+def _lora_differences(loaded: LoadedCheckpoint, config) -> list[str]:
+    """What keeps a checkpoint from resuming under this config's ``train.lora_*``: adapters where
+    the config trains the whole model, or the other way round (refused outright), or adapters of
+    another shape (listed)."""
+    from lmtrain.lora import LoraRecord, LoraSpec, is_lora_checkpoint
+
+    wanted = LoraSpec.of(config.train)
+    if not is_lora_checkpoint(loaded.state):
+        if wanted is not None:
+            raise CheckpointError(
+                f"cannot resume from {loaded.path}: it holds the whole model's weights, and the config trains LoRA "
+                f"adapters (train.lora_rank {wanted.rank}); use --restart (the old checkpoints are kept aside), or "
+                f"another run.dir with model.init_from={loaded.path}")
+        return []
+    saved = LoraRecord.from_state(loaded.state, loaded.path / STATE_FILE)
+    if wanted is None:
+        raise CheckpointError(
+            f"cannot resume from {loaded.path}: it holds LoRA adapters (train.lora_rank {saved.spec.rank}), and the "
+            f"config trains every weight (train.lora_rank 0); keep train.lora_rank {saved.spec.rank}, or start a new "
+            f"run from the merged weights with model.init_from={loaded.path}")
+    return saved.spec.differences(wanted)

@@ -145,6 +145,11 @@ class ModelConfig(ArchitectureConfig):
         None, help="start from these weights: a Hugging Face directory (llama, gpt2) or an lmtrain run/checkpoint")
 
 
+# The projections of a block that LoRA can adapt: attention's query, key, value and output, and
+# the MLP's gate (SwiGLU only), up and down projections (lmtrain.lora).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = _opt(16, ge=1, help="sequences per device per micro-step")
@@ -165,6 +170,11 @@ class TrainConfig:
     distill_from: Optional[str] = _opt(None, help="a teacher (lmtrain run or HF directory, same tokenizer) to distill")
     distill_alpha: float = _opt(0.5, ge=0.0, le=1.0, help="distill: weight of the KL to the teacher (1 - it: the data's CE)")
     distill_temperature: float = _opt(1.0, gt=0.0, help="distill: softmax temperature of both distributions in the KL")
+    lora_rank: int = _opt(0, ge=0, help="LoRA: rank of the adapters on model.init_from's frozen weights; 0 trains every weight")
+    lora_alpha: float = _opt(16.0, gt=0.0, help="LoRA: the adapters' update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = _opt(0.0, ge=0.0, lt=1.0, help="LoRA: dropout on the adapters' input")
+    lora_targets: list[str] = _opt(["q", "k", "v", "o"], help="LoRA: projections that get adapters: q, k, v, o, gate, up, down")
+    lora_train_norms: bool = _opt(False, help="LoRA: train the normalisation weights too (they are small)")
     optimizer: Literal["adamw", "muon"] = _opt("adamw", help="adamw, or muon for the block matrices")
     muon_lr: float = _opt(0.02, gt=0.0, le=1.0, help="muon: peak learning rate of the block matrices")
     muon_momentum: float = _opt(0.95, ge=0.0, lt=1.0, help="muon: momentum (Nesterov)")
@@ -193,6 +203,14 @@ class TrainConfig:
     peak_tflops: Optional[float] = _opt(None, gt=0.0, help="device peak for MFU; overrides the table")
 
     def check(self) -> None:
+        if self.lora_rank:
+            unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+            if unknown:
+                raise ConfigError(f"train.lora_targets: unknown projection {unknown[0]!r}"
+                                  f"{_did_you_mean(unknown[0], LORA_TARGETS)} (choose from {', '.join(LORA_TARGETS)})")
+            if not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+                raise ConfigError("train.lora_targets: needs at least one projection, each named once "
+                                  f"(from {', '.join(LORA_TARGETS)})")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if self.compile_mode in ("reduce-overhead", "max-autotune") and self.grad_accum > 1:

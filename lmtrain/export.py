@@ -3,6 +3,11 @@
     --format hf    PATH/  model.safetensors, config.json, generation_config.json, tokenizer.json,
                           tokenizer_config.json, README.md (a model card)
     --format gguf  FILE   one GGUF file (architecture llama or gpt2, the byte-level BPE inside)
+    --format peft  PATH/  a LoRA run's adapters as peft loads them on top of the base's hf export:
+                          adapter_config.json, adapter_model.safetensors, README.md
+
+A LoRA run exports as hf or gguf with its adapters merged into the weights (what ``load_model``
+gives); ``peft`` keeps them apart.
 
 The architecture mapping and the weight maps are in ``lmtrain.hf_format``; the padded vocabulary
 rows are dropped, so no consumer can ever produce an id without a token. Like every artifact, an
@@ -26,7 +31,7 @@ from lmtrain.hf_format import GPT2, LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import tokenizer_path
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "peft")
 # GGUF tensor types for --quant: llama.cpp's names. Matrices take the type (those whose rows are
 # not a whole number of quantization blocks fall back to f16); 1-D tensors stay f32.
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -66,9 +71,10 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
     quant = quant or {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[dtype]
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; --force replaces it")
-    if out.exists() and (fmt == "hf") != out.is_dir():
+    directory = fmt in ("hf", "peft")
+    if out.exists() and directory != out.is_dir():
         raise ExportError(f"{out} exists and is a {'directory' if out.is_dir() else 'file'}; --format {fmt} "
-                          f"writes a {'directory' if fmt == 'hf' else 'file'}: choose another --out")
+                          f"writes a {'directory' if directory else 'file'}: choose another --out")
     loaded = load_model(run_dir, checkpoint, "cpu")
     arch = architecture_of(loaded.model.config)
     if fmt == "gguf" and arch not in (LLAMA, GPT2):
@@ -86,6 +92,10 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
         out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "hf":
             _write_hf(loaded, tensors, out, dtype, run_dir)
+        elif fmt == "peft":
+            written = _write_peft(loaded, tensors, out, dtype)
+            return ExportResult(out, fmt, arch, loaded.checkpoint.name, loaded.step, loaded.model.config.vocab_size,
+                                sum(t.numel() for t in written.values()))
         else:
             _write_gguf(loaded, tensors, out, quant, run_dir)
     except OSError as exc:
@@ -153,6 +163,68 @@ def _write_hf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, 
     _write_atomically(write_dir, out, directory=True)
 
 
+def _write_peft(loaded: LoadedModel, hf_tensors: dict[str, torch.Tensor], out: Path, dtype: str) -> dict:
+    """A LoRA checkpoint's adapters in peft's layout (``hf_format.peft_adapter``); trained norms as
+    peft's ``modules_to_save`` (their values from the merged model's ``hf_tensors``)."""
+    from safetensors.torch import save_file
+
+    from lmtrain.checkpoint import load_checkpoint
+    from lmtrain.hf_format import hf_norms, peft_adapter
+    from lmtrain.lora import LoraRecord, is_lora_checkpoint
+
+    raw = load_checkpoint(loaded.checkpoint)
+    if not is_lora_checkpoint(raw.state):
+        raise ExportError(f"{loaded.checkpoint} holds a whole model (train.lora_rank 0), not LoRA adapters: "
+                          "export it with --format hf")
+    record = LoraRecord.from_state(raw.state, loaded.checkpoint)
+    tensors, fields = peft_adapter(raw.tensors, record.spec, loaded.model.config)
+    if record.spec.train_norms:
+        norms = hf_norms(hf_tensors)
+        tensors.update({f"base_model.model.{k}": v for k, v in norms.items()})
+        fields["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in norms})
+    fields["base_model_name_or_path"] = record.base
+    cast = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+
+    def write_dir(tmp: Path) -> None:
+        save_file(cast, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", fields)
+        (tmp / "README.md").write_text(adapter_card(loaded, record, fields), encoding="utf-8")
+
+    _write_atomically(write_dir, out, directory=True)
+    return cast
+
+
+def adapter_card(loaded: LoadedModel, record, fields: dict) -> str:
+    """The adapter's README: what it adapts, and how to load it with peft."""
+    spec = record.spec
+    if (Path(record.base) / "config.json").is_file():
+        base = f"the Hugging Face model at `{record.base}`"
+    else:
+        run, step = Path(record.base).parent.parent, Path(record.base).name
+        base = (f"the lmtrain checkpoint `{record.base}`; export it first: `lmtrain export --run {run} "
+                f"--checkpoint {step} --format hf --out BASE`")
+    return f"""---
+library_name: peft
+tags:
+- lmtrain
+- lora
+---
+# {loaded.config.run.name}: LoRA adapters
+
+LoRA rank {spec.rank}, alpha {spec.alpha:g}, on {', '.join(fields['target_modules'])}
+{'(and the normalisation weights, as modules_to_save) ' if spec.train_norms else ''}of {base}.
+Trained by [lmtrain](https://pypi.org/project/lmtrain/) for {loaded.step} steps ({loaded.checkpoint.name}).
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER)
+```
+
+`lmtrain export --format hf` on this run writes the model with the adapters merged in.
+"""
+
+
 def model_card(loaded: LoadedModel, run_dir: Path, arch: str) -> str:
     """A Hub-style README: what the model is, what it was trained on, how well, and the config."""
     state = json.loads((loaded.checkpoint / "state.json").read_text("utf-8"))
@@ -163,11 +235,16 @@ def model_card(loaded: LoadedModel, run_dir: Path, arch: str) -> str:
            if "val_loss" in last else "not evaluated")
     front = "\n".join(["---", "library_name: transformers", "license: other", "pipeline_tag: text-generation",
                        "tags:", "- lmtrain", f"- {arch}", "- causal-lm", "---", ""])
+    origin = "trained from scratch"
+    if config.model.init_from:
+        origin = f"fine-tuned from `{config.model.init_from}`"
+        if state.get("lora"):
+            origin += f" (LoRA rank {state['lora']['rank']}, the adapters merged into the weights)"
     return front + f"""# {config.run.name}
 
 A {params / 1e6:.2f}M-parameter causal language model ({ARCH_NAMES[arch]} architecture,
-{config.model.n_layer} layers, width {config.model.n_embd}, context {config.model.block_size}) trained from
-scratch with [lmtrain](https://pypi.org/project/lmtrain/).
+{config.model.n_layer} layers, width {config.model.n_embd}, context {config.model.block_size}) {origin}
+with [lmtrain](https://pypi.org/project/lmtrain/).
 
 - **Corpus:** `{config.data.source}` (validation: {config.data.val_source or f'{config.data.val_fraction:.1%} of documents held out'})
 - **Tokenizer:** byte-level BPE, {config.tokenizer.vocab_size} tokens; `{config.tokenizer.special_tokens[0]}` ends every document

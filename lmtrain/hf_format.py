@@ -196,6 +196,74 @@ def hf_config(config, eot_id: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# LoRA adapters -> peft
+# --------------------------------------------------------------------------------------------
+
+# The Hugging Face module (under its layer) that each lmtrain.lora target adapts. GPT-2's q, k and
+# v are one fused module, c_attn.
+_ATTENTION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+_GATED = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+LORA_MODULES = {
+    LLAMA: {**_ATTENTION, **_GATED}, QWEN3: {**_ATTENTION, **_GATED}, STABLELM: {**_ATTENTION, **_GATED},
+    STARCODER2: {**_ATTENTION, "up": "mlp.c_fc", "down": "mlp.c_proj"},
+    GPT2: {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc",
+           "down": "mlp.c_proj"},
+}
+_NORM_KEY = ("norm.weight", "norm.bias", "layernorm.weight", "layernorm.bias")
+
+
+def peft_adapter(adapters: dict[str, torch.Tensor], spec, config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of peft's ``adapter_model.safetensors`` and the LoRA fields of its
+    ``adapter_config.json``, for the adapters of an lmtrain LoRA checkpoint (``adapters``: its
+    tensors, named as in the model; ``spec``: its ``lora.LoraSpec``; ``config``: the GPTConfig).
+
+    Each target maps to one Hugging Face module, except GPT-2's q, k and v, which share c_attn:
+    there the adapters stand side by side, A stacked and B block-diagonal (rank and alpha times the
+    number of targets, so alpha / r stays), which computes exactly the separate updates. Trained
+    norms are whole modules (peft's ``modules_to_save``), taken from ``adapters`` through ``to_hf``
+    by the caller.
+    """
+    from lmtrain.lora import target_rows
+
+    arch = architecture_of(config)
+    modules = LORA_MODULES[arch]
+    prefix = "transformer.h.{}." if arch == GPT2 else "model.layers.{}."
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    for i in range(config.n_layer):
+        grouped: dict[str, list[str]] = {}
+        for target in spec.targets:
+            grouped.setdefault(modules[target], []).append(target)
+        for module, targets in grouped.items():
+            layers = [target_rows(config, t) for t in targets]
+            a = torch.cat([adapters[f"blocks.{i}.{layer}.lora_A.{t}"] for t, (layer, _, _) in zip(targets, layers)])
+            if module == "attn.c_attn":
+                b = torch.zeros(3 * config.n_embd, len(targets) * spec.rank)
+                for j, (t, (layer, start, stop)) in enumerate(zip(targets, layers)):
+                    b[start:stop, j * spec.rank:(j + 1) * spec.rank] = adapters[f"blocks.{i}.{layer}.lora_B.{t}"]
+                if len(targets) > 1:
+                    rank_pattern[module] = len(targets) * spec.rank
+                    alpha_pattern[module] = len(targets) * spec.alpha
+            else:
+                (target,), ((layer, _, _),) = targets, layers
+                b = adapters[f"blocks.{i}.{layer}.lora_B.{target}"]
+            name = f"base_model.model.{prefix.format(i)}{module}"
+            tensors[f"{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{name}.lora_B.weight"] = b.contiguous()
+    fields = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
+              "lora_dropout": spec.dropout, "target_modules": sorted({modules[t] for t in spec.targets}),
+              "bias": "none", "fan_in_fan_out": arch == GPT2,  # GPT-2's Conv1D stores (in, out)
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+    return tensors, fields
+
+
+def hf_norms(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The normalisation tensors of a Hugging Face state dict (``to_hf``'s), by name."""
+    return {k: v for k, v in hf_state.items() if k.endswith(_NORM_KEY) or ".ln_" in k or k.startswith("ln_")}
+
+
+# --------------------------------------------------------------------------------------------
 # Hugging Face -> lmtrain (model.init_from)
 # --------------------------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
                               f"tokenizer has {tokenizer.get_vocab_size()}")
     torch_device = resolve_device(device, "--device")
     model = GPT(model_config)
-    ckpt.load_weights_into(model, loaded.tensors, path / ckpt.MODEL_FILE)
+    ckpt.load_model_weights(model, loaded)  # a LoRA checkpoint: its base, the adapters merged in
     model.to(torch_device).eval()
     amp = inference_amp_dtype(loaded.state.get("precision", "fp32"), torch_device)
     return LoadedModel(model, tokenizer, config, path, torch_device, amp,

@@ -96,7 +96,8 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     recomputed, selective keeps the matmul and attention outputs (~10 x C). The logits cost
     (activation bytes + an fp32 copy + its gradient) per vocabulary entry per token, unless the
     chunked loss computes them in pieces (on a CPU). DDP's gradient buckets add one more copy of
-    the gradients; FSDP (``train.parallel: fsdp``) divides weights, gradients and optimiser state
+    the gradients. A LoRA run (``train.lora_rank``) has gradients and optimiser state for its
+    adapters only. FSDP (``train.parallel: fsdp``) divides weights, gradients and optimiser state
     by the number of processes and adds what it gathers whole (``_sharded``).
     """
     from lmtrain.model import GPT, GPTConfig
@@ -105,9 +106,14 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     model_config = GPTConfig.of(config.model, vocab_size)
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = GPT(model_config)
-    params = model.num_params()
-    matrices = sum(p.numel() for p in muon_matrices(model))
     tc, c = config.train, model_config
+    if tc.lora_rank:  # LoRA: gradients and optimiser state for the adapters alone
+        from lmtrain.lora import LoraSpec, add_adapters
+
+        add_adapters(model, LoraSpec.of(tc))
+    params = model.num_params()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    matrices = sum(p.numel() for p in muon_matrices(model))
     a = torch.finfo(amp_dtype).bits // 8 if amp_dtype is not None else 4
     tokens = tc.batch_size * c.block_size
     per_block = {"none": 16 * c.n_embd * a, "selective": 10 * c.n_embd * a + 4 * c.n_embd,
@@ -118,10 +124,10 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     activations += tokens * 4 * c.n_embd * 2  # embeddings and the final norm, fp32
     if not chunked_loss:
         activations += tokens * model_config.padded_vocab_size * (a + 4 + 4)
-    optimizer = 8 * params if tc.optimizer == "adamw" else 8 * (params - matrices) + 4 * matrices
+    optimizer = 8 * trained if tc.optimizer == "adamw" else 8 * (trained - matrices) + 4 * matrices
     if tc.parallel == "fsdp" and world_size > 1:
         return _sharded(model, params, optimizer, a, world_size, int(activations))
-    gradients = 4 * params * (2 if world_size > 1 else 1)
+    gradients = 4 * trained * (2 if world_size > 1 else 1)
     return MemoryEstimate(params, 4 * params, gradients, optimizer, int(activations))
 
 

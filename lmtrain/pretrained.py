@@ -174,12 +174,12 @@ class Pretrained:
         from lmtrain import checkpoint as ckpt
         from lmtrain.hf_format import from_hf
 
+        if self.source.kind == "lmtrain":  # (a LoRA run's checkpoint: its base with the adapters merged)
+            ckpt.load_model_weights(model, ckpt.load_checkpoint(self.source.path))
+            return
         tensors: dict[str, torch.Tensor] = {}
         for file in self.source.weights:
             tensors.update(ckpt.read_weights(file)[0])  # a CheckpointError naming the file if unreadable
-        if self.source.kind == "lmtrain":
-            ckpt.load_weights_into(model, tensors, self.source.weights[0])
-            return
         try:
             state = from_hf(tensors, model.config)
         except KeyError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from lmtrain.memory import apply_activation_checkpointing
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.optim import lr_at, make_optimizer, set_lr
 from lmtrain.sharding import is_sharded
+
+if TYPE_CHECKING:
+    from lmtrain.lora import LoraRecord
 
 
 def build_model(model: ModelConfig, vocab_size: int) -> GPT:
@@ -69,6 +73,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     runner: "StepRunner"
+    lora: "LoraRecord | None" = None  # a LoRA run's spec and base (lmtrain.lora)
 
     def snapshot(self, keep: bool) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
         """The weights and the optimiser + scaler state as a checkpoint stores them, whole; every
@@ -79,23 +84,34 @@ class Training:
             weights, optimizer = full_model_state(self.model, keep), full_optimizer_state(self.optimizer, keep)
         elif keep:
             weights, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+            if self.lora is not None:  # adapters (and trained norms) only: the base is recorded, not copied
+                from lmtrain.lora import trainable_state
+
+                weights = trainable_state(self.model)
         else:
             return None, None
         return weights, ({"optimizer": optimizer, "scaler": self.scaler.state_dict()} if keep else None)
 
 
 def build_training(config: Config, vocab_size: int, device: torch.device, precision: str,
-                   info: dist_util.DistInfo | None = None, restore=None, teacher=None) -> Training:
+                   info: dist_util.DistInfo | None = None, restore=None, teacher=None, base=None) -> Training:
     """Model, optimiser, scaler and step for ``config``, as ``lmtrain train`` builds them.
 
     ``restore`` (a ``checkpoint.Resume``) loads a checkpoint's weights into the model once it is
     initialised, and its optimiser and scaler state once they exist, all before the model is
     wrapped (compiled, DDP): resuming goes through here too. ``teacher`` (an
-    ``lmtrain.distill.Teacher``) makes the step distil from it (``train.distill_from``).
+    ``lmtrain.distill.Teacher``) makes the step distil from it (``train.distill_from``). ``base``
+    (a ``pretrained.Pretrained``) is a LoRA run's base (``train.lora_rank``): loaded, frozen, and
+    given the adapters, which ``restore`` then fills when resuming.
     """
     info = info or dist_util.DistInfo()
     torch.manual_seed(config.run.seed)
     model = build_model(config.model, vocab_size)
+    lora = None
+    if base is not None:
+        from lmtrain.lora import LoraSpec, adapt
+
+        lora = adapt(model, LoraSpec.of(config.train), base, config.model.init_from)
     if restore is not None:
         restore.weights(model)
     model.to(device)
@@ -110,7 +126,7 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
         restore.optimizer(optimizer, scaler)
     runner = StepRunner(model, wrap_model(model, config.train, device, info), optimizer, scaler,
                         config.train, precision, device, info, teacher)
-    return Training(model, optimizer, scaler, runner)
+    return Training(model, optimizer, scaler, runner, lora)
 
 
 class StepRunner:

@@ -46,6 +46,7 @@ from lmtrain.device import AMP_DTYPES, resolve_device, resolve_precision
 from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
 from lmtrain.evaluate import val_loss, val_metrics
 from lmtrain.fsutil import sha256_file
+from lmtrain.lora import check_config as check_lora
 from lmtrain.memory import check_fits
 from lmtrain.metrics import TrainLog
 from lmtrain.optim import lr_at
@@ -210,18 +211,23 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
                           "fp32 (or bf16 where the GPU has it), or train.parallel: ddp")
     checkpointer = Checkpointer(checkpoints_dir(run_dir), config.train.checkpoint_every,
                                 config.train.keep_checkpoints, info, device)
+    check_lora(config, shards(config.train, info))
     resume = None
     latest = None if restart else checkpointer.latest()
     if latest is not None:
         model_config = GPTConfig.of(config.model, data.manifest.vocab_size).to_dict()
         resume = Resume.load(latest, model_config, data.tokenizer_sha256, config)
-    restore = resume
-    if resume is None and config.model.init_from is not None:
+    restore, base = resume, None
+    if config.model.init_from is not None and (resume is None or config.train.lora_rank):
         from lmtrain.pretrained import Pretrained, open_source
 
-        restore = Pretrained(open_source(config.model.init_from))
-        log.info("train: starting from the weights of model.init_from (%s), with a fresh optimiser",
-                 config.model.init_from)
+        pretrained = Pretrained(open_source(config.model.init_from))
+        if config.train.lora_rank:
+            base = pretrained  # frozen under the adapters, on a fresh run and on resume alike
+        else:
+            restore = pretrained
+            log.info("train: starting from the weights of model.init_from (%s), with a fresh optimiser",
+                     config.model.init_from)
     tasks = _encode_eval_tasks(config, data.manifest)
     need = check_fits(config, data.manifest.vocab_size, device, AMP_DTYPES[precision], info.world_size,
                       info.local_world_size)
@@ -239,7 +245,15 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
                      f"parameters), alpha {config.train.distill_alpha:g}, temperature "
                      f"{config.train.distill_temperature:g}")
     training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=restore,
-                              teacher=teacher)
+                              teacher=teacher, base=base)
+    if training.lora is not None:
+        from lmtrain.lora import count_parameters
+
+        trained, total = count_parameters(training.model)
+        spec = training.lora.spec
+        notes.append(f"LoRA rank {spec.rank} (alpha {spec.alpha:g}) on {', '.join(spec.targets)}"
+                     f"{' and the norms' if spec.train_norms else ''} of model.init_from {config.model.init_from}: "
+                     f"{trained:,} of {total:,} parameters train ({100 * trained / total:.2f}%)")
     state = TrainState()
     if resume is not None:
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
@@ -536,7 +550,8 @@ class Trainer:
     def _checkpoint_state(self, val: dict[str, float]) -> dict[str, Any]:
         return {**dataclasses.asdict(self.state), "val_loss": val["val_loss"],
                 "model_config": self.model.config.to_dict(), "tokenizer_sha256": self.data.tokenizer_sha256,
-                "config": self.config.to_dict(), "rng": rng_state(), "precision": self.precision}
+                "config": self.config.to_dict(), "rng": rng_state(), "precision": self.precision,
+                "lora": self.training.lora.to_dict() if self.training.lora is not None else None}
 
     def _result(self, already_done: bool = False, stopped_by: str = "max_steps") -> TrainResult:
         state, last = self.state, self.state.last_val or {}
