@@ -319,14 +319,15 @@ def eval_(
 @user_errors
 def export(
     run: Path = RunOption,
-    fmt: str = typer.Option(..., "--format", "-f", help="hf (a transformers directory) or gguf (one file for llama.cpp)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="hf (a transformers directory), gguf (one file for llama.cpp) or peft (a LoRA run's adapters)."),
     out: Path = typer.Option(..., "--out", "-o", help="The directory (hf) or file (gguf) to write."),
     checkpoint: str = CheckpointOption,
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     quant: Optional[str] = typer.Option(None, "--quant", help="gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export at --out."),
 ) -> None:
-    """Export a checkpoint for transformers (Llama or GPT-2) or llama.cpp (GGUF, quantized with --quant)."""
+    """Export a checkpoint for transformers (Llama or GPT-2), llama.cpp (GGUF, quantized with --quant) or
+    peft (a LoRA run's adapters; hf and gguf merge them into the weights)."""
     from lmtrain.export import describe, export as run_export
 
     typer.echo(describe(run_export(run, fmt, out, checkpoint, dtype, force, quant)))
