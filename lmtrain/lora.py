@@ -276,6 +276,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trained, total
 
 
+def training_flops_per_token(model: nn.Module) -> float:
+    """FLOPs a training step spends per token (for MFU): the model's 6N + attention, less the 2N
+    of weight gradients that frozen matrices (a LoRA run's base) never compute; their input
+    gradients (2N) still flow through them to the adapters below."""
+    frozen = sum(p.numel() for name, p in model.named_parameters()
+                 if not p.requires_grad and p.dim() == 2 and name not in ("wte.weight", "wpe.weight"))
+    head = model.lm_head.weight  # a real matmul even when it is the (tied) embedding table
+    if model.config.tie_embeddings and not head.requires_grad:
+        frozen += head.numel()
+    return model.flops_per_token() - 2 * frozen
+
+
 # --------------------------------------------------------------------------------------------
 # The base
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from lmtrain import distributed as dist_util
 from lmtrain.config import Config
 from lmtrain.device import memory_mb, peak_tflops
+from lmtrain.lora import training_flops_per_token
 from lmtrain.optim import lr_at
 from lmtrain.step import tokens_per_step
 
@@ -48,7 +49,7 @@ class TrainLog:
         self.config, self.tc, self.run_dir = config, config.train, run_dir
         self.device, self.info, self.start_step = device, info, start_step
         self.tokens_per_step = tokens_per_step(config, info.world_size)
-        self.flops_per_token = model.flops_per_token()
+        self.flops_per_token = training_flops_per_token(model)
         self.peak = peak_tflops(device, self.tc.peak_tflops)
         self.history: list[dict[str, float]] = []
         self.writer = None

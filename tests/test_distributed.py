@@ -111,3 +111,24 @@ def test_distillation_under_ddp_matches_one_process(tiny_run, tmp_path):
     assert sorted(ddp_losses) == [1, 2, 3, 4]
     for step, loss in ddp_losses.items():
         assert abs(loss - single_losses[step]) < 1e-4, (step, loss, single_losses[step])
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_matches_one_process(tiny_run, tmp_path):
+    """Only the adapters have gradients to average; the frozen base is the same on every rank."""
+    from test_lora import base_run, lora_dir, lora_sets
+
+    config, run_dir = tiny_run
+    base = base_run(config, run_dir, steps=4)
+    sets = lora_sets(lora_dir(run_dir, tmp_path, "ddp"), base, "train.max_steps=4", "train.lora_targets=[q,v,up]")
+    result = torchrun(config, *sets, "train.grad_accum=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log_text = (tmp_path / "ddp" / "train.log").read_text()
+    assert "all 2 replicas hold identical weights" in log_text
+    single_dir = lora_dir(run_dir, tmp_path, "single")
+    single = train(load_config(config, sets + [f"run.dir={single_dir}", "train.grad_accum=2"]))
+    single_losses = {h["step"]: h["loss"] for h in single.history if "loss" in h}
+    ddp_losses = step_losses(log_text)
+    assert sorted(ddp_losses) == [1, 2, 3, 4]
+    for step, loss in ddp_losses.items():
+        assert abs(loss - single_losses[step]) < 1e-4, (step, loss, single_losses[step])

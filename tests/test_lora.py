@@ -186,3 +186,20 @@ def test_the_memory_estimate_counts_gradients_and_moments_of_the_adapters_only(t
     adapters = 2 * 2 * (2 * 32 + 2 * 32)  # layers x (q, v) x (A: 2 x 32, B: 32 x 2)
     assert lora.parameters == full.parameters + adapters
     assert lora.gradients == 4 * adapters and lora.optimizer == 8 * adapters
+
+
+def test_mfu_counts_no_weight_gradients_for_the_frozen_base():
+    from lmtrain.config import ArchitectureConfig
+    from lmtrain.lora import LoraSpec, add_adapters, training_flops_per_token
+    from lmtrain.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.of(ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), 300))
+    assert training_flops_per_token(model) == model.flops_per_token()
+    whole = model.flops_per_token()
+    add_adapters(model, LoraSpec(rank=2, alpha=4, targets=("q",), train_norms=False))
+    adapters = 2 * (2 * 32 + 32 * 2)  # layers x (A: 2 x 32 + B: 32 x 2)
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    frozen = model.num_params(embeddings=False) - adapters - norms + model.lm_head.weight.numel()  # + the tied head
+    # 6N over everything (adapters included), less 2N for every frozen matrix (norms are not matmuls).
+    assert training_flops_per_token(model) == model.flops_per_token() - 2 * frozen
+    assert training_flops_per_token(model) < whole
