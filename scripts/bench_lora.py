@@ -13,7 +13,8 @@ split); the "base" row is the base itself on that split (no fine-tuning).
 
 At the default model's size the process's memory is mostly PyTorch itself, so ``--memory-shape``
 (default 12x768, GPT-2 small's shape) also trains a few steps of a randomly initialised base of
-that shape both ways, where the gradients and AdamW's moments of 85M weights show.
+that shape both ways (micro-batch 2 x 128, so that activations do not hide the rest), where the
+gradients and AdamW's moments of 85M weights show.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def variants(steps: int) -> dict[str, list[str]]:
         "lora r8 all, lr 2e-3": ["train.lora_rank=8", f"train.lora_targets={ALL}", "train.lr=2e-3", "train.min_lr=2e-4"],
         "lora r8 all+norms, lr 5e-3": ["train.lora_rank=8", f"train.lora_targets={ALL}", "train.lora_train_norms=true",
                                        "train.lr=5e-3", "train.min_lr=5e-4"],
+        "lora r8 all+norms, lr 1e-2": ["train.lora_rank=8", f"train.lora_targets={ALL}", "train.lora_train_norms=true",
+                                       "train.lr=1e-2", "train.min_lr=1e-3"],
+        "lora r32 all+norms, lr 1e-2": ["train.lora_rank=32", "train.lora_alpha=64", f"train.lora_targets={ALL}",
+                                        "train.lora_train_norms=true", "train.lr=1e-2", "train.min_lr=1e-3"],
     }
 
 
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "lora")
     parser.add_argument("--memory-shape", default="12x768", help="LAYERSxWIDTH of the memory comparison; none skips it")
+    parser.add_argument("--only", default="", help="run only the variants whose name contains this")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sets", default="[]", help=argparse.SUPPRESS)
@@ -150,6 +156,8 @@ def main() -> None:
     shutil.rmtree(prepared, ignore_errors=True)
     prepare(args.config, prepared, common)
     for name, extra in variants(args.steps).items():
+        if args.only not in name:
+            continue
         run_dir = args.workdir / re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
         shutil.rmtree(run_dir, ignore_errors=True)
         for part in ("tokenizer", "data"):
@@ -162,7 +170,7 @@ def main() -> None:
     big = random_base(args.workdir / f"base-{args.memory_shape}", prepared / "tokenizer" / "tokenizer.json",
                       n_layer, n_embd)
     shape = [f"model.init_from={big}", f"model.n_layer={n_layer}", f"model.n_embd={n_embd}",
-             f"model.n_head={n_embd // 64}", "train.max_steps=3", "train.warmup_steps=0", "train.batch_size=8",
+             f"model.n_head={n_embd // 64}", "train.max_steps=3", "train.warmup_steps=0", "train.batch_size=2",
              "train.eval_every=1000", "train.eval_batches=1", "train.checkpoint_every=1000"]
     for name, extra in (("full", []), ("lora r8 all", ["train.lora_rank=8", f"train.lora_targets={ALL}"])):
         run_dir = args.workdir / f"memory-{args.memory_shape}-{name.split()[0]}"
