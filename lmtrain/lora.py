@@ -308,7 +308,8 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def adapt(model: nn.Module, spec: LoraSpec, base, init_from: str) -> LoraRecord:
-    """Load the base (a ``pretrained.Pretrained``) into ``model``, fingerprint it, add the adapters."""
+    """Load the base (a ``pretrained.Pretrained``) into ``model``, fingerprint it, add the adapters;
+    the record stays on the model (``record_of``), where checkpoints and resume find it."""
     base.weights(model)
     record = LoraRecord(spec, str(base.source.path.resolve()), fingerprint(model), init_from)
     add_adapters(model, spec)

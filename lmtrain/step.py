@@ -73,7 +73,13 @@ class Training:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     runner: "StepRunner"
-    lora: "LoraRecord | None" = None  # a LoRA run's spec and base (lmtrain.lora)
+
+    @property
+    def lora(self) -> "LoraRecord | None":
+        """A LoRA run's spec and base (``lmtrain.lora``), as ``adapt`` left them on the model."""
+        from lmtrain.lora import record_of
+
+        return record_of(self.model)
 
     def snapshot(self, keep: bool) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
         """The weights and the optimiser + scaler state as a checkpoint stores them, whole; every
@@ -83,11 +89,11 @@ class Training:
 
             weights, optimizer = full_model_state(self.model, keep), full_optimizer_state(self.optimizer, keep)
         elif keep:
-            weights, optimizer = self.model.state_dict(), self.optimizer.state_dict()
-            if self.lora is not None:  # adapters (and trained norms) only: the base is recorded, not copied
-                from lmtrain.lora import trainable_state
+            from lmtrain.lora import trainable_state
 
-                weights = trainable_state(self.model)
+            # A LoRA run keeps its adapters (and trained norms) only: the base is recorded, not copied.
+            weights = self.model.state_dict() if self.lora is None else trainable_state(self.model)
+            optimizer = self.optimizer.state_dict()
         else:
             return None, None
         return weights, ({"optimizer": optimizer, "scaler": self.scaler.state_dict()} if keep else None)
@@ -107,11 +113,10 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
     info = info or dist_util.DistInfo()
     torch.manual_seed(config.run.seed)
     model = build_model(config.model, vocab_size)
-    lora = None
     if base is not None:
         from lmtrain.lora import LoraSpec, adapt
 
-        lora = adapt(model, LoraSpec.of(config.train), base, config.model.init_from)
+        adapt(model, LoraSpec.of(config.train), base, config.model.init_from)
     if restore is not None:
         restore.weights(model)
     model.to(device)
@@ -126,7 +131,7 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
         restore.optimizer(optimizer, scaler)
     runner = StepRunner(model, wrap_model(model, config.train, device, info), optimizer, scaler,
                         config.train, precision, device, info, teacher)
-    return Training(model, optimizer, scaler, runner, lora)
+    return Training(model, optimizer, scaler, runner)
 
 
 class StepRunner:
