@@ -4,13 +4,18 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
 ``train.max_minutes`` would only cut it off, before the decay that is worth most at the end. With
 ``train.max_minutes`` set, the run decides its number of steps from the budget instead:
 
-1. ``probe`` times real training steps on this machine (after one or two warm-up steps, which
-   also pay for compilation) and one checkpoint write, then puts the weights, the optimiser, the
-   scaler and the random number generators back as they were: the probe changes nothing but the
-   decision. An evaluation is estimated from the step (a forward pass over ``eval_batches``
-   micro-batches, a third of a training step's work each) rather than run: at a one-minute budget
-   a real one would cost more than the steps it informs (with ``train.eval_tasks``, whose scoring
-   a step says nothing about, one is run).
+1. The run times its own first steps: while they are in the warmup, their learning rate does not
+   depend on ``train.max_steps``, so they are training like any other and the decision can wait
+   for them (``free_probe_end``: up to ``FREE_PROBE_STEPS`` steps, before the first evaluation or
+   checkpoint). ``measure`` takes their median (the first step, which pays for compilation and
+   allocator growth, left out) and times one checkpoint write. A run whose warmup is shorter
+   (or a run resumed past it without a decision) uses ``probe`` instead, up front: it times real
+   steps the same way, then puts the weights, the optimiser, the scaler and the random number
+   generators back as they were, changing nothing but the decision. Either way an evaluation is
+   estimated from the step (a forward pass over ``eval_batches`` micro-batches, a third of a
+   training step's work each) rather than run: at a one-minute budget a real one would cost more
+   than the steps it informs (with ``train.eval_tasks``, whose scoring a step says nothing about,
+   one is run).
 2. ``steps_that_fit`` picks the largest step count whose steps, evaluations and checkpoints fit
    in ``MARGIN`` of the time left; that count becomes ``train.max_steps``, so warmup, the stable
    phase and the decay all happen inside the budget. The warmup keeps its length
@@ -51,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARGIN = 0.97  # share of the time left that the plan fills: the rest absorbs noise
+FREE_PROBE_STEPS = 10  # the run's own steps timed for the decision, when its warmup is that long
+MIN_TIMED = 3  # the fewest steps a measurement stands on (after the untimed first)
 MIN_STEPS = 10  # the fewest steps a budget may buy: fewer make no schedule
 REPLAN_EVERY = 10  # steps between checks of the pace
 REPLAN_OVER = 1.02  # re-plan when the rest would take this much more than the time left ...
@@ -187,6 +194,44 @@ def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, 
 # --------------------------------------------------------------------------------------------
 
 
+def free_probe_end(tc: TrainConfig, step: int) -> int | None:
+    """The step after which a run starting at ``step`` decides its budget from its own timed steps,
+    or None when it cannot (the steps before it must be warmup steps, and come before the first
+    evaluation or checkpoint, which need the decision): then ``probe`` runs up front."""
+    end = min(step + FREE_PROBE_STEPS, tc.warmup_steps, (step // tc.eval_every + 1) * tc.eval_every,
+              (step // tc.checkpoint_every + 1) * tc.checkpoint_every)
+    return end if end - step > MIN_TIMED else None
+
+
+def measure(trainer: "Trainer", step_seconds: list[float]) -> tuple[Costs, float]:
+    """The costs from the run's own timed steps (the first, which pays for compilation, left
+    out), with an evaluation estimated (or timed, with ``train.eval_tasks``) and a checkpoint
+    timed; the costs (the slowest rank's) and the seconds this took."""
+    from lmtrain import distributed as dist_util
+
+    began, step = time.perf_counter(), statistics.median(step_seconds[1:] or step_seconds)
+    eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer, step)
+    *figures, took = dist_util.max_over_ranks([step, eval_seconds, checkpoint_seconds, time.perf_counter() - began],
+                                              trainer.info, trainer.device)
+    return Costs(*figures), took
+
+
+def _eval_and_checkpoint(trainer: "Trainer", step_seconds: float) -> tuple[float, float]:
+    """An evaluation's seconds (estimated from a step's; timed when ``train.eval_tasks`` scores
+    tasks, which a step says nothing about) and a checkpoint's (timed, written to scratch)."""
+    from lmtrain.device import synchronize
+
+    eval_seconds = estimated_eval_seconds(step_seconds, trainer.tc)
+    if trainer.tasks:
+        t0 = time.perf_counter()
+        trainer.evaluate_quietly()
+        synchronize(trainer.device)
+        eval_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _time_a_checkpoint(trainer)
+    return eval_seconds, time.perf_counter() - t0
+
+
 def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, float]:
     """Time real steps, one eval and one checkpoint of ``trainer`` on this machine, and leave its
     state as it was; return the costs (the slowest rank's) and the seconds the probe took."""
@@ -212,15 +257,7 @@ def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, fl
             more = len(times) < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and len(times) < 50)
             more = dist_util.any_rank(more, trainer.info, device)
         step_seconds = statistics.median(times)  # a slow outlier (the OS, a page fault) is not the pace
-        eval_seconds = estimated_eval_seconds(step_seconds, trainer.tc)
-        if trainer.tasks:  # scoring train.eval_tasks cannot be estimated from a step: time one eval
-            t0 = time.perf_counter()
-            trainer.evaluate_quietly()
-            synchronize(device)
-            eval_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _time_a_checkpoint(trainer)
-        checkpoint_seconds = time.perf_counter() - t0
+        eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer, step_seconds)
     finally:
         saved.restore(training)
     *figures, took = dist_util.max_over_ranks([step_seconds, eval_seconds, checkpoint_seconds,

@@ -393,18 +393,35 @@ class Trainer:
             if self.info.is_main:
                 for note in self.notes:
                     log.info("%s", note)
+            # train.max_minutes: the run's own first (warmup) steps are timed for the decision, or,
+            # when they cannot be, a probe runs first (lmtrain.budget). plan() refuses a budget that
+            # fits no schedule.
+            probe_end, step_seconds = None, []
             if tc.max_minutes is not None and tc.fit_to_budget and state.budget is None:
-                self._plan_the_budget(batches)  # (plan() refuses a budget that fits no step)
-                metrics.set_total(tc.max_steps)
+                from lmtrain.budget import free_probe_end
+
+                probe_end = free_probe_end(tc, state.step)
+                if probe_end is None:
+                    self._plan_the_budget(batches)
+                    metrics.set_total(tc.max_steps)
             seconds_before, pace = state.train_seconds, _Pace()
             run_start = time.perf_counter()
             while state.step < tc.max_steps:
+                began = time.perf_counter()
                 loss, norm, applied = self.training.runner.run(state.step, batches)
                 self._count_bad_step(applied)
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 metrics.step(state.step, loss, norm)
                 state.train_seconds = seconds_before + time.perf_counter() - run_start
+                if probe_end is not None:
+                    step_seconds.append(time.perf_counter() - began)
+                    if self._decide_now(probe_end):
+                        with pace.timing("probe"):
+                            self._plan_from_steps(step_seconds)
+                        state.train_seconds = seconds_before + time.perf_counter() - run_start
+                        metrics.set_total(tc.max_steps)
+                        probe_end = None
                 if state.budget is not None and state.step % REPLAN_EVERY == 0:
                     self._keep_within_budget(pace, state.step - start_step, metrics)
                 stop = self._stop_reason(signals)
@@ -474,6 +491,26 @@ class Trainer:
             log.info("train.max_minutes %g: %d steps fit (%s; probe %.1f s), so the schedule ends at step %d "
                      "instead of train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(),
                      probe_seconds, budget.max_steps, tc.max_steps)
+        tc.max_steps, tc.warmup_steps = budget.max_steps, budget.warmup_steps
+
+    def _decide_now(self, probe_end: int) -> bool:
+        """Whether the budget's decision is due: its timed steps are done, or the time is (plan()
+        then says how few steps the budget buys). Every rank decides together."""
+        due = self.state.step >= probe_end or self._out_of_time()
+        return dist_util.any_rank(due, self.info, self.device) if self.info.enabled else due
+
+    def _plan_from_steps(self, step_seconds: list[float]) -> None:
+        """``train.max_minutes``, decided from the run's own timed steps (``budget.measure``)."""
+        from lmtrain.budget import measure, plan
+
+        tc, state = self.tc, self.state
+        costs, seconds = measure(self, step_seconds)
+        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + seconds, seconds)
+        state.budget = budget.to_dict()
+        if self.info.is_main:
+            log.info("train.max_minutes %g: %d more steps fit (%s; timed over steps 2-%d of this run), so the schedule "
+                     "ends at step %d instead of train.max_steps %d", tc.max_minutes, budget.max_steps - state.step,
+                     costs.describe(), len(step_seconds), budget.max_steps, tc.max_steps)
         tc.max_steps, tc.warmup_steps = budget.max_steps, budget.warmup_steps
 
     def _keep_within_budget(self, pace: "_Pace", steps: int, metrics: TrainLog) -> None:
@@ -565,13 +602,14 @@ class Trainer:
 
 
 class _Pace:
-    """Where this session's loop time goes: evals and checkpoints (timed), and steps (the rest)."""
+    """Where this session's loop time goes: evals, checkpoints and the budget's measurement (timed),
+    and steps (the rest)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.seconds = {"eval": 0.0, "checkpoint": 0.0}  # this session's
-        self.counts = {"eval": 0, "checkpoint": 0}
-        self.untaken = {"eval": 0.0, "checkpoint": 0.0}  # not yet added to the run's state
+        self.seconds = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # this session's
+        self.counts = {"eval": 0, "checkpoint": 0, "probe": 0}
+        self.untaken = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # not yet added to the run's state
 
     @contextlib.contextmanager
     def timing(self, what: str):
@@ -593,7 +631,8 @@ class _Pace:
         from lmtrain.budget import Costs
 
         step = (now - self.start - sum(self.seconds.values())) / max(1, steps)
-        mean = {k: self.seconds[k] / self.counts[k] if self.counts[k] else getattr(planned, k) for k in self.seconds}
+        mean = {k: self.seconds[k] / self.counts[k] if self.counts[k] else getattr(planned, k)
+                for k in ("eval", "checkpoint")}
         return Costs(step, mean["eval"], mean["checkpoint"])
 
 

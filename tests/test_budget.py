@@ -173,3 +173,44 @@ def test_a_budget_too_small_for_the_warmup_is_one_line(tiny_run):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "train.max_minutes 0.001 leaves time for" in result.stderr and "too few for a schedule" in result.stderr
+
+
+def test_a_run_with_a_warmup_decides_from_its_own_steps_and_keeps_them(tiny_run, tmp_path, monkeypatch):
+    """The warmup's learning rate does not depend on the step count, so its first steps are timed for
+    the decision and are training: nothing is undone. The decision comes after them, resumes keep
+    it, and the run is the plain run of the decided length, bit for bit."""
+    import shutil
+
+    from lmtrain.train import Trainer
+
+    config, run_dir = tiny_run
+    monkeypatch.setattr(budget_mod, "REPLAN_OVER", 1e9)
+    monkeypatch.setattr(Trainer, "_out_of_time", lambda self: False)
+    decided_at = []
+    measured = []
+    real_measure = budget_mod.measure
+
+    def measure(trainer, step_seconds):
+        measured.append(len(step_seconds))
+        return real_measure(trainer, step_seconds)
+
+    def fixed(minutes, costs, tc, step, spent, probe_seconds):
+        decided_at.append(step)
+        return budget_mod.Budget(minutes, 30, costs, probe_seconds, tc.warmup_steps)
+
+    monkeypatch.setattr(budget_mod, "measure", measure)
+    monkeypatch.setattr(budget_mod, "plan", fixed)
+    sets = ["train.max_minutes=5", "train.warmup_steps=20", "train.eval_every=20", "train.checkpoint_every=15",
+            "train.log_every=1000"]
+    interrupted_at(18, load_config(config, sets), monkeypatch)
+    resumed = train(load_config(config, sets))
+    assert decided_at == [10] and measured == [10]  # once, after ten steps of its own; resume kept it
+    assert resumed.step == 30 and resumed.budget["max_steps"] == 30 and resumed.budget["costs"]["step"] > 0
+    assert "timed over steps 2-10 of this run" in (run_dir / "train.log").read_text()
+    plain_dir = tmp_path / "plain"
+    for part in ("tokenizer", "data"):
+        shutil.copytree(run_dir / part, plain_dir / part)
+    plain = train(load_config(config, sets[1:] + ["train.max_steps=30", f"run.dir={plain_dir}"]))
+    ours = load_file(str(resumed.checkpoint / "model.safetensors"))
+    theirs = load_file(str(plain.checkpoint / "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
