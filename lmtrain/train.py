@@ -479,19 +479,12 @@ class Trainer:
                 "train.precision: bf16/fp32; the last good checkpoint is untouched")
 
     def _plan_the_budget(self, batches) -> None:
-        """``train.max_minutes``: probe this machine and fix ``train.max_steps`` to what fits."""
-        from lmtrain.budget import plan, probe
+        """``train.max_minutes``: probe this machine up front, then decide (``_decide``)."""
+        from lmtrain.budget import probe
 
-        tc, state = self.tc, self.state
-        costs, probe_seconds = probe(self, batches, tc.max_minutes * 60 - state.train_seconds)
-        state.train_seconds += probe_seconds
-        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds, probe_seconds)
-        state.budget = budget.to_dict()
-        if self.info.is_main:
-            log.info("train.max_minutes %g: %d steps fit (%s; probe %.1f s), so the schedule ends at step %d "
-                     "instead of train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(),
-                     probe_seconds, budget.max_steps, tc.max_steps)
-        tc.max_steps, tc.warmup_steps = budget.max_steps, budget.warmup_steps
+        costs, probe_seconds = probe(self, batches, self.tc.max_minutes * 60 - self.state.train_seconds)
+        self.state.train_seconds += probe_seconds
+        self._decide(costs, probe_seconds, f"probe {probe_seconds:.1f} s")
 
     def _decide_now(self, probe_end: int) -> bool:
         """Whether the budget's decision is due: its timed steps are done, or the time is (plan()
@@ -501,16 +494,23 @@ class Trainer:
 
     def _plan_from_steps(self, step_seconds: list[float]) -> None:
         """``train.max_minutes``, decided from the run's own timed steps (``budget.measure``)."""
-        from lmtrain.budget import measure, plan
+        from lmtrain.budget import measure
+
+        costs, seconds = measure(self, step_seconds)
+        self._decide(costs, seconds, f"timed over steps 2-{len(step_seconds)} of this run", spent=seconds)
+
+    def _decide(self, costs, measuring_seconds: float, how: str, spent: float = 0.0) -> None:
+        """Fix ``train.max_steps`` to what the budget pays for at ``costs``, and record the decision;
+        ``spent``: seconds of measuring not yet in ``state.train_seconds``."""
+        from lmtrain.budget import plan
 
         tc, state = self.tc, self.state
-        costs, seconds = measure(self, step_seconds)
-        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + seconds, seconds)
+        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + spent, measuring_seconds)
         state.budget = budget.to_dict()
         if self.info.is_main:
-            log.info("train.max_minutes %g: %d more steps fit (%s; timed over steps 2-%d of this run), so the schedule "
-                     "ends at step %d instead of train.max_steps %d", tc.max_minutes, budget.max_steps - state.step,
-                     costs.describe(), len(step_seconds), budget.max_steps, tc.max_steps)
+            log.info("train.max_minutes %g: %d more steps fit (%s; %s), so the schedule ends at step %d instead of "
+                     "train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(), how,
+                     budget.max_steps, tc.max_steps)
         tc.max_steps, tc.warmup_steps = budget.max_steps, budget.warmup_steps
 
     def _keep_within_budget(self, pace: "_Pace", steps: int, metrics: TrainLog) -> None:
