@@ -112,17 +112,23 @@ def load_weights_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
         tensors = dict(tensors)
         tensors.pop("lm_head.weight", None)
         tensors["lm_head.weight"] = tensors.get("wte.weight")
-    expected = model.state_dict()
+    check_tensors_fit(tensors, model.state_dict(), path)
+    model.load_state_dict(tensors)
+
+
+def check_tensors_fit(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path,
+                      what: str = "weights", holder: str = "the model") -> None:
+    """``CheckpointError`` naming the first problem unless ``tensors`` has exactly ``expected``'s
+    names and shapes (``what``: what the file holds; ``holder``: what expects them)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
+        raise CheckpointError(f"{path}: {what} do not fit the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model "
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, {holder} "
                                   f"expects {tuple(expected[key].shape)}")
-    model.load_state_dict(tensors)
 
 
 def load_model_weights(model: torch.nn.Module, loaded: "LoadedCheckpoint") -> None:

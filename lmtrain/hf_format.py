@@ -230,10 +230,10 @@ def peft_adapter(adapters: dict[str, torch.Tensor], spec, config) -> tuple[dict[
     prefix = "transformer.h.{}." if arch == GPT2 else "model.layers.{}."
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern, alpha_pattern = {}, {}
+    grouped: dict[str, list[str]] = {}  # Hugging Face module -> the targets it takes (the same in every layer)
+    for target in spec.targets:
+        grouped.setdefault(modules[target], []).append(target)
     for i in range(config.n_layer):
-        grouped: dict[str, list[str]] = {}
-        for target in spec.targets:
-            grouped.setdefault(modules[target], []).append(target)
         for module, targets in grouped.items():
             layers = [target_rows(config, t) for t in targets]
             a = torch.cat([adapters[f"blocks.{i}.{layer}.lora_A.{t}"] for t, (layer, _, _) in zip(targets, layers)])

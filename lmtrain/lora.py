@@ -146,8 +146,9 @@ def check_config(config, sharded: bool) -> None:
                           "so each process holds the frozen base whole: use train.parallel: ddp")
     from lmtrain.model import GPTConfig
 
+    shape = GPTConfig.of(config.model, 1)
     for target in tc.lora_targets:
-        target_rows(GPTConfig.of(config.model, 1), target)  # gate without SwiGLU is refused there
+        target_rows(shape, target)  # gate without SwiGLU is refused there
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,10 +231,6 @@ def add_adapters(model: nn.Module, spec: LoraSpec) -> None:
                 module.requires_grad_(True)
 
 
-def has_adapters(model: nn.Module) -> bool:
-    return any(isinstance(m, LoraLinear) for m in model.modules())
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a LoRA checkpoint holds: every trained parameter, by its name in the model."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -242,18 +239,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Load a LoRA checkpoint's tensors into the adapted ``model``; CheckpointError naming what
     does not fit."""
-    expected = dict(model.named_parameters())
-    wanted = {name for name, p in expected.items() if p.requires_grad}
-    missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: adapters do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+    from lmtrain.checkpoint import check_tensors_fit
+
+    expected = trainable_state(model)
+    check_tensors_fit(tensors, expected, path, what="adapters", holder="the adapters")
     with torch.no_grad():
         for name, value in tensors.items():
-            if value.shape != expected[name].shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, the adapters expect "
-                                      f"{tuple(expected[name].shape)}")
-            expected[name].copy_(value)
+            expected[name].copy_(value)  # (detached views of the parameters: copied in place)
 
 
 def merge_adapters(model: nn.Module) -> None:
