@@ -12,10 +12,9 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
    (or a run resumed past it without a decision) uses ``probe`` instead, up front: it times real
    steps the same way, then puts the weights, the optimiser, the scaler and the random number
    generators back as they were, changing nothing but the decision. Either way an evaluation is
-   estimated from the step (a forward pass over ``eval_batches`` micro-batches, a third of a
-   training step's work each) rather than run: at a one-minute budget a real one would cost more
-   than the steps it informs (with ``train.eval_tasks``, whose scoring a step says nothing about,
-   one is run).
+   timed on one of its micro-batches and scaled to ``eval_batches`` rather than run whole: at a
+   one-minute budget a whole one would cost more than the steps it informs (with
+   ``train.eval_tasks``, whose scoring a micro-batch says nothing about, one is run).
 2. ``steps_that_fit`` picks the largest step count whose steps, evaluations and checkpoints fit
    in ``MARGIN`` of the time left; that count becomes ``train.max_steps``, so warmup, the stable
    phase and the decay all happen inside the budget. The warmup keeps its length
@@ -174,7 +173,8 @@ def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
 
 def estimated_eval_seconds(step_seconds: float, tc: TrainConfig) -> float:
     """An evaluation's time from a training step's: a forward pass over ``eval_batches``
-    micro-batches, each a third of a micro-batch's forward and backward work."""
+    micro-batches, each a third of a micro-batch's forward and backward work (``lmtrain plan``'s
+    figure for the shapes it times a step of; a run times a micro-batch, ``_timed_eval_seconds``)."""
     return step_seconds * tc.eval_batches / (3 * tc.grad_accum)
 
 
@@ -205,31 +205,49 @@ def free_probe_end(tc: TrainConfig, step: int) -> int | None:
 
 def measure(trainer: "Trainer", step_seconds: list[float]) -> tuple[Costs, float]:
     """The costs from the run's own timed steps (the first, which pays for compilation, left
-    out), with an evaluation estimated (or timed, with ``train.eval_tasks``) and a checkpoint
-    timed; the costs (the slowest rank's) and the seconds this took."""
+    out), with an evaluation and a checkpoint timed; the costs (the slowest rank's) and the seconds this took."""
     from lmtrain import distributed as dist_util
 
     began, step = time.perf_counter(), statistics.median(step_seconds[1:] or step_seconds)
-    eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer, step)
+    eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer)
     *figures, took = dist_util.max_over_ranks([step, eval_seconds, checkpoint_seconds, time.perf_counter() - began],
                                               trainer.info, trainer.device)
     return Costs(*figures), took
 
 
-def _eval_and_checkpoint(trainer: "Trainer", step_seconds: float) -> tuple[float, float]:
-    """An evaluation's seconds (estimated from a step's; timed when ``train.eval_tasks`` scores
-    tasks, which a step says nothing about) and a checkpoint's (timed, written to scratch)."""
+def _eval_and_checkpoint(trainer: "Trainer") -> tuple[float, float]:
+    """An evaluation's seconds (from one micro-batch; a whole one when ``train.eval_tasks`` scores
+    tasks, which a micro-batch says nothing about) and a checkpoint's (timed, written to scratch)."""
     from lmtrain.device import synchronize
 
-    eval_seconds = estimated_eval_seconds(step_seconds, trainer.tc)
     if trainer.tasks:
         t0 = time.perf_counter()
         trainer.evaluate_quietly()
         synchronize(trainer.device)
         eval_seconds = time.perf_counter() - t0
+    else:
+        eval_seconds = _timed_eval_seconds(trainer)
     t0 = time.perf_counter()
     _time_a_checkpoint(trainer)
     return eval_seconds, time.perf_counter() - t0
+
+
+def _timed_eval_seconds(trainer: "Trainer") -> float:
+    """An evaluation's seconds: one of its micro-batches timed (after one untimed, which pays for a
+    compiled model's switch to eval mode), times the micro-batches each rank scores. A forward pass
+    costs more than the third of a training step that ``estimated_eval_seconds`` assumes on a CPU
+    (a micro-batch's forward took 125-155 ms against a 220-300 ms step on a 2 x 96 model, so an
+    evaluation estimated at 1.5 s took 3.3 s), and a run that underestimates its evaluations
+    overruns its budget by the difference."""
+    from lmtrain.device import synchronize
+
+    trainer.evaluate_quietly(micro_batches=1)
+    synchronize(trainer.device)
+    t0 = time.perf_counter()
+    trainer.evaluate_quietly(micro_batches=1)
+    synchronize(trainer.device)
+    per_rank = trainer.tc.batch_size * trainer.info.world_size
+    return (time.perf_counter() - t0) * math.ceil(len(trainer.val_positions) / per_rank)
 
 
 def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, float]:
@@ -257,7 +275,7 @@ def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, fl
             more = len(times) < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and len(times) < 50)
             more = dist_util.any_rank(more, trainer.info, device)
         step_seconds = statistics.median(times)  # a slow outlier (the OS, a page fault) is not the pace
-        eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer, step_seconds)
+        eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer)
     finally:
         saved.restore(training)
     *figures, took = dist_util.max_over_ranks([step_seconds, eval_seconds, checkpoint_seconds,

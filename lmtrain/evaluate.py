@@ -21,6 +21,7 @@ from lmtrain import distributed as dist_util
 from lmtrain.data import TokenWindows, to_device
 from lmtrain.device import autocast
 from lmtrain.inference import LoadedModel, load_model
+from lmtrain.loss import eval_loss_fn
 from lmtrain.rundir import data_dir
 from lmtrain.shards import open_split, out_of_vocabulary, read_manifest
 
@@ -47,13 +48,14 @@ def val_loss(model: torch.nn.Module, windows: TokenWindows, positions: np.ndarra
     """Mean loss of ``model`` over the windows at ``positions`` (each rank scores its share)."""
     info = info or dist_util.DistInfo()
     mine = positions[info.rank :: info.world_size]
+    loss_fn = eval_loss_fn(device)
     model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     for i in range(0, len(mine), batch_size):
         x, y = to_device(windows.windows(mine[i : i + batch_size]), device)
         with autocast(device, amp_dtype):
-            _, loss = model(x, y)
+            _, loss = model(x, y, loss_fn=loss_fn)
         total += loss.float() * len(x)
         count += len(x)
     model.train()

@@ -539,11 +539,15 @@ class Trainer:
         self.tc.max_steps = last
         metrics.set_total(last)
 
-    def evaluate_quietly(self) -> None:
-        """An evaluation as the loop runs it, logging nothing (the budget's probe times it)."""
-        val_loss(self.model, self.data.val, self.val_positions, self.tc.batch_size, self.device,
+    def evaluate_quietly(self, micro_batches: int | None = None) -> None:
+        """An evaluation as the loop runs it, logging nothing (the budget times it); with
+        ``micro_batches``, only that many of its micro-batches on each rank, and no tasks."""
+        positions = self.val_positions
+        if micro_batches is not None:
+            positions = positions[: micro_batches * self.tc.batch_size * self.info.world_size]
+        val_loss(self.model, self.data.val, positions, self.tc.batch_size, self.device,
                  AMP_DTYPES[self.precision], self.info)
-        if self.tasks:
+        if self.tasks and micro_batches is None:
             from lmtrain.tasks import score_task
 
             for task in self.tasks:

@@ -13,7 +13,7 @@ import torch
 from lmtrain.config import ModelConfig
 from lmtrain.data import SyntheticBatches
 from lmtrain.kvcache import KVCache
-from lmtrain.loss import chunked_cross_entropy
+from lmtrain.loss import chunked_cross_entropy, chunked_eval_loss
 from lmtrain.model import GPT, GPTConfig
 
 VOCAB = 97
@@ -82,6 +82,9 @@ def test_the_chunked_loss_equals_the_standard_one(softcap):
     torch.testing.assert_close(chunked, standard, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # the evaluation's chunked loss: the same value, no gradients
+        _, evaluated = model(x[:, :-1], x[:, 1:], loss_fn=chunked_eval_loss)
+    torch.testing.assert_close(evaluated, standard, atol=1e-5, rtol=1e-5)
 
 
 def test_zero_init_starts_every_block_as_the_identity_and_uniform_logits():

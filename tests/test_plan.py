@@ -29,7 +29,8 @@ def test_the_pick_trades_model_size_against_the_tokens_the_budget_buys():
     config = load_config(None, ["train.warmup_steps=10", "train.eval_every=1000", "train.checkpoint_every=1000"])
     shapes = candidates(config)
     L, C = config.model.n_layer, config.model.n_embd
-    assert {(c.n_layer, c.n_embd) for c in shapes} >= {(L - 1, C // 2), (L, C), (L + 1, 2 * C)}
+    widths = {c.n_embd for c in shapes}  # whole heads: half of 96 at head size 32 rounds to 64
+    assert {c.n_layer for c in shapes} == {L - 1, L, L + 1} and {C, 2 * C} <= widths and min(widths) < C
     assert all(c.n_embd // c.n_head == config.model.n_embd // config.model.n_head for c in shapes)
     rule = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.01, runs=9)
 
