@@ -63,7 +63,7 @@ def write_corpus(directory: Path) -> tuple[Path, Path]:
 
 def common_sets(base: Path, train: Path, val: Path, steps: int) -> list[str]:
     return [f"model.init_from={base}", f"data.source={train}", f"data.val_source={val}", "data.sample_by=paragraph",
-            f"train.max_steps={steps}", "train.warmup_steps=10", "train.schedule=cosine",
+            f"train.max_steps={steps}", "train.warmup_steps=10", "train.schedule=cosine", "train.optimizer=adamw",
             f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.max_minutes=null"]
 
 
@@ -136,7 +136,8 @@ def random_base(directory: Path, tokenizer_file: Path, n_layer: int, n_embd: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, help="an lmtrain run directory (the model to fine-tune)")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
+    parser.add_argument("--config", type=Path, help="the config to fine-tune with (default: the base run's own, whose "
+                        "model.* keys agree with the base's architecture)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "lora")
     parser.add_argument("--memory-shape", default="12x768", help="LAYERSxWIDTH of the memory comparison; none skips it")
@@ -149,6 +150,7 @@ def main() -> None:
         return one(args)
     if args.base is None:
         parser.error("--base is required")
+    args.config = args.config or args.base / "config.yaml"
 
     train_dir, val_dir = write_corpus(args.workdir / "corpus")
     common = common_sets(args.base.resolve(), train_dir, val_dir, args.steps)
