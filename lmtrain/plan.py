@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, replace
 from itertools import combinations
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 POINTS_FILE = Path(__file__).with_name("scaling_points.json")
 ALPHA, BETA = 0.34, 0.28  # Chinchilla's fitted exponents for parameters and tokens
 PRIOR_TOKENS_PER_PARAM = 20.0  # the compute-optimal ratio of the literature (Hoffmann et al. 2022)
+MEASURE_ROUNDS = 2  # on a CPU: each shape's step is timed this many times, the fastest kept
 CHECKPOINT_BYTES_PER_SECOND = 200e6  # for the plan's estimate of checkpoint time
 
 
@@ -173,12 +175,13 @@ def measure(config: Config, vocab_size: int, device, precision: str, steps: int 
     for step in range(warm):
         training.runner.run(step, batches)
     synchronize(device)
-    start, done = time.perf_counter(), 0
-    while done < steps or (time.perf_counter() - start < 1.0 and done < 20):
-        training.runner.run(warm + done, batches)
+    start, times = time.perf_counter(), []
+    while len(times) < steps or (time.perf_counter() - start < 1.0 and len(times) < 20):
+        began = time.perf_counter()
+        training.runner.run(warm + len(times), batches)
         synchronize(device)
-        done += 1
-    seconds = (time.perf_counter() - start) / done
+        times.append(time.perf_counter() - began)
+    seconds = statistics.median(times)  # a step the OS slowed down is not the shape's pace
     model = training.model
     counts = model.num_params(embeddings=False), model.num_params()
     del training, model
@@ -239,8 +242,17 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     precision = resolve_precision(config.train.precision, device)
     vocab_size = _vocab_size(config)
     rows = candidates(config)
-    for row in tqdm(rows, desc="plan: measuring", unit="shape", disable=not progress, leave=False):
-        row.step_seconds, row.params, row.total_params = measure(shaped(config, row), vocab_size, device, precision)
+    # A shared CPU's speed drifts by 10-40% within a minute, and a shape measured in a slow
+    # moment looked 20% cheaper or dearer than its neighbours (3 x 96 measured at 0.38, 0.46 and
+    # 0.55 s a step by three plans in a row, and picked once for it). So on a CPU every shape is
+    # measured twice, in two rounds, and keeps its faster figure: drift only ever slows a step.
+    rounds = MEASURE_ROUNDS if device.type == "cpu" else 1
+    with tqdm(total=rounds * len(rows), desc="plan: measuring", unit="shape", disable=not progress, leave=False) as bar:
+        for _ in range(rounds):
+            for row in rows:
+                seconds, row.params, row.total_params = measure(shaped(config, row), vocab_size, device, precision)
+                row.step_seconds = min(seconds, row.step_seconds or math.inf)
+                bar.update()
     pick, rows = choose(config, rows, rule, minutes)
     configured = next(r for r in rows if (r.n_layer, r.n_embd) == (config.model.n_layer, config.model.n_embd))
     picked = shaped(config, pick)
