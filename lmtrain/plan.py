@@ -246,6 +246,7 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     # moment looked 20% cheaper or dearer than its neighbours (3 x 96 measured at 0.38, 0.46 and
     # 0.55 s a step by three plans in a row, and picked once for it). So on a CPU every shape is
     # measured twice, in two rounds, and keeps its faster figure: drift only ever slows a step.
+    # That narrows the spread without removing it (docs/speedrun.md, round 13).
     rounds = MEASURE_ROUNDS if device.type == "cpu" else 1
     with tqdm(total=rounds * len(rows), desc="plan: measuring", unit="shape", disable=not progress, leave=False) as bar:
         for _ in range(rounds):
