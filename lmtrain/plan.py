@@ -160,9 +160,11 @@ def shaped(config: Config, candidate: Candidate) -> Config:
                                          n_head=candidate.n_head))
 
 
-def measure(config: Config, vocab_size: int, device, precision: str, steps: int = 3) -> tuple[float, int, int]:
-    """Seconds per training step of ``config``'s model on ``device`` (real steps, synthetic
-    tokens), and its non-embedding and total parameter counts."""
+def measure(config: Config, vocab_size: int, device, precision: str, steps: int = 3,
+            min_seconds: float = 1.0) -> tuple[float, int, int]:
+    """Seconds per training step of ``config``'s model on ``device`` (the median of at least
+    ``steps`` real steps on synthetic tokens, more while under ``min_seconds``), and its
+    non-embedding and total parameter counts."""
     import torch
 
     from lmtrain.data import SyntheticBatches
@@ -176,7 +178,7 @@ def measure(config: Config, vocab_size: int, device, precision: str, steps: int 
         training.runner.run(step, batches)
     synchronize(device)
     start, times = time.perf_counter(), []
-    while len(times) < steps or (time.perf_counter() - start < 1.0 and len(times) < 20):
+    while len(times) < steps or (time.perf_counter() - start < min_seconds and len(times) < 20):
         began = time.perf_counter()
         training.runner.run(warm + len(times), batches)
         synchronize(device)
@@ -246,12 +248,14 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     # moment looked 20% cheaper or dearer than its neighbours (3 x 96 measured at 0.38, 0.46 and
     # 0.55 s a step by three plans in a row, and picked once for it). So on a CPU every shape is
     # measured twice, in two rounds, and keeps its faster figure: drift only ever slows a step.
-    # That narrows the spread without removing it (docs/speedrun.md, round 13).
+    # That narrows the spread without removing it (docs/speedrun.md, round 13). Each round times
+    # for half as long, so a plan takes the time it took with one.
     rounds = MEASURE_ROUNDS if device.type == "cpu" else 1
     with tqdm(total=rounds * len(rows), desc="plan: measuring", unit="shape", disable=not progress, leave=False) as bar:
         for _ in range(rounds):
             for row in rows:
-                seconds, row.params, row.total_params = measure(shaped(config, row), vocab_size, device, precision)
+                seconds, row.params, row.total_params = measure(shaped(config, row), vocab_size, device, precision,
+                                                                min_seconds=1.0 / rounds)
                 row.step_seconds = min(seconds, row.step_seconds or math.inf)
                 bar.update()
     pick, rows = choose(config, rows, rule, minutes)
