@@ -205,7 +205,8 @@ def free_probe_end(tc: TrainConfig, step: int) -> int | None:
 
 def measure(trainer: "Trainer", step_seconds: list[float]) -> tuple[Costs, float]:
     """The costs from the run's own timed steps (the first, which pays for compilation, left
-    out), with an evaluation and a checkpoint timed; the costs (the slowest rank's) and the seconds this took."""
+    out), with an evaluation and a checkpoint timed; the costs (the slowest rank's) and the
+    seconds this took."""
     from lmtrain import distributed as dist_util
 
     began, step = time.perf_counter(), statistics.median(step_seconds[1:] or step_seconds)
