@@ -8,6 +8,7 @@ other exception is a bug of ours and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -98,6 +99,17 @@ def _load(config: Optional[Path], overrides: Optional[List[str]]):
     return load_config(config, overrides or [])
 
 
+def _writer(cfg, command: str):
+    """The run directory's writer lock, taken here before the stage imports torch or datasets
+    (seconds), so that a second writer is refused at once. The stage takes it again (re-entrant)
+    for callers of the library; under torchrun only rank 0 holds it, as in the library."""
+    from lmtrain.rundir import hold_run_dir
+
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return hold_run_dir(cfg.run_dir, command)
+
+
 @app.command()
 @user_errors
 def tokenize(
@@ -106,10 +118,11 @@ def tokenize(
     force: bool = typer.Option(False, "--force", help="Replace an existing tokenizer of this run."),
 ) -> None:
     """Train the run's byte-level BPE tokenizer on the training split of data.source."""
-    from lmtrain.tokenizer import train_tokenizer
-
     cfg = _load(config, set_)
-    stats = train_tokenizer(cfg, force=force)
+    with _writer(cfg, "tokenize"):
+        from lmtrain.tokenizer import train_tokenizer
+
+        stats = train_tokenizer(cfg, force=force)
     if stats.copied_from:
         typer.echo(f"tokenizer: taken from model.init_from ({stats.copied_from}), vocab {stats.vocab_size}; "
                    f"nothing trained\nwrote {stats.path}")
@@ -133,10 +146,9 @@ def shard(
     verify: bool = typer.Option(False, "--verify", help="Re-read every shard and check it against the manifest."),
 ) -> None:
     """Encode the corpus into binary train/val token shards under RUN_DIR/data."""
-    from lmtrain import shards
-
     cfg = _load(config, set_)
     if verify:
+        from lmtrain import shards
         from lmtrain.rundir import data_dir, tokenizer_path
         from lmtrain.fsutil import sha256_file
 
@@ -145,7 +157,10 @@ def shard(
         typer.echo(f"verified {result.shards} shards, {result.tokens:,} tokens, "
                    f"{result.bytes_read / 1e6:.1f} MB: all match the manifest")
         return
-    result = shards.build_shards(cfg, force=force)
+    with _writer(cfg, "shard"):
+        from lmtrain import shards
+
+        result = shards.build_shards(cfg, force=force)
     splits = result.splits
     if result.up_to_date:
         typer.echo(f"shards are up to date in {result.data_dir} "
@@ -169,13 +184,14 @@ def train(
     restart: bool = typer.Option(False, "--restart", help="Start over; old checkpoints and TensorBoard logs are moved aside."),
 ) -> None:
     """Train the GPT on the run's shards; resumes from the latest checkpoint if there is one."""
-    from lmtrain.train import TrainingInterrupted, train as run_training
-
     cfg = _load(config, set_)
-    try:
-        result = run_training(cfg, restart=restart)
-    except TrainingInterrupted as stop:
-        _stopped(stop, _resume_hint("train", config, set_))
+    with _writer(cfg, "train"):
+        from lmtrain.train import TrainingInterrupted, train as run_training
+
+        try:
+            result = run_training(cfg, restart=restart)
+        except TrainingInterrupted as stop:
+            _stopped(stop, _resume_hint("train", config, set_))
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun rank 0 reports for all
     if result.already_done:
@@ -365,9 +381,6 @@ def run(
     set_: Optional[List[str]] = SetOption,
 ) -> None:
     """The whole pipeline: tokenize, shard, train, sample; finished stages are skipped."""
-    from lmtrain.pipeline import run_pipeline
-    from lmtrain.train import TrainingInterrupted
-
     cfg = _load(config, set_)
 
     def report(stage: str, message: str) -> None:
@@ -383,10 +396,14 @@ def run(
         sys.stdout.flush()
 
     on_sample_text.started = False
-    try:
-        result = run_pipeline(cfg, report, on_sample_text)
-    except TrainingInterrupted as stop:
-        _stopped(stop, _resume_hint("run", config, set_))
+    with _writer(cfg, "run"):
+        from lmtrain.pipeline import run_pipeline
+        from lmtrain.train import TrainingInterrupted
+
+        try:
+            result = run_pipeline(cfg, report, on_sample_text)
+        except TrainingInterrupted as stop:
+            _stopped(stop, _resume_hint("run", config, set_))
     sys.stdout.write("\n")
     baseline = f" (unigram byte baseline {result.unigram_bpb:.3f})" if result.unigram_bpb is not None else ""
     bpb = f"{result.val_bpb:.4f}" if result.val_bpb is not None else "n/a"

@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per process: the suite runs on two pytest workers (README's test command), and
+# each torch would otherwise start a thread per core, four busy threads on CI's two cores for
+# models too small to gain from a second one. Set before torch is imported, so the CLI
+# subprocesses the tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def make_text_corpus(directory: Path, n_docs: int = 60, seed: int = 0) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -48,6 +49,25 @@ def test_the_pick_trades_model_size_against_the_tokens_the_budget_buys():
     assert choose(config, measured(), rule, minutes=600)[0].n_layer == long.n_layer  # deterministic
     with pytest.raises(ConfigError, match="no candidate gets past train.warmup_steps"):
         choose(config, measured(), rule, minutes=0.001)
+
+
+def test_a_toss_up_keeps_the_configs_own_shape():
+    config = load_config(None, ["train.warmup_steps=10", "train.eval_every=1000", "train.checkpoint_every=1000"])
+    L, C, H = config.model.n_layer, config.model.n_embd, config.model.n_head
+
+    def measured():  # the deeper shape: 1.5x the parameters for 1.2x the step
+        rows = [Candidate(L, C, H), Candidate(L + 1, C, H)]
+        for row, params, seconds in zip(rows, (2e5, 3e5), (0.3, 0.36)):
+            row.params, row.total_params, row.step_seconds = int(params), int(params) + 400_000, seconds
+        return rows
+
+    sure = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.001, runs=9)
+    pick, rows = choose(config, measured(), sure, minutes=10)
+    gain = rows[0].predicted_bpb - rows[1].predicted_bpb
+    assert pick.n_layer == L + 1 and 0.001 < gain < 0.05  # a sure rule follows its prediction
+    unsure = replace(sure, loo_error=0.05)
+    pick, rows = choose(config, measured(), unsure, minutes=10)
+    assert pick.n_layer == L and pick.predicted_bpb > min(r.predicted_bpb for r in rows)  # within its error
 
 
 def test_plan_writes_a_config_that_trains(tiny_run, tmp_path):

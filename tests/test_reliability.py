@@ -27,7 +27,7 @@ def load_chaos():
 
 @pytest.mark.slow
 def test_chaos_train_kills_lose_nothing(tmp_path):
-    report = load_chaos().chaos_train(tmp_path, kills=3, rng=random.Random(1), max_steps=150)
+    report = load_chaos().chaos_train(tmp_path, kills=3, rng=random.Random(1), max_steps=60)
     assert report["problems"] == []
     assert report["kills"] >= 2 and report["identical"]
     assert report["second_writers_refused"] >= 1
