@@ -2,13 +2,17 @@
 """Tokens to a target loss: AdamW against Muon, same model, same data, same schedule shape.
 
     python scripts/bench_optimizer.py [--config configs/default.yaml] [--steps 240] [--set k=v ...]
+                                      [--adamw-set k=v ...] [--muon-set k=v ...]
 
 Trains the config with AdamW for --steps steps (its whole schedule: warmup, stable, decay) and
 takes its final val loss on the whole val split as the target. Then trains it with Muon for
 shorter runs (--fractions of --steps, each with its whole schedule laid out over its own length,
 as a user who wants fewer tokens would run it), and finds, by interpolating the final losses
 between the runs that bracket the target, how many tokens Muon needs to reach it. Ratio < 1: Muon
-needs fewer tokens. Uses the speedrun's prepared data (tokenizer and shards per vocab size).
+needs fewer tokens. --adamw-set and --muon-set apply to one optimiser's runs only, so that each
+runs at its own best settings (the learning rate of the AdamW groups, above all: the embeddings and
+head train best at 3e-3 under AdamW and at 6e-3 beside Muon, docs/speedrun.md round 14). Uses the
+speedrun's prepared data (tokenizer and shards per vocab size).
 Prints a table and one JSON line.
 """
 
@@ -72,18 +76,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--adamw-set", dest="adamw_sets", action="append", default=[], help="for the AdamW run only")
+    parser.add_argument("--muon-set", dest="muon_sets", action="append", default=[], help="for the Muon runs only")
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--fractions", default="0.5,0.75,1.0")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "speedrun")
     args = parser.parse_args()
     source = prepared(args.config, args.sets, args.workdir)
     base = args.workdir / "optimizer-bench"
-    adamw = run(args.config, args.sets + ["train.optimizer=adamw"], source, base / "adamw", args.steps)
+    adamw = run(args.config, args.sets + ["train.optimizer=adamw"] + args.adamw_sets, source, base / "adamw", args.steps)
     target = adamw["val_loss"]
     muon = []
     for fraction in [float(f) for f in args.fractions.split(",")]:
         steps = max(10, round(args.steps * fraction))
-        muon.append(run(args.config, args.sets + ["train.optimizer=muon"], source, base / f"muon-{steps}", steps))
+        muon.append(run(args.config, args.sets + ["train.optimizer=muon"] + args.muon_sets, source, base / f"muon-{steps}",
+                        steps))
     needed = tokens_to_reach(target, muon)
     print(f"{'optimizer':<9} {'steps':>6} {'tokens':>10} {'tokens/s':>9} {'val loss':>9} {'val bpb':>8}")
     for name, r in [("adamw", adamw)] + [("muon", r) for r in muon]:
@@ -92,8 +99,8 @@ def main() -> None:
     ratio = needed / adamw["tokens"] if needed is not None else None
     print(f"target: AdamW's final val loss {target:.4f} after {adamw['tokens']:,} tokens; Muon reaches it after "
           + (f"{needed:,.0f} tokens ({ratio:.2f}x)" if needed is not None else "more tokens than it was given"))
-    print(json.dumps({"adamw": adamw, "muon": muon, "target_loss": target, "muon_tokens_to_target": needed,
-                      "ratio": ratio}))
+    print(json.dumps({"sets": args.sets, "adamw_sets": args.adamw_sets, "muon_sets": args.muon_sets, "adamw": adamw,
+                      "muon": muon, "target_loss": target, "muon_tokens_to_target": needed, "ratio": ratio}))
 
 
 if __name__ == "__main__":
