@@ -99,15 +99,18 @@ def _load(config: Optional[Path], overrides: Optional[List[str]]):
     return load_config(config, overrides or [])
 
 
+def _rank0() -> bool:
+    """This process reports (and holds the lock) for all: under torchrun, rank 0 alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _writer(cfg, command: str):
     """The run directory's writer lock, taken here before the stage imports torch or datasets
     (seconds), so that a second writer is refused at once. The stage takes it again (re-entrant)
     for callers of the library; under torchrun only rank 0 holds it, as in the library."""
     from lmtrain.rundir import hold_run_dir
 
-    if os.environ.get("RANK", "0") != "0":
-        return contextlib.nullcontext()
-    return hold_run_dir(cfg.run_dir, command)
+    return hold_run_dir(cfg.run_dir, command) if _rank0() else contextlib.nullcontext()
 
 
 @app.command()
@@ -192,7 +195,7 @@ def train(
             result = run_training(cfg, restart=restart)
         except TrainingInterrupted as stop:
             _stopped(stop, _resume_hint("train", config, set_))
-    if os.environ.get("RANK", "0") != "0":
+    if not _rank0():
         return  # under torchrun rank 0 reports for all
     if result.already_done:
         typer.echo(f"training is already complete: step {result.step} of {result.max_steps} "
@@ -414,7 +417,7 @@ def run(
 def _stopped(stop, hint: str) -> None:
     """Training stopped on a signal: say where it saved and how to go on; exit 128 + signal."""
     where = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
-    if os.environ.get("RANK", "0") == "0":
+    if _rank0():
         typer.echo(f"stopped at step {stop.step}; wrote {where}\nresume with: {hint}", err=True)
     raise typer.Exit(128 + stop.signum) from None
 

@@ -10,9 +10,14 @@ shorter runs (--fractions of --steps, each with its whole schedule laid out over
 as a user who wants fewer tokens would run it), and finds, by interpolating the final losses
 between the runs that bracket the target, how many tokens Muon needs to reach it. Ratio < 1: Muon
 needs fewer tokens. --adamw-set and --muon-set apply to one optimiser's runs only, so that each
-runs at its own best settings (the learning rate of the AdamW groups, above all: the embeddings and
-head train best at 3e-3 under AdamW and at 6e-3 beside Muon, docs/speedrun.md round 14). Uses the
-speedrun's prepared data (tokenizer and shards per vocab size).
+runs at its own best settings: above all `train.lr`, which under AdamW drives every parameter and
+beside Muon only the embeddings, head, norms and biases. On the default model AdamW alone is best
+near 6e-3 (3e-3 and 1e-2 lose) and the AdamW groups beside Muon at 2e-2 or more (docs/speedrun.md
+round 14); the default config's own `train.lr` (2e-2) is Muon's, so give AdamW its own:
+
+    python scripts/bench_optimizer.py --steps 560 --adamw-set train.lr=6e-3 --adamw-set train.min_lr=6e-4
+
+Uses the speedrun's prepared data (tokenizer and shards per vocab size).
 Prints a table and one JSON line.
 """
 
