@@ -497,15 +497,17 @@ class Trainer:
         from lmtrain.budget import measure
 
         costs, seconds = measure(self, step_seconds)
-        self._decide(costs, seconds, f"timed over steps 2-{len(step_seconds)} of this run", spent=seconds)
+        self._decide(costs, seconds, f"timed over steps 2-{len(step_seconds)} of this run", spent=seconds, owes=True)
 
-    def _decide(self, costs, measuring_seconds: float, how: str, spent: float = 0.0) -> None:
+    def _decide(self, costs, measuring_seconds: float, how: str, spent: float = 0.0, owes: bool = False) -> None:
         """Fix ``train.max_steps`` to what the budget pays for at ``costs``, and record the decision;
-        ``spent``: seconds of measuring not yet in ``state.train_seconds``."""
+        ``spent``: seconds of measuring not yet in ``state.train_seconds``; ``owes``: decided inside
+        the loop, before this step's evaluation and checkpoint."""
         from lmtrain.budget import plan
 
         tc, state = self.tc, self.state
-        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + spent, measuring_seconds)
+        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + spent, measuring_seconds,
+                      owes=owes)
         state.budget = budget.to_dict()
         if self.info.is_main:
             log.info("train.max_minutes %g: %d more steps fit (%s; %s), so the schedule ends at step %d instead of "

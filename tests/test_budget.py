@@ -68,6 +68,26 @@ def test_the_decision_is_a_pure_function_of_the_measured_costs():
             assert replan(budget, Costs(0.05, 1.0, 2.0), tc, step=late, seconds_spent=170.0) is None
 
 
+
+def test_a_decision_made_before_a_steps_evaluation_counts_it():
+    """The loop decides after a step and before that step's evaluation and checkpoint: a run on pace
+    at step 100 of a 1-minute budget keeps to the time it has (it used to see 3 s more, move its end
+    later, and move it back ten steps on)."""
+    tc = train_config(max_steps=560, schedule="wsd", warmup_steps=20, eval_every=100, checkpoint_every=100)
+    costs = Costs(step=0.4, eval=3.0, checkpoint=0.03)
+    assert [budget_mod.owed(s, costs, tc) for s in (0, 99, 100)] == [0.0, 0.0, pytest.approx(3.03)]
+    budget = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0, owes=True)
+    tc.max_steps = budget.max_steps
+    on_pace = 4.0 + seconds_for(100, costs, tc, start=10) - budget_mod.owed(100, costs, tc)
+    last = replan(budget, costs, tc, step=100, seconds_spent=on_pace)
+    rest = seconds_for(last or tc.max_steps, costs, tc, start=100) + budget_mod.owed(100, costs, tc)
+    assert rest <= 60.0 - on_pace  # it may take back its unused margin, not time it does not have
+    # And the first decision, after step 100's own timed steps, leaves its evaluation room too.
+    tc = train_config(max_steps=560, eval_every=10, checkpoint_every=10)
+    late = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0, owes=True)
+    early = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0)
+    assert seconds_for(late.max_steps, costs, tc, start=10) + 3.03 <= budget_mod.MARGIN * 56.0 and late.max_steps < early.max_steps
+
 def fixed_probe(monkeypatch, costs, seconds=1.0):
     calls = []
 
@@ -125,9 +145,9 @@ def test_the_real_probe_changes_nothing_but_the_step_count(tiny_run, tmp_path, m
     monkeypatch.setattr(budget_mod, "REPLAN_OVER", 1e9)
     real_plan = budget_mod.plan
 
-    def plan_30(minutes, costs, tc, step, spent, probe_seconds):  # the real probe's figures, 30 steps
+    def plan_30(minutes, costs, tc, step, spent, probe_seconds, owes=False):  # the real probe's figures, 30 steps
         tc = dataclasses.replace(tc, max_steps=30)
-        budget = real_plan(1000.0, costs, tc, step, spent, probe_seconds)
+        budget = real_plan(1000.0, costs, tc, step, spent, probe_seconds, owes=owes)
         budget.minutes, budget.max_steps = minutes, 30
         return budget
 
@@ -194,7 +214,7 @@ def test_a_run_with_a_warmup_decides_from_its_own_steps_and_keeps_them(tiny_run,
         measured.append(len(step_seconds))
         return real_measure(trainer, step_seconds)
 
-    def fixed(minutes, costs, tc, step, spent, probe_seconds):
+    def fixed(minutes, costs, tc, step, spent, probe_seconds, owes=False):
         decided_at.append(step)
         return budget_mod.Budget(minutes, 30, costs, probe_seconds, tc.warmup_steps)
 
