@@ -19,7 +19,9 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
    in ``MARGIN`` of the time left; that count becomes ``train.max_steps``, so warmup, the stable
    phase and the decay all happen inside the budget. The warmup keeps its length
    (``train.warmup_steps``): scaled with the schedule (50 warmup steps of 780 becoming 5 of 81)
-   it measured 0.21 bpb worse at a one-minute budget (docs/speedrun.md, round 11).
+   it measured 0.21 bpb worse at a one-minute budget (docs/speedrun.md, round 11). A short
+   budget wants a config with a short warmup instead: the default's is 20 steps since round 15
+   (50 cost a 145-step run 0.04 bpb under Muon).
 3. The decision (the figures and the count) is recorded in the run's state: a resumed run keeps
    the same schedule, and so stays bit-exact.
 4. While training, ``replan`` watches the real pace (steps with everything the loop does around

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from lmtrain.config import load_config
 from lmtrain.errors import ConfigError
-from lmtrain.plan import ALPHA, BETA, Candidate, ScalingRule, candidates, choose
+from lmtrain.plan import ALPHA, BETA, Candidate, Plan, ScalingRule, candidates, choose, format_plan
 
 
 def test_the_rule_recovers_a_law_it_was_fitted_on_and_says_how_wrong_it_is():
@@ -68,6 +68,16 @@ def test_a_toss_up_keeps_the_configs_own_shape():
     unsure = replace(sure, loo_error=0.05)
     pick, rows = choose(config, measured(), unsure, minutes=10)
     assert pick.n_layer == L and pick.predicted_bpb > min(r.predicted_bpb for r in rows)  # within its error
+    # A gain above the rule's error but below that of a difference of two predictions (sqrt 2 x):
+    # still a toss-up (round 15's 3-minute pick, predicted 0.027 better at an error of 0.021, lost).
+    between = replace(sure, loo_error=gain / 1.2)
+    assert between.loo_error < gain < between.difference_error
+    assert choose(config, measured(), between, minutes=10)[0].n_layer == L
+    # The rule is AdamW's; a plan for the default (Muon) says so.
+    pick, rows = choose(config, measured(), between, minutes=10)
+    text = format_plan(Plan(10, "cpu (fp32)", rows, pick, rows[0], between, config, False))
+    assert config.train.optimizer == "muon" and "fitted on AdamW runs and this config trains with muon" in text
+    assert "a difference of two by" in text and "the config's own shape" in text
 
 
 def test_plan_writes_a_config_that_trains(tiny_run, tmp_path):
