@@ -188,13 +188,6 @@ def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
     return False
 
 
-def estimated_eval_seconds(step_seconds: float, tc: TrainConfig) -> float:
-    """An evaluation's time from a training step's: a forward pass over ``eval_batches``
-    micro-batches, each a third of a micro-batch's forward and backward work (``lmtrain plan``'s
-    figure for the shapes it times a step of; a run times a micro-batch, ``_timed_eval_seconds``)."""
-    return step_seconds * tc.eval_batches / (3 * tc.grad_accum)
-
-
 def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, eval_seconds: float,
           checkpoint_seconds: float) -> str:
     """How a budgeted run spent its time, for the summary line and the log."""
@@ -253,7 +246,7 @@ def _eval_and_checkpoint(trainer: "Trainer") -> tuple[float, float]:
 def _timed_eval_seconds(trainer: "Trainer") -> float:
     """An evaluation's seconds: one of its micro-batches timed (after one untimed, which pays for a
     compiled model's switch to eval mode), times the micro-batches each rank scores. A forward pass
-    costs more than the third of a training step that ``estimated_eval_seconds`` assumes on a CPU
+    costs more than the third of a training step that a FLOP count says on a CPU
     (a micro-batch's forward took 125-155 ms against a 220-300 ms step on a 2 x 96 model, so an
     evaluation estimated at 1.5 s took 3.3 s), and a run that underestimates its evaluations
     overruns its budget by the difference."""

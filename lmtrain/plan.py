@@ -7,17 +7,22 @@ config of the best one:
 
 1. ``candidates``: depths L-1..L+1 and widths 0.5x..2x the config's, at the config's head size.
 2. ``measure``: a few real training steps of each (``lmtrain.step.build_training``, synthetic
-   tokens), as `lmtrain train` would run them on the configured device.
+   tokens), as `lmtrain train` would run them on the configured device, each step beside one of
+   the config's own shape: a ranking needs the shapes' costs relative to one another, and on a
+   shared CPU those drift far less than the machine's speed does.
 3. ``budget.steps_that_fit``: the steps each would get in the budget (the same arithmetic
    `train.max_minutes` uses), so tokens D = steps x tokens per step.
-4. ``ScalingRule``: the predicted val bpb for N non-embedding parameters and D tokens,
+4. ``ScalingRule``: the predicted val bpb for N parameters (``rule_params``: the embedding table
+   counted) and D tokens,
 
-       bpb = E + A * (N / 1e6) ** -0.34 + B * (D / 1e6) ** -0.28
+       bpb = E + A * (N / 1e6) ** -alpha + B * (D / 1e6) ** -beta
 
-   Chinchilla's form and exponents (Hoffmann et al. 2022), with E, A and B fitted by least
-   squares on our own speedrun runs (``scaling_points.json``, docs/speedrun.md), and a prior that
-   pulls the compute-optimal ratio towards the literature's ~20 tokens per parameter (as much as
-   one measured run would). The fit's leave-one-out error on those runs is printed with every plan.
+   Chinchilla's form (Hoffmann et al. 2022), fitted on our own measured runs of the config's
+   optimizer (``scaling_points.json``, docs/speedrun.md; AdamW's when we have none of it): the
+   exponents on a grid, E, A and B >= 0 by least squares, with a prior that pulls the
+   compute-optimal ratio towards the literature's ~20 tokens per parameter (as much as one
+   measured run would). The fit's leave-one-out error on those runs (exponents refitted without
+   the run left out) is printed with every plan.
 5. ``choose``: the lowest predicted bpb, unless it beats the config's own shape by less than the
    error of a difference of two predictions (sqrt(2) x that error): a toss-up keeps the shape the
    config names.
@@ -28,6 +33,7 @@ absolute bpb differs, and the ranking of shapes is what the plan relies on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -39,16 +45,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtrain.budget import MARGIN, Costs, estimated_eval_seconds, steps_that_fit
+from lmtrain.budget import MARGIN, Costs, steps_that_fit
 from lmtrain.config import Config
 from lmtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 POINTS_FILE = Path(__file__).with_name("scaling_points.json")
-ALPHA, BETA = 0.34, 0.28  # Chinchilla's fitted exponents for parameters and tokens
+EXPONENTS = tuple(round(0.10 + 0.05 * i, 2) for i in range(19))  # 0.10 .. 1.00: the grid alpha and beta are fitted on
+RULE_VOCAB = 4096  # the vocabulary of the measured runs: N counts the embedding table at this size
 PRIOR_TOKENS_PER_PARAM = 20.0  # the compute-optimal ratio of the literature (Hoffmann et al. 2022)
-MEASURE_ROUNDS = 2  # on a CPU: each shape's step is timed this many times, the fastest kept
 CHECKPOINT_BYTES_PER_SECOND = 200e6  # for the plan's estimate of checkpoint time
 
 
@@ -57,15 +63,27 @@ CHECKPOINT_BYTES_PER_SECOND = 200e6  # for the plan's estimate of checkpoint tim
 # --------------------------------------------------------------------------------------------
 
 
+def rule_params(non_embedding: int, n_embd: int) -> int:
+    """N of the rule: the non-embedding parameters plus the (tied) embedding table, counted at the
+    measured runs' vocabulary. At these sizes the table is most of the model and what it learns
+    is worth as much as the blocks do: with it counted the rule's error on our runs drops from
+    0.021 to 0.013 (AdamW) and 0.032 to 0.008 (Muon) (docs/speedrun.md, round 16). A bigger
+    tokenizer's table is not counted bigger: the rule has never seen one."""
+    return non_embedding + RULE_VOCAB * n_embd
+
+
 @dataclass
 class ScalingRule:
-    """bpb = E + A * (N/1e6)^-ALPHA + B * (D/1e6)^-BETA, N non-embedding parameters, D tokens."""
+    """bpb = E + A * (N/1e6)^-alpha + B * (D/1e6)^-beta, N from ``rule_params``, D tokens."""
 
     e: float
     a: float
     b: float
+    alpha: float
+    beta: float
     loo_error: float  # root mean square leave-one-out error on the measured runs, in bpb
     runs: int
+    optimizer: str = "adamw"  # whose runs it is fitted on
 
     @property
     def difference_error(self) -> float:
@@ -74,7 +92,8 @@ class ScalingRule:
         return math.sqrt(2) * self.loo_error
 
     def predict(self, params: int, tokens: int) -> float:
-        return self.e + self.a * (params / 1e6) ** -ALPHA + self.b * (max(tokens, 1) / 1e6) ** -BETA
+        """Predicted val bpb for N = ``params`` (see ``rule_params``) trained on ``tokens``."""
+        return float(np.dot((self.e, self.a, self.b), _features(params, tokens, self.alpha, self.beta)))
 
     def tokens_per_param(self, flops: float) -> float:
         """The compute-optimal D/N at ``flops`` (= 6 N D) under this rule."""
@@ -82,46 +101,81 @@ class ScalingRule:
         return flops / (6 * best * 1e6) / (best * 1e6)
 
     @classmethod
-    def fit(cls, points: list[dict]) -> "ScalingRule":
-        if len(points) < 3:
-            raise ConfigError(f"{POINTS_FILE}: the scaling rule needs at least 3 measured runs, has {len(points)}")
-        coef = _fit(points)
-        errors = [points[i]["val_bpb"] - _predict(_fit(points[:i] + points[i + 1:]), points[i]) for i in range(len(points))]
-        return cls(*coef, loo_error=float(np.sqrt(np.mean(np.square(errors)))), runs=len(points))
+    def fit(cls, points: list[dict], optimizer: str = "adamw") -> "ScalingRule":
+        """Fit on ``points`` ({"params": N, "tokens": D, "val_bpb": ...}). The error it reports is
+        honest about the exponents too: each left-out run's prediction comes from a fit, exponents
+        included, on the other runs only."""
+        if len(points) < 4:
+            raise ConfigError(f"{POINTS_FILE}: the scaling rule needs at least 4 measured runs, has {len(points)}")
+        coef, alpha, beta = _fit(points)
+        errors = [points[i]["val_bpb"] - _predict(_fit(points[:i] + points[i + 1:]), points[i])
+                  for i in range(len(points))]
+        return cls(*coef, alpha, beta, loo_error=float(np.sqrt(np.mean(np.square(errors)))), runs=len(points),
+                   optimizer=optimizer)
 
     @classmethod
-    def ours(cls) -> "ScalingRule":
-        return cls.fit(json.loads(POINTS_FILE.read_text("utf-8"))["points"])
+    @functools.lru_cache(maxsize=None)
+    def ours(cls, optimizer: str = "adamw") -> "ScalingRule":
+        """The rule fitted on our runs with ``optimizer``, or on the AdamW runs if we have none
+        with it (``optimizer`` then says whose rule it is)."""
+        measured = json.loads(POINTS_FILE.read_text("utf-8"))["optimizers"]
+        name = optimizer if optimizer in measured else "adamw"
+        points = [dict(p, params=rule_params(p["params"], p["n_embd"])) for p in measured[name]["points"]]
+        return cls.fit(points, name)
 
 
-def _features(params: float, tokens: float) -> list[float]:
-    return [1.0, (params / 1e6) ** -ALPHA, (tokens / 1e6) ** -BETA]
+def _features(params: float, tokens: float, alpha: float, beta: float) -> list[float]:
+    return [1.0, (params / 1e6) ** -alpha, (max(tokens, 1) / 1e6) ** -beta]
 
 
-def _predict(coef: tuple[float, float, float], point: dict) -> float:
-    return float(np.dot(coef, _features(point["params"], point["tokens"])))
+def _predict(fitted: tuple[tuple[float, float, float], float, float], point: dict) -> float:
+    coef, alpha, beta = fitted
+    return float(np.dot(coef, _features(point["params"], point["tokens"], alpha, beta)))
 
 
-def _fit(points: list[dict]) -> tuple[float, float, float]:
-    """E, A, B >= 0 by least squares, with one extra row for the prior: at the runs' median
-    compute, the optimum should sit at PRIOR_TOKENS_PER_PARAM tokens per parameter. With exponents
-    fixed, that optimum (dL/dN = 0 along 6ND = C) is where ALPHA * A * n^-ALPHA = BETA * B * d^-BETA
-    (n, d in millions), i.e. a linear condition on A and B."""
-    rows = [_features(p["params"], p["tokens"]) for p in points]
-    target = [p["val_bpb"] for p in points]
-    flops = float(np.median([6 * p["params"] * p["tokens"] for p in points]))
-    n = math.sqrt(flops / (6 * PRIOR_TOKENS_PER_PARAM)) / 1e6
+def _fit(points: list[dict]) -> tuple[tuple[float, float, float], float, float]:
+    """(E, A, B), alpha, beta: for each pair of exponents on the grid, E, A, B >= 0 by least
+    squares; the pair with the smallest squared error wins. One extra row holds the prior: at the
+    runs' median compute, the optimum should sit at PRIOR_TOKENS_PER_PARAM tokens per parameter.
+    For given exponents that optimum (dL/dN = 0 along 6ND = C) is where alpha * A * n^-alpha =
+    beta * B * d^-beta (n, d in millions), a linear condition on A and B, weighted as one run."""
+    params = np.array([p["params"] for p in points], dtype=float) / 1e6
+    tokens = np.array([max(p["tokens"], 1) for p in points], dtype=float) / 1e6
+    target = np.array([p["val_bpb"] for p in points] + [0.0])
+    n = math.sqrt(float(np.median(6 * params * tokens)) / (6 * PRIOR_TOKENS_PER_PARAM))
     d = PRIOR_TOKENS_PER_PARAM * n
-    scale = float(np.mean([row[2] for row in rows]))  # one run's weight, in bpb
-    rows.append([0.0, scale * ALPHA * n ** -ALPHA, -scale * BETA * d ** -BETA])
-    target.append(0.0)
-    return _nonnegative_least_squares(np.array(rows), np.array(target))
+    grid = [(alpha, beta) for alpha in EXPONENTS for beta in EXPONENTS]
+    x = np.ones((len(grid), len(points) + 1, 3))  # one design matrix per pair of exponents
+    for i, (alpha, beta) in enumerate(grid):
+        x[i, :-1, 1], x[i, :-1, 2] = params ** -alpha, tokens ** -beta
+        scale = float(np.mean(x[i, :-1, 2]))  # one run's weight, in bpb
+        x[i, -1] = (0.0, scale * alpha * n ** -alpha, -scale * beta * d ** -beta)
+    # All pairs' unconstrained fits at once; only a pair whose fit goes negative is refitted with
+    # the constraint (the unconstrained optimum, when allowed, is the constrained one).
+    xt = np.swapaxes(x, 1, 2)
+    coefs = np.linalg.solve(xt @ x, (xt @ target)[..., None])[..., 0]
+    errors = np.sum((np.einsum("gij,gj->gi", x, coefs) - target) ** 2, axis=1)
+    negative = np.any(coefs < 0, axis=1)
+    allowed = errors[~negative].min() if not negative.all() else math.inf
+    for i in np.flatnonzero(negative):
+        # A constrained fit never beats its pair's unconstrained one: refit only those that could win.
+        if errors[i] < allowed:
+            coefs[i], errors[i] = _nonnegative_least_squares(x[i], target)
+            allowed = min(allowed, errors[i])
+        else:
+            errors[i] = math.inf
+    best = int(np.argmin(errors))
+    return tuple(float(c) for c in coefs[best]), grid[best][0], grid[best][1]
 
 
-def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Three coefficients, each >= 0: the best of the unconstrained fits on every subset of them."""
+def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float, float], float]:
+    """Three coefficients, each >= 0 (the best of the unconstrained fits on every subset of them),
+    and their squared error."""
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    if np.all(coef >= 0):  # the unconstrained optimum is allowed: none of the subsets can beat it
+        return tuple(float(c) for c in coef), float(np.sum((x @ coef - y) ** 2))
     best, best_error = (0.0, 0.0, 0.0), float(np.sum(y ** 2))
-    for size in (1, 2, 3):
+    for size in (1, 2):
         for subset in combinations(range(3), size):
             coef, *_ = np.linalg.lstsq(x[:, subset], y, rcond=None)
             if np.all(coef >= 0):
@@ -130,7 +184,7 @@ def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, flo
                 error = float(np.sum((x @ full - y) ** 2))
                 if error < best_error:
                     best, best_error = tuple(float(c) for c in full), error
-    return best
+    return best, best_error
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,9 +200,15 @@ class Candidate:
     params: int = 0  # non-embedding
     total_params: int = 0
     step_seconds: float = 0.0
+    eval_seconds: float = 0.0  # one evaluation (train.eval_batches micro-batches)
     steps: int = 0
     tokens: int = 0
     predicted_bpb: float = 0.0
+
+    @property
+    def rule_params(self) -> int:
+        """N of the scaling rule (``rule_params``)."""
+        return rule_params(self.params, self.n_embd)
 
     @property
     def shape(self) -> str:
@@ -169,44 +229,111 @@ def shaped(config: Config, candidate: Candidate) -> Config:
                                          n_head=candidate.n_head))
 
 
-def measure(config: Config, vocab_size: int, device, precision: str, steps: int = 3,
-            min_seconds: float = 1.0) -> tuple[float, int, int]:
-    """Seconds per training step of ``config``'s model on ``device`` (the median of at least
-    ``steps`` real steps on synthetic tokens, more while under ``min_seconds``), and its
-    non-embedding and total parameter counts."""
-    import torch
+class _Stepper:
+    """One shape's training step as `lmtrain train` runs it (``lmtrain.step.build_training``, on
+    synthetic tokens), built once and warmed up, to be timed a step at a time."""
 
-    from lmtrain.data import SyntheticBatches
-    from lmtrain.device import synchronize
-    from lmtrain.step import build_training
+    def __init__(self, config: Config, vocab_size: int, device, precision: str):
+        from lmtrain.data import SyntheticBatches
+        from lmtrain.step import build_training
 
-    training = build_training(config, vocab_size, device, precision)
-    batches = SyntheticBatches(vocab_size, config.train.batch_size, config.model.block_size, device)
-    warm = 2 if training.runner.forward_model is not training.model else 1
-    for step in range(warm):
-        training.runner.run(step, batches)
-    synchronize(device)
-    start, times = time.perf_counter(), []
-    while len(times) < steps or (time.perf_counter() - start < min_seconds and len(times) < 20):
+        self.device, self.precision = device, precision
+        self.training = build_training(config, vocab_size, device, precision)
+        self.batches = SyntheticBatches(vocab_size, config.train.batch_size, config.model.block_size, device)
+        self.steps = 0
+        model = self.training.model
+        self.params, self.total_params = model.num_params(embeddings=False), model.num_params()
+        # Warm-up steps pay for compilation, allocator growth and caches; they are not timed.
+        for _ in range(2 if self.training.runner.forward_model is not model else 1):
+            self.step()
+
+    def step(self) -> float:
+        """Seconds of one training step."""
+        from lmtrain.device import synchronize
+
         began = time.perf_counter()
-        training.runner.run(warm + len(times), batches)
-        synchronize(device)
-        times.append(time.perf_counter() - began)
-    seconds = statistics.median(times)  # a step the OS slowed down is not the shape's pace
-    model = training.model
-    counts = model.num_params(embeddings=False), model.num_params()
-    del training, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return seconds, counts[0], counts[1]
+        self.training.runner.run(self.steps, self.batches)
+        synchronize(self.device)
+        self.steps += 1
+        return time.perf_counter() - began
+
+    def eval_micro_batch(self) -> float:
+        """Seconds of one micro-batch of an evaluation (``lmtrain.evaluate.val_loss``'s forward)."""
+        import torch
+
+        from lmtrain.device import AMP_DTYPES, autocast, synchronize
+        from lmtrain.loss import eval_loss_fn
+
+        model, (x, y) = self.training.model, self.batches.get(0, 0)
+        began = time.perf_counter()
+        model.eval()
+        with torch.no_grad(), autocast(self.device, AMP_DTYPES[self.precision]):
+            model(x, y, loss_fn=eval_loss_fn(self.device))
+        model.train()
+        synchronize(self.device)
+        return time.perf_counter() - began
+
+    def close(self) -> None:
+        del self.training
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
 
-def fitted_steps(config: Config, step_seconds: float, params: int, minutes: float) -> int:
-    """The steps ``train.max_minutes`` would give this shape: its steps, plus its evals (estimated
-    as the budget's probe does) and checkpoints."""
+def measure(config: Config, rows: list[Candidate], vocab_size: int, device, precision: str,
+            min_seconds: float = 1.0, progress: bool = True) -> float:
+    """Fill in each row's step seconds and parameter counts; return the config's own step time.
+
+    A shared CPU's speed drifts by 10-40% within a minute: shapes timed one after the other in
+    a fast and a slow moment looked 20-25% cheaper or dearer than they were (round 15's 3 x 64,
+    timed at 0.272 s a step, ran at 0.339; 3 x 96 timed at 0.38, 0.46 and 0.55 s by three plans
+    in a row). A ranking of shapes needs their costs relative to one another, and those drift
+    far less: each candidate's steps alternate with steps of the config's own shape, each step
+    is divided by its neighbour's, and the median of those ratios times the config's median step
+    gives the candidate's time (at least 3 pairs, more while under ``min_seconds``). An
+    evaluation is timed the same way, as micro-batches beside the config's steps: on a CPU a
+    forward pass costs half a training step, not the third a FLOP count says (an evaluation the
+    plan had estimated at 1.8 s took 2.9 s)."""
+    from tqdm.auto import tqdm
+
+    reference = _Stepper(config, vocab_size, device, precision)
+    own = (config.model.n_layer, config.model.n_embd)
+    reference_times, ratios = [], {}
+    for row in tqdm(rows, desc="plan: measuring", unit="shape", disable=not progress, leave=False):
+        if (row.n_layer, row.n_embd) == own:
+            row.params, row.total_params, ratios[id(row)] = reference.params, reference.total_params, 1.0
+            continue
+        stepper = _Stepper(shaped(config, row), vocab_size, device, precision)
+        pairs, start = [], time.perf_counter()
+        while len(pairs) < 3 or (time.perf_counter() - start < min_seconds and len(pairs) < 20):
+            if len(pairs) % 2:  # alternate which goes first, so neither always follows the other
+                theirs, ours = stepper.step(), reference.step()
+            else:
+                ours, theirs = reference.step(), stepper.step()
+            pairs.append((theirs, ours))
+        ratios[id(row)] = statistics.median(theirs / ours for theirs, ours in pairs)
+        reference_times += [ours for _, ours in pairs]
+        row.params, row.total_params = stepper.params, stepper.total_params
+        stepper.close()
+    while len(reference_times) < 3:  # the config's shape was the only candidate
+        reference_times.append(reference.step())
+    reference.eval_micro_batch()  # the first pays for the switch to eval mode
+    eval_share = statistics.median(reference.eval_micro_batch() / reference.step() for _ in range(3))
+    reference.close()
+    own_seconds = statistics.median(reference_times)
+    for row in rows:
+        row.step_seconds = ratios[id(row)] * own_seconds
+        row.eval_seconds = eval_share * row.step_seconds * config.train.eval_batches
+    return own_seconds
+
+
+def fitted_steps(config: Config, row: Candidate, minutes: float) -> int:
+    """The steps ``train.max_minutes`` would give this shape: its steps, plus its evaluations and
+    checkpoints (weights and optimiser state, ~16 bytes a parameter)."""
     tc = config.train
-    costs = Costs(step=step_seconds, eval=estimated_eval_seconds(step_seconds, tc),
-                  checkpoint=16 * params / CHECKPOINT_BYTES_PER_SECOND)
+    costs = Costs(step=row.step_seconds, eval=row.eval_seconds,
+                  checkpoint=16 * row.total_params / CHECKPOINT_BYTES_PER_SECOND)
     return steps_that_fit(MARGIN * minutes * 60, costs, tc)
 
 
@@ -233,10 +360,10 @@ def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: fl
     stays (a toss-up is no reason to leave a shape the user chose, or the default we measured)."""
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.block_size
     for row in rows:
-        row.steps = fitted_steps(shaped(config, row), row.step_seconds, row.total_params, minutes)
+        row.steps = fitted_steps(shaped(config, row), row, minutes)
         row.tokens = row.steps * tokens_per_step
         warm = row.steps > config.train.warmup_steps
-        row.predicted_bpb = rule.predict(row.params, row.tokens) if warm and row.steps > 0 else math.inf
+        row.predicted_bpb = rule.predict(row.rule_params, row.tokens) if warm and row.steps > 0 else math.inf
     usable = [row for row in rows if math.isfinite(row.predicted_bpb)]
     if not usable:
         raise ConfigError(f"in {minutes:g} minutes no candidate gets past train.warmup_steps "
@@ -260,29 +387,14 @@ def _configured(config: Config, rows: list[Candidate]) -> Candidate | None:
 
 def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     """Measure the candidates on the configured device and pick the best for ``minutes``."""
-    from tqdm.auto import tqdm
-
     from lmtrain.device import resolve_device, resolve_precision
 
-    rule = ScalingRule.ours()
+    rule = ScalingRule.ours(config.train.optimizer)
     device = resolve_device(config.train.device, "train.device")
     precision = resolve_precision(config.train.precision, device)
     vocab_size = _vocab_size(config)
     rows = candidates(config)
-    # A shared CPU's speed drifts by 10-40% within a minute, and a shape measured in a slow
-    # moment looked 20% cheaper or dearer than its neighbours (3 x 96 measured at 0.38, 0.46 and
-    # 0.55 s a step by three plans in a row, and picked once for it). So on a CPU every shape is
-    # measured twice, in two rounds, and keeps its faster figure: drift only ever slows a step.
-    # That narrows the spread without removing it (docs/speedrun.md, round 13). Each round times
-    # for half as long, so a plan takes the time it took with one.
-    rounds = MEASURE_ROUNDS if device.type == "cpu" else 1
-    with tqdm(total=rounds * len(rows), desc="plan: measuring", unit="shape", disable=not progress, leave=False) as bar:
-        for _ in range(rounds):
-            for row in rows:
-                seconds, row.params, row.total_params = measure(shaped(config, row), vocab_size, device, precision,
-                                                                min_seconds=1.0 / rounds)
-                row.step_seconds = min(seconds, row.step_seconds or math.inf)
-                bar.update()
+    measure(config, rows, vocab_size, device, precision, progress=progress)
     pick, rows = choose(config, rows, rule, minutes)
     configured = _configured(config, rows)
     picked = shaped(config, pick)
@@ -312,24 +424,25 @@ def format_plan(plan: Plan) -> str:
     for row in sorted(plan.rows, key=lambda r: (r.n_layer, r.n_embd)):
         mark = "  <- pick" if row is plan.pick else ("  (config)" if row is plan.configured else "")
         bpb = f"{row.predicted_bpb:.3f}" if math.isfinite(row.predicted_bpb) else "warmup"
-        lines.append(f"{row.shape:>9}  {row.params / 1e6:6.2f}M  {row.step_seconds:7.3f}  {row.steps:6d}  "
-                     f"{row.tokens / 1e6:8.2f}M  {row.tokens / max(row.params, 1):9.1f}  {bpb:>9}{mark}")
+        lines.append(f"{row.shape:>9}  {row.rule_params / 1e6:6.2f}M  {row.step_seconds:7.3f}  {row.steps:6d}  "
+                     f"{row.tokens / 1e6:8.2f}M  {row.tokens / row.rule_params:9.1f}  {bpb:>9}{mark}")
     rule, pick = plan.rule, plan.pick
     lines.append("")
     lines.append(f"pick: {pick.shape} ({pick.n_head} heads) for {plan.minutes:g} min on {plan.device}: "
-                 f"{_why(plan)}; {pick.tokens / max(pick.params, 1):.0f} tokens per parameter")
-    flops = 6 * pick.params * pick.tokens
-    lines.append(f"rule: bpb = {rule.e:.3f} + {rule.a:.3f} N^-{ALPHA} + {rule.b:.3f} D^-{BETA} (N, D in millions), "
-                 f"fitted on {rule.runs} measured runs; compute-optimal here ~{rule.tokens_per_param(flops):.0f} tokens "
-                 f"per parameter (prior {PRIOR_TOKENS_PER_PARAM:.0f})")
+                 f"{_why(plan)}; {pick.tokens / pick.rule_params:.0f} tokens per parameter")
+    flops = 6 * pick.rule_params * pick.tokens
+    lines.append(f"rule: bpb = {rule.e:.3f} + {rule.a:.3f} N^-{rule.alpha:g} + {rule.b:.3f} D^-{rule.beta:g} (N "
+                 f"parameters with the embedding table at {RULE_VOCAB} tokens, D tokens, in millions), fitted on "
+                 f"{rule.runs} measured {rule.optimizer} runs; compute-optimal here ~{rule.tokens_per_param(flops):.0f} "
+                 f"tokens per parameter (prior {PRIOR_TOKENS_PER_PARAM:.0f})")
     lines.append(f"error: predictions are off by ~{rule.loo_error:.3f} bpb (leave-one-out, on our runs), a difference "
                  f"of two by ~{rule.difference_error:.3f}: shapes closer than that are a toss-up")
-    if plan.config.train.optimizer != "adamw":
-        # Round 15 (docs/speedrun.md): for the Muon default the rule's figures were 0.15-0.19 bpb
+    if plan.config.train.optimizer != rule.optimizer:
+        # Round 15 (docs/speedrun.md): AdamW's rule, used for the Muon default, was 0.15-0.19 bpb
         # too high, and its picks of smaller shapes at 3 minutes (3 x 64, 2 x 64) lost by 0.024-0.027.
-        lines.append(f"note: the rule is fitted on AdamW runs and this config trains with {plan.config.train.optimizer}: "
-                     "its bpb figures are pessimistic, and a pick away from the config's shape is worth a run "
-                     "beside it before you trust it")
+        lines.append(f"note: the rule is fitted on {rule.optimizer} runs and this config trains with "
+                     f"{plan.config.train.optimizer}: its bpb figures are off, and a pick away from the config's "
+                     "shape is worth a run beside it before you trust it")
     if plan.warmup_capped:
         lines.append(f"train.warmup_steps lowered to {plan.config.train.warmup_steps} (half the planned steps)")
     return "\n".join(lines)

@@ -10,20 +10,30 @@ import pytest
 from conftest import run_cli
 from lmtrain.config import load_config
 from lmtrain.errors import ConfigError
-from lmtrain.plan import ALPHA, BETA, Candidate, Plan, ScalingRule, candidates, choose, format_plan
+from lmtrain import plan as plan_module
+from lmtrain.plan import Candidate, Plan, ScalingRule, candidates, choose, format_plan, measure
 
 
 def test_the_rule_recovers_a_law_it_was_fitted_on_and_says_how_wrong_it_is():
-    law = lambda n, d: 0.8 + 0.3 * (n / 1e6) ** -ALPHA + 0.9 * (d / 1e6) ** -BETA  # noqa: E731
-    points = [{"params": n, "tokens": d, "val_bpb": law(n, d)}
-              for n in (1e5, 6e5, 3e6) for d in (2e5, 1e6, 5e6)]
+    grid = [(n, d) for n in (1e5, 6e5, 3e6) for d in (2e5, 1e6, 5e6)]
+    # A law whose compute-optimal ratio is the prior's 20 tokens per parameter at the points'
+    # median compute (6 x 6e5 x 1e6), so that the prior agrees with it: B from dL/dN = 0 there.
+    n_opt = math.sqrt(6e5 * 1e6 / 20) / 1e6
+    b = 0.5 * 0.3 * n_opt ** -0.5 / (0.3 * (20 * n_opt) ** -0.3)
+    law = lambda n, d: 0.8 + 0.3 * (n / 1e6) ** -0.5 + b * (d / 1e6) ** -0.3  # noqa: E731
+    points = [{"params": n, "tokens": d, "val_bpb": law(n, d)} for n, d in grid]
     rule = ScalingRule.fit(points)
+    assert (rule.alpha, rule.beta) == pytest.approx((0.5, 0.3), abs=0.051)  # the exponents are fitted too
     assert rule.predict(1e6, 2e6) == pytest.approx(law(1e6, 2e6), abs=0.02)
     assert rule.loo_error < 0.02 and rule.runs == 9
     noisy = [dict(p, val_bpb=p["val_bpb"] + (0.05 if i % 2 else -0.05)) for i, p in enumerate(points)]
     assert ScalingRule.fit(noisy).loo_error > 0.04  # noise shows up in the error it reports
-    ours = ScalingRule.ours()  # the shipped measurements fit, and predict bpb in a sane range
-    assert ours.runs >= 4 and 0 < ours.predict(6e5, 1.2e6) < 4
+    for optimizer in ("adamw", "muon"):  # the shipped measurements fit, each optimizer its own runs
+        ours = ScalingRule.ours(optimizer)
+        assert ours.optimizer == optimizer and ours.runs >= 10 and ours.loo_error < 0.03
+        assert 0 < ours.predict(6e5, 1.2e6) < 4
+    # N counts the embedding table, at the measured runs' vocabulary whatever the config's.
+    assert plan_module.rule_params(200_000, 96) == 200_000 + 4096 * 96
 
 
 def test_the_pick_trades_model_size_against_the_tokens_the_budget_buys():
@@ -33,7 +43,7 @@ def test_the_pick_trades_model_size_against_the_tokens_the_budget_buys():
     widths = {c.n_embd for c in shapes}  # whole heads: half of 96 at head size 32 rounds to 64
     assert {c.n_layer for c in shapes} == {L - 1, L, L + 1} and {C, 2 * C} <= widths and min(widths) < C
     assert all(c.n_embd // c.n_head == config.model.n_embd // config.model.n_head for c in shapes)
-    rule = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.01, runs=9)
+    rule = ScalingRule(e=0.5, a=0.3, b=0.9, alpha=0.34, beta=0.28, loo_error=0.01, runs=9)
 
     def measured():  # step time proportional to parameters: the bigger, the fewer tokens
         rows = [Candidate(1, 64, 1), Candidate(2, 128, 2), Candidate(4, 256, 4)]
@@ -55,13 +65,13 @@ def test_a_toss_up_keeps_the_configs_own_shape():
     config = load_config(None, ["train.warmup_steps=10", "train.eval_every=1000", "train.checkpoint_every=1000"])
     L, C, H = config.model.n_layer, config.model.n_embd, config.model.n_head
 
-    def measured():  # the deeper shape: 1.5x the parameters for 1.2x the step
+    def measured():  # the deeper shape: 1.5x the parameters (with the embedding table) for 1.2x the step
         rows = [Candidate(L, C, H), Candidate(L + 1, C, H)]
-        for row, params, seconds in zip(rows, (2e5, 3e5), (0.3, 0.36)):
+        for row, params, seconds in zip(rows, (2e5, 5e5), (0.3, 0.36)):
             row.params, row.total_params, row.step_seconds = int(params), int(params) + 400_000, seconds
         return rows
 
-    sure = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.001, runs=9)
+    sure = ScalingRule(e=0.5, a=0.3, b=0.9, alpha=0.34, beta=0.28, loo_error=0.001, runs=9, optimizer="muon")
     pick, rows = choose(config, measured(), sure, minutes=10)
     gain = rows[0].predicted_bpb - rows[1].predicted_bpb
     assert pick.n_layer == L + 1 and 0.001 < gain < 0.05  # a sure rule follows its prediction
@@ -73,11 +83,43 @@ def test_a_toss_up_keeps_the_configs_own_shape():
     between = replace(sure, loo_error=gain / 1.2)
     assert between.loo_error < gain < between.difference_error
     assert choose(config, measured(), between, minutes=10)[0].n_layer == L
-    # The rule is AdamW's; a plan for the default (Muon) says so.
     pick, rows = choose(config, measured(), between, minutes=10)
     text = format_plan(Plan(10, "cpu (fp32)", rows, pick, rows[0], between, config, False))
-    assert config.train.optimizer == "muon" and "fitted on AdamW runs and this config trains with muon" in text
     assert "a difference of two by" in text and "the config's own shape" in text
+    assert "fitted on 9 measured muon runs" in text and "note:" not in text
+    # A rule fitted on another optimizer's runs says so.
+    adamw = replace(between, optimizer="adamw")
+    text = format_plan(Plan(10, "cpu (fp32)", rows, pick, rows[0], adamw, config, False))
+    assert config.train.optimizer == "muon" and "fitted on adamw runs and this config trains with muon" in text
+
+
+def test_measuring_ranks_shapes_by_their_cost_while_the_machine_speed_drifts(monkeypatch):
+    config = load_config(None)
+    clock = {"steps": 0}
+
+    class DriftingStepper:  # a step costs n_layer * n_embd units; the machine slows 3x midway
+        def __init__(self, config, vocab_size, device, precision):
+            self.cost = config.model.n_layer * config.model.n_embd * 1e-4
+            self.params, self.total_params = self.cost, self.cost + 1
+
+        def step(self):
+            clock["steps"] += 1
+            return self.cost * (3.0 if 40 <= clock["steps"] < 80 else 1.0)
+
+        def eval_micro_batch(self):  # half a step, as on a CPU
+            return 0.5 * self.cost * (3.0 if 40 <= clock["steps"] < 80 else 1.0)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(plan_module, "_Stepper", DriftingStepper)
+    rows = candidates(config)
+    own = measure(config, rows, 4096, device=None, precision="fp32", min_seconds=0, progress=False)
+    reference = config.model.n_layer * config.model.n_embd * 1e-4
+    assert own == pytest.approx(reference)  # the config's median step: the slow phase is a minority
+    for row in rows:  # each shape's time relative to the config's, untouched by when it was timed
+        assert row.step_seconds == pytest.approx(row.n_layer * row.n_embd * 1e-4 * own / reference)
+        assert row.eval_seconds == pytest.approx(0.5 * row.step_seconds * config.train.eval_batches)
 
 
 def test_plan_writes_a_config_that_trains(tiny_run, tmp_path):
