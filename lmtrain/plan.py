@@ -5,7 +5,7 @@ measures this machine on candidate shapes around the config's (depth and width, 
 context and batch), predicts the val bits per byte each would reach in the budget, and writes the
 config of the best one:
 
-1. ``candidates``: depths L-1..L+1 and widths 0.5x..2x the config's, at the config's head size.
+1. ``candidates``: depths L-1..L+1 (not 1) and widths 0.5x..2x the config's, at its head size.
 2. ``measure``: a few real training steps of each (``lmtrain.step.build_training``, synthetic
    tokens), as `lmtrain train` would run them on the configured device, each step beside one of
    the config's own shape: a ranking needs the shapes' costs relative to one another, and on a
@@ -15,14 +15,14 @@ config of the best one:
 4. ``ScalingRule``: the predicted val bpb for N parameters (``rule_params``: the embedding table
    counted) and D tokens,
 
-       bpb = E + A * (N / 1e6) ** -alpha + B * (D / 1e6) ** -beta
+       bpb = E + A * (N / 1e6) ** -0.34 + B * (D / 1e6) ** -0.28
 
-   Chinchilla's form (Hoffmann et al. 2022), fitted on our own measured runs of the config's
-   optimizer (``scaling_points.json``, docs/speedrun.md; AdamW's when we have none of it): the
-   exponents on a grid, E, A and B >= 0 by least squares, with a prior that pulls the
-   compute-optimal ratio towards the literature's ~20 tokens per parameter (as much as one
-   measured run would). The fit's leave-one-out error on those runs (exponents refitted without
-   the run left out) is printed with every plan.
+   Chinchilla's form and exponents (Hoffmann et al. 2022), with E, A and B fitted by least
+   squares on our own measured runs of the config's optimizer (``scaling_points.json``,
+   docs/speedrun.md; AdamW's when we have none of it), and a prior that pulls the compute-optimal
+   ratio towards the literature's ~20 tokens per parameter (as much as one measured run would).
+   (Exponents fitted on our runs as well did no better out of sample: round 16.) The fit's
+   leave-one-out error on those runs is printed with every plan.
 5. ``choose``: the lowest predicted bpb, unless it beats the config's own shape by less than the
    error of a difference of two predictions (sqrt(2) x that error): a toss-up keeps the shape the
    config names.
@@ -52,7 +52,7 @@ from lmtrain.errors import ConfigError
 log = logging.getLogger(__name__)
 
 POINTS_FILE = Path(__file__).with_name("scaling_points.json")
-EXPONENTS = tuple(round(0.10 + 0.05 * i, 2) for i in range(19))  # 0.10 .. 1.00: the grid alpha and beta are fitted on
+ALPHA, BETA = 0.34, 0.28  # Chinchilla's fitted exponents for parameters and tokens
 RULE_VOCAB = 4096  # the vocabulary of the measured runs: N counts the embedding table at this size
 PRIOR_TOKENS_PER_PARAM = 20.0  # the compute-optimal ratio of the literature (Hoffmann et al. 2022)
 CHECKPOINT_BYTES_PER_SECOND = 200e6  # for the plan's estimate of checkpoint time
@@ -65,22 +65,20 @@ CHECKPOINT_BYTES_PER_SECOND = 200e6  # for the plan's estimate of checkpoint tim
 
 def rule_params(non_embedding: int, n_embd: int) -> int:
     """N of the rule: the non-embedding parameters plus the (tied) embedding table, counted at the
-    measured runs' vocabulary. At these sizes the table is most of the model and what it learns
-    is worth as much as the blocks do: with it counted the rule's error on our runs drops from
-    0.021 to 0.013 (AdamW) and 0.032 to 0.008 (Muon) (docs/speedrun.md, round 16). A bigger
-    tokenizer's table is not counted bigger: the rule has never seen one."""
+    measured runs' vocabulary. At these sizes the table is most of the model: with it counted, the
+    rule's leave-one-out error on our AdamW runs is 0.015 instead of 0.021 (on the Muon runs
+    0.023 either way; docs/speedrun.md, round 16). A bigger tokenizer's table is not counted
+    bigger: the rule has never seen one."""
     return non_embedding + RULE_VOCAB * n_embd
 
 
 @dataclass
 class ScalingRule:
-    """bpb = E + A * (N/1e6)^-alpha + B * (D/1e6)^-beta, N from ``rule_params``, D tokens."""
+    """bpb = E + A * (N/1e6)^-ALPHA + B * (D/1e6)^-BETA, N from ``rule_params``, D tokens."""
 
     e: float
     a: float
     b: float
-    alpha: float
-    beta: float
     loo_error: float  # root mean square leave-one-out error on the measured runs, in bpb
     runs: int
     optimizer: str = "adamw"  # whose runs it is fitted on
@@ -93,7 +91,7 @@ class ScalingRule:
 
     def predict(self, params: int, tokens: int) -> float:
         """Predicted val bpb for N = ``params`` (see ``rule_params``) trained on ``tokens``."""
-        return float(np.dot((self.e, self.a, self.b), _features(params, tokens, self.alpha, self.beta)))
+        return self.e + self.a * (params / 1e6) ** -ALPHA + self.b * (max(tokens, 1) / 1e6) ** -BETA
 
     def tokens_per_param(self, flops: float) -> float:
         """The compute-optimal D/N at ``flops`` (= 6 N D) under this rule."""
@@ -102,16 +100,12 @@ class ScalingRule:
 
     @classmethod
     def fit(cls, points: list[dict], optimizer: str = "adamw") -> "ScalingRule":
-        """Fit on ``points`` ({"params": N, "tokens": D, "val_bpb": ...}). The error it reports is
-        honest about the exponents too: each left-out run's prediction comes from a fit, exponents
-        included, on the other runs only."""
-        if len(points) < 4:
-            raise ConfigError(f"{POINTS_FILE}: the scaling rule needs at least 4 measured runs, has {len(points)}")
-        coef, alpha, beta = _fit(points)
-        errors = [points[i]["val_bpb"] - _predict(_fit(points[:i] + points[i + 1:]), points[i])
-                  for i in range(len(points))]
-        return cls(*coef, alpha, beta, loo_error=float(np.sqrt(np.mean(np.square(errors)))), runs=len(points),
-                   optimizer=optimizer)
+        """Fit on ``points`` ({"params": N, "tokens": D, "val_bpb": ...})."""
+        if len(points) < 3:
+            raise ConfigError(f"{POINTS_FILE}: the scaling rule needs at least 3 measured runs, has {len(points)}")
+        coef = _fit(points)
+        errors = [points[i]["val_bpb"] - _predict(_fit(points[:i] + points[i + 1:]), points[i]) for i in range(len(points))]
+        return cls(*coef, loo_error=float(np.sqrt(np.mean(np.square(errors)))), runs=len(points), optimizer=optimizer)
 
     @classmethod
     @functools.lru_cache(maxsize=None)
@@ -124,58 +118,34 @@ class ScalingRule:
         return cls.fit(points, name)
 
 
-def _features(params: float, tokens: float, alpha: float, beta: float) -> list[float]:
-    return [1.0, (params / 1e6) ** -alpha, (max(tokens, 1) / 1e6) ** -beta]
+def _features(params: float, tokens: float) -> list[float]:
+    return [1.0, (params / 1e6) ** -ALPHA, (max(tokens, 1) / 1e6) ** -BETA]
 
 
-def _predict(fitted: tuple[tuple[float, float, float], float, float], point: dict) -> float:
-    coef, alpha, beta = fitted
-    return float(np.dot(coef, _features(point["params"], point["tokens"], alpha, beta)))
+def _predict(coef: tuple[float, float, float], point: dict) -> float:
+    return float(np.dot(coef, _features(point["params"], point["tokens"])))
 
 
-def _fit(points: list[dict]) -> tuple[tuple[float, float, float], float, float]:
-    """(E, A, B), alpha, beta: for each pair of exponents on the grid, E, A, B >= 0 by least
-    squares; the pair with the smallest squared error wins. One extra row holds the prior: at the
-    runs' median compute, the optimum should sit at PRIOR_TOKENS_PER_PARAM tokens per parameter.
-    For given exponents that optimum (dL/dN = 0 along 6ND = C) is where alpha * A * n^-alpha =
-    beta * B * d^-beta (n, d in millions), a linear condition on A and B, weighted as one run."""
-    params = np.array([p["params"] for p in points], dtype=float) / 1e6
-    tokens = np.array([max(p["tokens"], 1) for p in points], dtype=float) / 1e6
-    target = np.array([p["val_bpb"] for p in points] + [0.0])
-    n = math.sqrt(float(np.median(6 * params * tokens)) / (6 * PRIOR_TOKENS_PER_PARAM))
+def _fit(points: list[dict]) -> tuple[float, float, float]:
+    """E, A, B >= 0 by least squares, with one extra row for the prior: at the runs' median
+    compute, the optimum should sit at PRIOR_TOKENS_PER_PARAM tokens per parameter. With exponents
+    fixed, that optimum (dL/dN = 0 along 6ND = C) is where ALPHA * A * n^-ALPHA = BETA * B * d^-BETA
+    (n, d in millions), i.e. a linear condition on A and B."""
+    rows = [_features(p["params"], p["tokens"]) for p in points]
+    target = [p["val_bpb"] for p in points]
+    flops = float(np.median([6 * p["params"] * p["tokens"] for p in points]))
+    n = math.sqrt(flops / (6 * PRIOR_TOKENS_PER_PARAM)) / 1e6
     d = PRIOR_TOKENS_PER_PARAM * n
-    grid = [(alpha, beta) for alpha in EXPONENTS for beta in EXPONENTS]
-    x = np.ones((len(grid), len(points) + 1, 3))  # one design matrix per pair of exponents
-    for i, (alpha, beta) in enumerate(grid):
-        x[i, :-1, 1], x[i, :-1, 2] = params ** -alpha, tokens ** -beta
-        scale = float(np.mean(x[i, :-1, 2]))  # one run's weight, in bpb
-        x[i, -1] = (0.0, scale * alpha * n ** -alpha, -scale * beta * d ** -beta)
-    # All pairs' unconstrained fits at once; only a pair whose fit goes negative is refitted with
-    # the constraint (the unconstrained optimum, when allowed, is the constrained one).
-    xt = np.swapaxes(x, 1, 2)
-    coefs = np.linalg.solve(xt @ x, (xt @ target)[..., None])[..., 0]
-    errors = np.sum((np.einsum("gij,gj->gi", x, coefs) - target) ** 2, axis=1)
-    negative = np.any(coefs < 0, axis=1)
-    allowed = errors[~negative].min() if not negative.all() else math.inf
-    for i in np.flatnonzero(negative):
-        # A constrained fit never beats its pair's unconstrained one: refit only those that could win.
-        if errors[i] < allowed:
-            coefs[i], errors[i] = _nonnegative_least_squares(x[i], target)
-            allowed = min(allowed, errors[i])
-        else:
-            errors[i] = math.inf
-    best = int(np.argmin(errors))
-    return tuple(float(c) for c in coefs[best]), grid[best][0], grid[best][1]
+    scale = float(np.mean([row[2] for row in rows]))  # one run's weight, in bpb
+    rows.append([0.0, scale * ALPHA * n ** -ALPHA, -scale * BETA * d ** -BETA])
+    target.append(0.0)
+    return _nonnegative_least_squares(np.array(rows), np.array(target))
 
 
-def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float, float], float]:
-    """Three coefficients, each >= 0 (the best of the unconstrained fits on every subset of them),
-    and their squared error."""
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    if np.all(coef >= 0):  # the unconstrained optimum is allowed: none of the subsets can beat it
-        return tuple(float(c) for c in coef), float(np.sum((x @ coef - y) ** 2))
+def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Three coefficients, each >= 0: the best of the unconstrained fits on every subset of them."""
     best, best_error = (0.0, 0.0, 0.0), float(np.sum(y ** 2))
-    for size in (1, 2):
+    for size in (1, 2, 3):
         for subset in combinations(range(3), size):
             coef, *_ = np.linalg.lstsq(x[:, subset], y, rcond=None)
             if np.all(coef >= 0):
@@ -184,7 +154,7 @@ def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[tuple[floa
                 error = float(np.sum((x @ full - y) ** 2))
                 if error < best_error:
                     best, best_error = tuple(float(c) for c in full), error
-    return best, best_error
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,11 +186,17 @@ class Candidate:
 
 
 def candidates(config: Config) -> list[Candidate]:
-    """Depths L-1..L+1 and widths 0.5x, 0.75x, 1x, 1.5x, 2x the config's, at its head size."""
+    """Depths L-1..L+1 and widths 0.5x, 0.75x, 1x, 1.5x, 2x the config's, at its head size.
+
+    No single-block shape unless the config is one: one attention layer cannot compose two
+    (no induction heads, Olsson et al. 2022), and its loss follows another curve. On our runs no
+    1-block shape was the best at any budget (1, 3 or 10 minutes: 2 x 64, 2 x 96, then 3 x 96 and
+    2 x 128 were), yet the rule, fitted across depths, rates them 0.02-0.04 bpb too good at the
+    step counts of 3 and 10 minutes, and plans picked them (docs/speedrun.md, round 16)."""
     m = config.model
     head = m.n_embd // m.n_head
     widths = sorted({max(head, round(m.n_embd * f / head) * head) for f in (0.5, 0.75, 1.0, 1.5, 2.0)})
-    depths = sorted({max(1, m.n_layer + d) for d in (-1, 0, 1)})
+    depths = sorted({max(2, m.n_layer + d) for d in (-1, 1)} | {m.n_layer})
     return [Candidate(depth, width, width // head) for depth in depths for width in widths]
 
 
@@ -282,7 +258,7 @@ class _Stepper:
 
 
 def measure(config: Config, rows: list[Candidate], vocab_size: int, device, precision: str,
-            min_seconds: float = 1.0, progress: bool = True) -> float:
+            min_seconds: float = 1.5, min_pairs: int = 6, progress: bool = True) -> float:
     """Fill in each row's step seconds and parameter counts; return the config's own step time.
 
     A shared CPU's speed drifts by 10-40% within a minute: shapes timed one after the other in
@@ -291,7 +267,9 @@ def measure(config: Config, rows: list[Candidate], vocab_size: int, device, prec
     in a row). A ranking of shapes needs their costs relative to one another, and those drift
     far less: each candidate's steps alternate with steps of the config's own shape, each step
     is divided by its neighbour's, and the median of those ratios times the config's median step
-    gives the candidate's time (at least 3 pairs, more while under ``min_seconds``). An
+    gives the candidate's time (at least ``min_pairs`` pairs, more while under ``min_seconds``:
+    with 3 pairs, 1 x 96's time relative to 2 x 96 came out at 0.70-0.78 in five plans, with 30
+    at 0.79). An
     evaluation is timed the same way, as micro-batches beside the config's steps: on a CPU a
     forward pass costs half a training step, not the third a FLOP count says (an evaluation the
     plan had estimated at 1.8 s took 2.9 s)."""
@@ -306,7 +284,7 @@ def measure(config: Config, rows: list[Candidate], vocab_size: int, device, prec
             continue
         stepper = _Stepper(shaped(config, row), vocab_size, device, precision)
         pairs, start = [], time.perf_counter()
-        while len(pairs) < 3 or (time.perf_counter() - start < min_seconds and len(pairs) < 20):
+        while len(pairs) < min_pairs or (time.perf_counter() - start < min_seconds and len(pairs) < 30):
             if len(pairs) % 2:  # alternate which goes first, so neither always follows the other
                 theirs, ours = stepper.step(), reference.step()
             else:
@@ -431,7 +409,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"pick: {pick.shape} ({pick.n_head} heads) for {plan.minutes:g} min on {plan.device}: "
                  f"{_why(plan)}; {pick.tokens / pick.rule_params:.0f} tokens per parameter")
     flops = 6 * pick.rule_params * pick.tokens
-    lines.append(f"rule: bpb = {rule.e:.3f} + {rule.a:.3f} N^-{rule.alpha:g} + {rule.b:.3f} D^-{rule.beta:g} (N "
+    lines.append(f"rule: bpb = {rule.e:.3f} + {rule.a:.3f} N^-{ALPHA} + {rule.b:.3f} D^-{BETA} (N "
                  f"parameters with the embedding table at {RULE_VOCAB} tokens, D tokens, in millions), fitted on "
                  f"{rule.runs} measured {rule.optimizer} runs; compute-optimal here ~{rule.tokens_per_param(flops):.0f} "
                  f"tokens per parameter (prior {PRIOR_TOKENS_PER_PARAM:.0f})")
