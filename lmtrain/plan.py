@@ -268,11 +268,10 @@ def measure(config: Config, rows: list[Candidate], vocab_size: int, device, prec
     far less: each candidate's steps alternate with steps of the config's own shape, each step
     is divided by its neighbour's, and the median of those ratios times the config's median step
     gives the candidate's time (at least ``min_pairs`` pairs, more while under ``min_seconds``:
-    with 3 pairs, 1 x 96's time relative to 2 x 96 came out at 0.70-0.78 in five plans, with 30
-    at 0.79). An
-    evaluation is timed the same way, as micro-batches beside the config's steps: on a CPU a
-    forward pass costs half a training step, not the third a FLOP count says (an evaluation the
-    plan had estimated at 1.8 s took 2.9 s)."""
+    with 3 pairs, 1 x 96's time relative to 2 x 96 came out at 0.70-0.78 in six measurements,
+    with 30 at 0.79). An evaluation is timed the same way, as micro-batches beside the config's
+    steps: on a CPU a forward pass costs half a training step, not the third a FLOP count says
+    (an evaluation the plan had estimated at 1.8 s took 2.9 s)."""
     from tqdm.auto import tqdm
 
     reference = _Stepper(config, vocab_size, device, precision)
