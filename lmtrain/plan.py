@@ -91,7 +91,7 @@ class ScalingRule:
 
     def predict(self, params: int, tokens: int) -> float:
         """Predicted val bpb for N = ``params`` (see ``rule_params``) trained on ``tokens``."""
-        return self.e + self.a * (params / 1e6) ** -ALPHA + self.b * (max(tokens, 1) / 1e6) ** -BETA
+        return float(np.dot((self.e, self.a, self.b), _features(params, tokens)))
 
     def tokens_per_param(self, flops: float) -> float:
         """The compute-optimal D/N at ``flops`` (= 6 N D) under this rule."""
@@ -275,10 +275,10 @@ def measure(config: Config, rows: list[Candidate], vocab_size: int, device, prec
     from tqdm.auto import tqdm
 
     reference = _Stepper(config, vocab_size, device, precision)
-    own = (config.model.n_layer, config.model.n_embd)
+    own = _configured(config, rows)
     reference_times, ratios = [], {}
     for row in tqdm(rows, desc="plan: measuring", unit="shape", disable=not progress, leave=False):
-        if (row.n_layer, row.n_embd) == own:
+        if row is own:
             row.params, row.total_params, ratios[id(row)] = reference.params, reference.total_params, 1.0
             continue
         stepper = _Stepper(shaped(config, row), vocab_size, device, precision)
@@ -337,7 +337,7 @@ def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: fl
     stays (a toss-up is no reason to leave a shape the user chose, or the default we measured)."""
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.block_size
     for row in rows:
-        row.steps = fitted_steps(shaped(config, row), row, minutes)
+        row.steps = fitted_steps(config, row, minutes)  # the shape changes no train.* setting
         row.tokens = row.steps * tokens_per_step
         warm = row.steps > config.train.warmup_steps
         row.predicted_bpb = rule.predict(row.rule_params, row.tokens) if warm and row.steps > 0 else math.inf
