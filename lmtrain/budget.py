@@ -25,7 +25,9 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
 3. The decision (the figures and the count) is recorded in the run's state: a resumed run keeps
    the same schedule, and so stays bit-exact.
 4. While training, ``replan`` watches the real pace (steps with everything the loop does around
-   them, evaluations and checkpoints as they happen). If the machine turns out slower than the
+   them, over the later half of the steps so far; evaluations and checkpoints as they happen),
+   every ``REPLAN_EVERY`` steps and at the last step where the end can still move later
+   (``last_chance``: just before ``wsd``'s decay). If the machine turns out slower than the
    probe said, it moves the end (and with it the decay) earlier, so that the run still ends
    inside the budget with its decay done, rather than being cut off, and says so; if faster, it
    moves the end later, but only while that leaves the learning rate of the steps done unchanged
@@ -166,15 +168,40 @@ def replan(budget: Budget, pace: Costs, tc: TrainConfig, step: int, seconds_spen
     """A new last step if the rest of the run at ``pace`` would overrun the budget (earlier), or
     would leave a good part of it unused while the end can still move without changing the
     learning rate of the steps done (later); else None. The loop asks after step ``step``, before
-    its evaluation and checkpoint (``owed``)."""
+    its evaluation and checkpoint (``owed``). At ``last_chance`` any step more is taken: the end
+    cannot move later after it, so there is no jitter left to guard against."""
     left = budget.minutes * 60 - seconds_spent - owed(step, pace, tc)
     if seconds_for(tc.max_steps, pace, tc, step) > REPLAN_OVER * left:
         last = max(step + 1, steps_that_fit(REPLAN_TO * left, pace, tc, step))
         return last if last < tc.max_steps else None
     last = steps_that_fit(MARGIN * left, pace, tc, step)
-    if last > tc.max_steps * REPLAN_OVER and _end_can_move(tc, step, last):
+    later_by = 1.0 if step == last_chance(tc) else REPLAN_OVER
+    if last > tc.max_steps * later_by and _end_can_move(tc, step, last):
         return last
     return None
+
+
+def replan_due(tc: TrainConfig, step: int) -> bool:
+    """Whether the loop checks its pace after step ``step``: every ``REPLAN_EVERY`` steps, and at
+    ``last_chance``. Without the last, a run whose evaluation came in cheaper than planned, or whose
+    machine sped up, found its decay begun at the next check and ended 4 s (10 steps) inside a
+    1-minute budget (docs/speedrun.md, round 17)."""
+    return step % REPLAN_EVERY == 0 or step == last_chance(tc)
+
+
+def last_chance(tc: TrainConfig) -> int | None:
+    """The last step after which the end can still move later (``_end_can_move``): the step before
+    wsd's decay, or the last of the warmup for a cosine; None for a constant schedule (any step)."""
+    if tc.schedule == "constant":
+        return None
+    if tc.schedule == "wsd":
+        return max(tc.warmup_steps, _decay_start(tc, tc.max_steps)) - 1
+    return tc.warmup_steps - 1
+
+
+def _decay_start(tc: TrainConfig, last: int) -> int:
+    """The first step of wsd's decay in a run of ``last`` steps (``optim.lr_at``)."""
+    return last - max(1, round(tc.decay_fraction * last))
 
 
 def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
@@ -183,8 +210,7 @@ def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
     if step < tc.warmup_steps or tc.schedule == "constant":
         return True
     if tc.schedule == "wsd":
-        decay_start = min(n - max(1, round(tc.decay_fraction * n)) for n in (tc.max_steps, last))
-        return step < decay_start
+        return step < min(_decay_start(tc, tc.max_steps), _decay_start(tc, last))
     return False
 
 

@@ -38,7 +38,7 @@ import torch
 
 from lmtrain import distributed as dist_util
 from lmtrain.artifacts import check_shards_agree, check_tokenizer_agrees
-from lmtrain.budget import REPLAN_EVERY
+from lmtrain.budget import replan_due
 from lmtrain.checkpoint import STATE_FILE, Checkpointer, Resume, rng_state
 from lmtrain.config import Config, TrainConfig
 from lmtrain.data import TokenWindows, TrainBatches, val_positions
@@ -414,6 +414,7 @@ class Trainer:
                 state.tokens_seen += self.tokens_per_step
                 metrics.step(state.step, loss, norm)
                 state.train_seconds = seconds_before + time.perf_counter() - run_start
+                decided = False
                 if probe_end is not None:
                     step_seconds.append(time.perf_counter() - began)
                     if self._decide_now(probe_end):
@@ -421,8 +422,9 @@ class Trainer:
                             self._plan_from_steps(step_seconds)
                         state.train_seconds = seconds_before + time.perf_counter() - run_start
                         metrics.set_total(tc.max_steps)
-                        probe_end = None
-                if state.budget is not None and state.step % REPLAN_EVERY == 0:
+                        probe_end, decided = None, True
+                # (Not right after the decision: it has just timed these very steps.)
+                if state.budget is not None and not decided and replan_due(tc, state.step):
                     self._keep_within_budget(pace, state.step - start_step, metrics)
                 stop = self._stop_reason(signals)
                 final = state.step == tc.max_steps or stop is not None
@@ -616,6 +618,7 @@ class _Pace:
         self.seconds = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # this session's
         self.counts = {"eval": 0, "checkpoint": 0, "probe": 0}
         self.untaken = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # not yet added to the run's state
+        self.marks: list[tuple[int, float]] = []  # (steps, their untimed seconds) at each check of the pace
 
     @contextlib.contextmanager
     def timing(self, what: str):
@@ -633,10 +636,21 @@ class _Pace:
         return took
 
     def costs(self, steps: int, now: float, planned):
-        """The costs measured so far in this session (the planned ones where nothing was measured)."""
+        """The costs measured in this session (the planned ones where nothing was measured): a
+        step's over the later half of the steps so far, which follows a machine whose speed
+        drifts (a mean over all of them still carried the slow first minute of a 1-minute run at
+        its last check, and left 4 s of the budget unused), an evaluation's and a checkpoint's
+        over all of them."""
         from lmtrain.budget import Costs
 
-        step = (now - self.start - sum(self.seconds.values())) / max(1, steps)
+        untimed = now - self.start - sum(self.seconds.values())  # the steps' share of the loop's time
+        since_steps, since = 0, 0.0
+        for mark_steps, mark_untimed in self.marks:  # the last mark in the first half
+            if mark_steps > steps // 2:
+                break
+            since_steps, since = mark_steps, mark_untimed
+        self.marks.append((steps, untimed))
+        step = (untimed - since) / max(1, steps - since_steps)
         mean = {k: self.seconds[k] / self.counts[k] if self.counts[k] else getattr(planned, k)
                 for k in ("eval", "checkpoint")}
         return Costs(step, mean["eval"], mean["checkpoint"])

@@ -88,6 +88,51 @@ def test_a_decision_made_before_a_steps_evaluation_counts_it():
     early = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0)
     assert seconds_for(late.max_steps, costs, tc, start=10) + 3.03 <= budget_mod.MARGIN * 56.0 and late.max_steps < early.max_steps
 
+def test_the_end_gets_a_last_chance_to_move_later_before_the_decay():
+    """The end can move later only until the decay begins, so the pace is checked at the step
+    before it too, and there any step more is taken (round 17: a run whose machine sped up found its
+    decay begun at the next check and ended 4 s inside a 1-minute budget)."""
+    from lmtrain.budget import last_chance, replan_due
+
+    tc = train_config(max_steps=150, schedule="wsd", warmup_steps=20, eval_every=100, checkpoint_every=100)
+    assert last_chance(tc) == 119  # decay over the last 30 steps: 120-149
+    assert [s for s in range(100, 131) if replan_due(tc, s)] == [100, 110, 119, 120, 130]
+    assert last_chance(train_config(schedule="cosine", warmup_steps=20)) == 19
+    assert last_chance(train_config(schedule="constant")) is None
+    costs = Costs(step=0.4, eval=3.0, checkpoint=0.03)
+    budget = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0, owes=True)
+    tc.max_steps = budget.max_steps
+    at = last_chance(tc)
+    # Time for two steps more (under REPLAN_OVER's 2%): only the last chance takes them.
+    spent = 60.0 - (seconds_for(tc.max_steps + 2, costs, tc, start=at) + 0.2) / budget_mod.MARGIN
+    moved = replan(budget, costs, tc, step=at, seconds_spent=spent)
+    assert moved == tc.max_steps + 2 and seconds_for(moved, costs, tc, start=at) <= 60.0 - spent
+    assert replan(budget, costs, tc, step=at - 1, seconds_spent=spent - costs.step) is None
+
+
+def test_the_pace_is_the_later_half_of_the_steps():
+    """A machine that speeds up (or slows down) midway: the pace the budget plans the rest with is
+    the recent one, not a mean that still carries the first half."""
+    from lmtrain.train import _Pace
+
+    pace, planned = _Pace(), Costs(step=0.5, eval=2.0, checkpoint=0.1)
+    pace.start, clock = 0.0, 0.0
+    seen = []
+    for steps in range(10, 101, 10):
+        clock += 10 * (0.4 if steps <= 50 else 0.3)
+        seen.append(pace.costs(steps, clock, planned).step)
+    assert seen[0] == pytest.approx(0.4) and seen[-1] == pytest.approx(0.3)  # steps 50-100
+    assert pace.costs(100, clock, planned).eval == 2.0  # no evaluation timed yet: the planned one
+    with pace.timing("eval"):
+        pass
+    assert pace.costs(100, clock, planned).eval < 0.1
+
+
+def no_replanning(monkeypatch):
+    """The run keeps its decision: the loop never checks its pace."""
+    monkeypatch.setattr("lmtrain.train.replan_due", lambda tc, step: False)
+
+
 def fixed_probe(monkeypatch, costs, seconds=1.0):
     calls = []
 
@@ -103,7 +148,7 @@ def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp
     config, run_dir = tiny_run
     # The decision, not the clock, is under test: no re-planning and no hard stop (the suite's
     # machine is loaded, and these tiny steps do not take the 0.2 s the probe claims anyway).
-    monkeypatch.setattr(budget_mod, "REPLAN_OVER", 1e9)
+    no_replanning(monkeypatch)
     from lmtrain.train import Trainer
 
     monkeypatch.setattr(Trainer, "_out_of_time", lambda self: False)
@@ -142,7 +187,7 @@ def test_the_real_probe_changes_nothing_but_the_step_count(tiny_run, tmp_path, m
     config, run_dir = tiny_run
     # The run must keep the probe's decision for a plain run to repeat: no re-planning, and, since
     # on a loaded machine (the suite runs on two workers) the clock is no judge, no hard stop.
-    monkeypatch.setattr(budget_mod, "REPLAN_OVER", 1e9)
+    no_replanning(monkeypatch)
     real_plan = budget_mod.plan
 
     def plan_30(minutes, costs, tc, step, spent, probe_seconds, owes=False):  # the real probe's figures, 30 steps
@@ -177,7 +222,7 @@ def test_a_slower_machine_moves_the_decay_earlier(tiny_run, monkeypatch):
     # The probe claims 1 ms a step: the plan is thousands of steps, far more than 6 s allow. (The
     # eval and checkpoint figures are generous: a loaded machine's final ones must fit too.)
     fixed_probe(monkeypatch, Costs(step=0.001, eval=0.1, checkpoint=0.3), seconds=0.0)
-    monkeypatch.setattr("lmtrain.train.REPLAN_EVERY", 3)  # keep up with a loaded machine's pace
+    monkeypatch.setattr(budget_mod, "REPLAN_EVERY", 3)  # keep up with a loaded machine's pace
     result = train(load_config(config, ["train.max_minutes=0.1", "train.schedule=wsd", "train.eval_every=50",
                                         "train.checkpoint_every=100000"]))
     assert result.stopped_by == "max_steps" and result.train_seconds <= 6.0
@@ -204,7 +249,7 @@ def test_a_run_with_a_warmup_decides_from_its_own_steps_and_keeps_them(tiny_run,
     from lmtrain.train import Trainer
 
     config, run_dir = tiny_run
-    monkeypatch.setattr(budget_mod, "REPLAN_OVER", 1e9)
+    no_replanning(monkeypatch)
     monkeypatch.setattr(Trainer, "_out_of_time", lambda self: False)
     decided_at = []
     measured = []
