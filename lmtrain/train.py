@@ -638,9 +638,9 @@ class _Pace:
     def costs(self, steps: int, now: float, planned):
         """The costs measured in this session (the planned ones where nothing was measured): a
         step's over the later half of the steps so far, which follows a machine whose speed
-        drifts (a mean over all of them still carried the slow first minute of a 1-minute run at
-        its last check, and left 4 s of the budget unused), an evaluation's and a checkpoint's
-        over all of them."""
+        drifts (a mean over all of them still carried a 1-minute run's slower first half at its
+        last check, and with it 4 s of the budget unused), an evaluation's and a checkpoint's over
+        all of them."""
         from lmtrain.budget import Costs
 
         untimed = now - self.start - sum(self.seconds.values())  # the steps' share of the loop's time
