@@ -52,6 +52,7 @@ import torch
 
 from lmtrain.config import TrainConfig
 from lmtrain.errors import ConfigError
+from lmtrain.optim import wsd_decay_start
 
 if TYPE_CHECKING:
     from lmtrain.train import Trainer
@@ -195,13 +196,8 @@ def last_chance(tc: TrainConfig) -> int | None:
     if tc.schedule == "constant":
         return None
     if tc.schedule == "wsd":
-        return max(tc.warmup_steps, _decay_start(tc, tc.max_steps)) - 1
+        return max(tc.warmup_steps, wsd_decay_start(tc, tc.max_steps)) - 1
     return tc.warmup_steps - 1
-
-
-def _decay_start(tc: TrainConfig, last: int) -> int:
-    """The first step of wsd's decay in a run of ``last`` steps (``optim.lr_at``)."""
-    return last - max(1, round(tc.decay_fraction * last))
 
 
 def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
@@ -210,7 +206,7 @@ def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
     if step < tc.warmup_steps or tc.schedule == "constant":
         return True
     if tc.schedule == "wsd":
-        return step < min(_decay_start(tc, tc.max_steps), _decay_start(tc, last))
+        return step < min(wsd_decay_start(tc, tc.max_steps), wsd_decay_start(tc, last))
     return False
 
 

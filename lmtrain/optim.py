@@ -22,15 +22,20 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     if tc.schedule == "constant":
         return tc.lr
     if tc.schedule == "wsd":
-        decay_steps = max(1, round(tc.decay_fraction * tc.max_steps))
-        decay_start = tc.max_steps - decay_steps
+        decay_start = wsd_decay_start(tc, tc.max_steps)
         if step < decay_start:
             return tc.lr
-        progress = min(1.0, (step - decay_start + 1) / decay_steps)
+        progress = min(1.0, (step - decay_start + 1) / (tc.max_steps - decay_start))
         return tc.lr - (tc.lr - tc.min_lr) * progress
     span = max(1, tc.max_steps - 1 - tc.warmup_steps)  # the last step (max_steps - 1) is at min_lr
     progress = min(1.0, (step - tc.warmup_steps) / span)
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def wsd_decay_start(tc: TrainConfig, max_steps: int) -> int:
+    """The first (0-based) step of wsd's decay in a run of ``max_steps`` steps: the last
+    ``train.decay_fraction`` of them, at least one."""
+    return max_steps - max(1, round(tc.decay_fraction * max_steps))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
