@@ -529,14 +529,17 @@ class Trainer:
         last = replan(budget, Costs(*figures), self.tc, self.state.step, spent)
         if last is None:
             return
+        # The figures behind a move: a step's and an evaluation's, measured and planned (either, or
+        # the margin left as the run nears its end, can move it).
+        measured = f"{figures[0]:.3g} s a step, {figures[1]:.3g} s an eval; planned {planned.step:.3g}, {planned.eval:.3g}"
         if self.info.is_main and last < self.tc.max_steps:
-            log.warning("step %d: training runs slower than the probe measured (%.3g s a step, planned %.3g): the "
-                        "run now ends at step %d instead of %d, with its decay, inside train.max_minutes %g",
-                        self.state.step, figures[0], planned.step, last, self.tc.max_steps, budget.minutes)
+            log.warning("step %d: training runs slower than the probe measured (%s): the run now ends at step %d "
+                        "instead of %d, with its decay, inside train.max_minutes %g", self.state.step, measured, last,
+                        self.tc.max_steps, budget.minutes)
         elif self.info.is_main:
-            log.info("step %d: training runs faster than planned (%.3g s a step, planned %.3g): the run now ends "
-                     "at step %d instead of %d, still inside train.max_minutes %g", self.state.step, figures[0],
-                     planned.step, last, self.tc.max_steps, budget.minutes)
+            log.info("step %d: the pace measured leaves time for more steps (%s): the run now ends at step %d instead "
+                     "of %d, still inside train.max_minutes %g", self.state.step, measured, last, self.tc.max_steps,
+                     budget.minutes)
         budget.replans.append({"at": self.state.step, "max_steps": last, "step_seconds": figures[0]})
         budget.max_steps = last
         self.state.budget = budget.to_dict()
