@@ -23,6 +23,7 @@ events and the log.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -518,7 +519,8 @@ class Trainer:
         tc.max_steps, tc.warmup_steps = budget.max_steps, budget.warmup_steps
 
     def _keep_within_budget(self, pace: "_Pace", steps: int, metrics: TrainLog) -> None:
-        """End earlier (and so decay earlier) if the run goes slower than its budget planned."""
+        """Move the end (and so the decay) to the pace measured: earlier if the run goes slower than
+        its budget planned, later if it leaves time while the end can still move (``budget.replan``)."""
         from lmtrain.budget import Budget, Costs, replan
 
         budget = Budget.from_dict(self.state.budget)
@@ -647,11 +649,8 @@ class _Pace:
         from lmtrain.budget import Costs
 
         untimed = now - self.start - sum(self.seconds.values())  # the steps' share of the loop's time
-        since_steps, since = 0, 0.0
-        for mark_steps, mark_untimed in self.marks:  # the last mark in the first half
-            if mark_steps > steps // 2:
-                break
-            since_steps, since = mark_steps, mark_untimed
+        first_half = bisect.bisect_right(self.marks, (steps // 2, math.inf))  # marks come in step order
+        since_steps, since = self.marks[first_half - 1] if first_half else (0, 0.0)
         self.marks.append((steps, untimed))
         step = (untimed - since) / max(1, steps - since_steps)
         mean = {k: self.seconds[k] / self.counts[k] if self.counts[k] else getattr(planned, k)

@@ -88,6 +88,7 @@ def test_a_decision_made_before_a_steps_evaluation_counts_it():
     early = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0)
     assert seconds_for(late.max_steps, costs, tc, start=10) + 3.03 <= budget_mod.MARGIN * 56.0 and late.max_steps < early.max_steps
 
+
 def test_the_end_gets_a_last_chance_to_move_later_before_the_decay():
     """The end can move later only until the decay begins, so the pace is checked at the step
     before it too, and there any step more is taken (round 17: a run whose machine sped up found its
