@@ -7,21 +7,21 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
 1. The run times its own first steps: while they are in the warmup, their learning rate does not
    depend on ``train.max_steps``, so they are training like any other and the decision can wait
    for them (``free_probe_end``: up to ``FREE_PROBE_STEPS`` steps, before the first evaluation or
-   checkpoint). ``measure`` takes their median (the first step, which pays for compilation and
-   allocator growth, left out) and times one checkpoint write. A run whose warmup is shorter
-   (or a run resumed past it without a decision) uses ``probe`` instead, up front: it times real
+   checkpoint). ``Measurer.measure`` (lmtrain/timing.py) takes their median (the first step,
+   which pays for compilation and allocator growth, left out) and times one checkpoint write. A
+   run whose warmup is shorter (or a run resumed past it without a decision) uses
+   ``Measurer.probe`` instead, up front: it times real
    steps the same way, then puts the weights, the optimiser, the scaler and the random number
    generators back as they were, changing nothing but the decision. Either way an evaluation is
    timed on one of its micro-batches and scaled to ``eval_batches`` rather than run whole: at a
    one-minute budget a whole one would cost more than the steps it informs (with
    ``train.eval_tasks``, whose scoring a micro-batch says nothing about, one is run).
 2. ``steps_that_fit`` picks the largest step count whose steps, evaluations and checkpoints fit
-   in ``MARGIN`` of the time left; that count becomes ``train.max_steps``, so warmup, the stable
-   phase and the decay all happen inside the budget. The warmup keeps its length
-   (``train.warmup_steps``): scaled with the schedule (50 warmup steps of 780 becoming 5 of 81)
-   it measured 0.21 bpb worse at a one-minute budget (docs/speedrun.md, round 11). A short
-   budget wants a config with a short warmup instead: the default's is 20 steps since round 15
-   (50 cost a 145-step run 0.04 bpb under Muon).
+   in ``MARGIN`` of the time left; that count becomes the schedule's ``max_steps`` (the config's
+   ``train.max_steps`` is left as written), so warmup, the stable phase and the decay all happen
+   inside the budget. The warmup keeps its length
+   (``train.warmup_steps``): scaled with the schedule it measured worse at a one-minute budget
+   (docs/speedrun.md). A short budget wants a config with a short warmup instead.
 3. The decision (the figures and the count) is recorded in the run's state: a resumed run keeps
    the same schedule, and so stays bit-exact.
 4. While training, ``replan`` watches the real pace (steps with everything the loop does around
@@ -35,29 +35,27 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
    ``train.max_minutes`` stays as the last resort.
 
 The figures are the slowest rank's under torchrun, so every rank reaches the same decision.
+
+``BudgetKeeper`` is this as a component of the training loop: it owns the schedule the run
+follows and its own state; the loop calls it after each step. This module is arithmetic and
+bookkeeping only (no torch): what it measures with is handed to it (lmtrain/timing.py).
 """
 
 from __future__ import annotations
 
-import copy
+import bisect
+import contextlib
 import logging
 import math
-import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import Any, Protocol
 
 from lmtrain.config import TrainConfig
-from lmtrain.errors import ConfigError
-from lmtrain.optim import wsd_decay_start
+from lmtrain.errors import CheckpointError, ConfigError
+from lmtrain.schedule import Schedule, wsd_decay_start
 
-if TYPE_CHECKING:
-    from lmtrain.train import Trainer
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmtrain.train")
 
 MARGIN = 0.97  # share of the time left that the plan fills: the rest absorbs noise
 FREE_PROBE_STEPS = 10  # the run's own steps timed for the decision, when its warmup is that long
@@ -165,48 +163,48 @@ def plan(minutes: float, costs: Costs, tc: TrainConfig, step: int, seconds_spent
     return Budget(minutes, last, costs, probe_seconds, warmup)
 
 
-def replan(budget: Budget, pace: Costs, tc: TrainConfig, step: int, seconds_spent: float) -> int | None:
+def replan(budget: Budget, pace: Costs, tc: TrainConfig, schedule: Schedule, step: int,
+           seconds_spent: float) -> int | None:
     """A new last step if the rest of the run at ``pace`` would overrun the budget (earlier), or
     would leave a good part of it unused while the end can still move without changing the
     learning rate of the steps done (later); else None. The loop asks after step ``step``, before
     its evaluation and checkpoint (``owed``). At ``last_chance`` any step more is taken: the end
     cannot move later after it, so there is no jitter left to guard against."""
     left = budget.minutes * 60 - seconds_spent - owed(step, pace, tc)
-    if seconds_for(tc.max_steps, pace, tc, step) > REPLAN_OVER * left:
+    if seconds_for(schedule.max_steps, pace, tc, step) > REPLAN_OVER * left:
         last = max(step + 1, steps_that_fit(REPLAN_TO * left, pace, tc, step))
-        return last if last < tc.max_steps else None
+        return last if last < schedule.max_steps else None
     last = steps_that_fit(MARGIN * left, pace, tc, step)
-    later_by = 1.0 if step == last_chance(tc) else REPLAN_OVER
-    if last > tc.max_steps * later_by and _end_can_move(tc, step, last):
+    later_by = 1.0 if step == last_chance(schedule) else REPLAN_OVER
+    if last > schedule.max_steps * later_by and _end_can_move(schedule, step, last):
         return last
     return None
 
 
-def replan_due(tc: TrainConfig, step: int) -> bool:
+def replan_due(schedule: Schedule, step: int) -> bool:
     """Whether the loop checks its pace after step ``step``: every ``REPLAN_EVERY`` steps, and at
     ``last_chance``. Without the last, a run whose evaluation came in cheaper than planned, or whose
-    machine sped up, found its decay begun at the next check and ended 4 s (10 steps) inside a
-    1-minute budget (docs/speedrun.md, round 17)."""
-    return step % REPLAN_EVERY == 0 or step == last_chance(tc)
+    machine sped up, finds its decay begun at the next check and leaves part of its budget unused."""
+    return step % REPLAN_EVERY == 0 or step == last_chance(schedule)
 
 
-def last_chance(tc: TrainConfig) -> int | None:
+def last_chance(schedule: Schedule) -> int | None:
     """The last step after which the end can still move later (``_end_can_move``): the step before
     wsd's decay, or the last of the warmup for a cosine; None for a constant schedule (any step)."""
-    if tc.schedule == "constant":
+    if schedule.kind == "constant":
         return None
-    if tc.schedule == "wsd":
-        return max(tc.warmup_steps, wsd_decay_start(tc, tc.max_steps)) - 1
-    return tc.warmup_steps - 1
+    if schedule.kind == "wsd":
+        return max(schedule.warmup_steps, wsd_decay_start(schedule, schedule.max_steps)) - 1
+    return schedule.warmup_steps - 1
 
 
-def _end_can_move(tc: TrainConfig, step: int, last: int) -> bool:
+def _end_can_move(schedule: Schedule, step: int, last: int) -> bool:
     """Whether moving the end to ``last`` leaves the learning rate up to step ``step`` as it was:
     in the warmup, in a constant schedule, or in the stable phase of wsd (before either decay)."""
-    if step < tc.warmup_steps or tc.schedule == "constant":
+    if step < schedule.warmup_steps or schedule.kind == "constant":
         return True
-    if tc.schedule == "wsd":
-        return step < min(wsd_decay_start(tc, tc.max_steps), wsd_decay_start(tc, last))
+    if schedule.kind == "wsd":
+        return step < min(wsd_decay_start(schedule, schedule.max_steps), wsd_decay_start(schedule, last))
     return False
 
 
@@ -221,141 +219,207 @@ def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, 
             f"{b.probe_seconds:.0f} s{moved}")
 
 
-# --------------------------------------------------------------------------------------------
-# Measuring
-# --------------------------------------------------------------------------------------------
-
-
-def free_probe_end(tc: TrainConfig, step: int) -> int | None:
+def free_probe_end(tc: TrainConfig, schedule: Schedule, step: int) -> int | None:
     """The step after which a run starting at ``step`` decides its budget from its own timed steps,
     or None when it cannot (the steps before it must be warmup steps, and come before the first
-    evaluation or checkpoint, which need the decision): then ``probe`` runs up front."""
-    end = min(step + FREE_PROBE_STEPS, tc.warmup_steps, (step // tc.eval_every + 1) * tc.eval_every,
+    evaluation or checkpoint, which need the decision): then a probe runs up front."""
+    end = min(step + FREE_PROBE_STEPS, schedule.warmup_steps, (step // tc.eval_every + 1) * tc.eval_every,
               (step // tc.checkpoint_every + 1) * tc.checkpoint_every)
     return end if end - step > MIN_TIMED else None
 
 
-def measure(trainer: "Trainer", step_seconds: list[float]) -> tuple[Costs, float]:
-    """The costs from the run's own timed steps (the first, which pays for compilation, left
-    out), with an evaluation and a checkpoint timed; the costs (the slowest rank's) and the
-    seconds this took."""
-    from lmtrain import distributed as dist_util
-
-    began, step = time.perf_counter(), statistics.median(step_seconds[1:] or step_seconds)
-    eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer)
-    *figures, took = dist_util.max_over_ranks([step, eval_seconds, checkpoint_seconds, time.perf_counter() - began],
-                                              trainer.info, trainer.device)
-    return Costs(*figures), took
+# --------------------------------------------------------------------------------------------
+# The loop's clock
+# --------------------------------------------------------------------------------------------
 
 
-def _eval_and_checkpoint(trainer: "Trainer") -> tuple[float, float]:
-    """An evaluation's seconds (from one micro-batch; a whole one when ``train.eval_tasks`` scores
-    tasks, which a micro-batch says nothing about) and a checkpoint's (timed, written to scratch)."""
-    from lmtrain.device import synchronize
+class RunClock:
+    """Where this session's loop time goes: evals, checkpoints and the budget's measurement (timed),
+    and steps (the rest); ``now()`` is the run's training time over every session."""
 
-    if trainer.tasks:
+    def __init__(self, seconds_before: float = 0.0) -> None:
+        self.before = seconds_before  # the run's training seconds in earlier sessions (and the probe)
+        self.start = time.perf_counter()
+        self.seconds = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # this session's
+        self.counts = {"eval": 0, "checkpoint": 0, "probe": 0}
+        self.untaken = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # not yet added to the run's state
+        self.marks: list[tuple[int, float]] = []  # (steps, their untimed seconds) at each check of the pace
+
+    def now(self) -> float:
+        return self.before + self.elapsed()
+
+    def elapsed(self) -> float:
+        """This session's seconds."""
+        return time.perf_counter() - self.start
+
+    @contextlib.contextmanager
+    def timing(self, what: str):
         t0 = time.perf_counter()
-        trainer.evaluate_quietly()
-        synchronize(trainer.device)
-        eval_seconds = time.perf_counter() - t0
-    else:
-        eval_seconds = _timed_eval_seconds(trainer)
-    t0 = time.perf_counter()
-    _time_a_checkpoint(trainer)
-    return eval_seconds, time.perf_counter() - t0
-
-
-def _timed_eval_seconds(trainer: "Trainer") -> float:
-    """An evaluation's seconds: one of its micro-batches timed (after one untimed, which pays for a
-    compiled model's switch to eval mode), times the micro-batches each rank scores. A forward pass
-    costs more than the third of a training step that a FLOP count says on a CPU
-    (a micro-batch's forward took 125-155 ms against a 220-300 ms step on a 2 x 96 model, so an
-    evaluation estimated at 1.5 s took 3.3 s), and a run that underestimates its evaluations
-    overruns its budget by the difference."""
-    from lmtrain.device import synchronize
-
-    trainer.evaluate_quietly(micro_batches=1)
-    synchronize(trainer.device)
-    t0 = time.perf_counter()
-    trainer.evaluate_quietly(micro_batches=1)
-    synchronize(trainer.device)
-    per_rank = trainer.tc.batch_size * trainer.info.world_size
-    return (time.perf_counter() - t0) * math.ceil(len(trainer.val_positions) / per_rank)
-
-
-def probe(trainer: "Trainer", batches, budget_seconds: float) -> tuple[Costs, float]:
-    """Time real steps, one eval and one checkpoint of ``trainer`` on this machine, and leave its
-    state as it was; return the costs (the slowest rank's) and the seconds the probe took."""
-    from lmtrain import distributed as dist_util
-    from lmtrain.device import synchronize
-
-    training, device, start_step = trainer.training, trainer.device, trainer.state.step
-    began = time.perf_counter()
-    saved = _Saved.take(training)
-    try:
-        # Warm-up steps pay for compilation, allocator growth and caches; they are not timed.
-        for i in range(2 if training.runner.forward_model is not training.model else 1):
-            training.runner.run(start_step + i, batches)
-        synchronize(device)
-        t0, times, more = time.perf_counter(), [], True
-        # At least 3 timed steps, and more while they cost under 2% of the budget (at most 10 s);
-        # under torchrun every rank runs as many as the slowest wants (a step is a collective).
-        while more:
-            began_step = time.perf_counter()
-            training.runner.run(start_step + 2 + len(times), batches)
-            synchronize(device)
-            times.append(time.perf_counter() - began_step)
-            more = len(times) < 3 or (time.perf_counter() - t0 < min(0.02 * budget_seconds, 10.0) and len(times) < 50)
-            more = dist_util.any_rank(more, trainer.info, device)
-        step_seconds = statistics.median(times)  # a slow outlier (the OS, a page fault) is not the pace
-        eval_seconds, checkpoint_seconds = _eval_and_checkpoint(trainer)
-    finally:
-        saved.restore(training)
-    *figures, took = dist_util.max_over_ranks([step_seconds, eval_seconds, checkpoint_seconds,
-                                               time.perf_counter() - began], trainer.info, device)
-    return Costs(*figures), took
-
-
-def _time_a_checkpoint(trainer: "Trainer") -> None:
-    """Gather and write what a checkpoint holds, into a scratch directory that is then removed."""
-    from lmtrain import distributed as dist_util
-    from lmtrain.checkpoint import save_weights, weights_for_saving
-
-    weights, optimizer_state = trainer.training.snapshot(keep=trainer.info.is_main)
-    if trainer.info.is_main:
-        scratch = trainer.checkpointer.directory / ".budget-probe.tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
         try:
-            save_weights(weights_for_saving(weights, trainer.model.config.tie_embeddings), scratch / "w", {})
-            torch.save(optimizer_state, scratch / "o")
+            yield
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    dist_util.barrier(trainer.info)
+            took = time.perf_counter() - t0
+            self.seconds[what] += took
+            self.untaken[what] += took
+            self.counts[what] += 1
+
+    def take(self, what: str) -> float:
+        took, self.untaken[what] = self.untaken[what], 0.0
+        return took
+
+    def costs(self, steps: int, now: float, planned: Costs) -> Costs:
+        """The costs measured in this session (the planned ones where nothing was measured): a
+        step's over the later half of the steps so far, which follows a machine whose speed
+        drifts (a mean over all of them still carried a 1-minute run's slower first half at its
+        last check, and with it 4 s of the budget unused), an evaluation's and a checkpoint's over
+        all of them."""
+        untimed = now - self.start - sum(self.seconds.values())  # the steps' share of the loop's time
+        first_half = bisect.bisect_right(self.marks, (steps // 2, math.inf))  # marks come in step order
+        since_steps, since = self.marks[first_half - 1] if first_half else (0, 0.0)
+        self.marks.append((steps, untimed))
+        step = (untimed - since) / max(1, steps - since_steps)
+        mean = {k: self.seconds[k] / self.counts[k] if self.counts[k] else getattr(planned, k)
+                for k in ("eval", "checkpoint")}
+        return Costs(step, mean["eval"], mean["checkpoint"])
 
 
-@dataclass
-class _Saved:
-    """Everything a probe's steps change, to put back: weights, optimiser, scaler, RNG."""
+# --------------------------------------------------------------------------------------------
+# The keeper: the budget as a component of the training loop
+# --------------------------------------------------------------------------------------------
 
-    weights: dict
-    optimizer: dict
-    scaler: dict
-    rng: dict
 
-    @classmethod
-    def take(cls, training) -> "_Saved":
-        from lmtrain.checkpoint import rng_state
+class Measurer(Protocol):
+    """What the keeper measures with (``lmtrain.timing.Measurer`` for a training run): the costs
+    of this run on this machine, and agreement across ranks. Each returns the slowest rank's."""
 
-        weights = {k: v.detach().clone() for k, v in training.model.state_dict().items()}
-        return cls(weights, copy.deepcopy(training.optimizer.state_dict()), copy.deepcopy(training.scaler.state_dict()),
-                   rng_state())
+    def probe(self, batches, schedule: Schedule, step: int, budget_seconds: float) -> tuple[Costs, float]: ...
 
-    def restore(self, training) -> None:
-        from lmtrain.checkpoint import set_rng_state
+    def measure(self, step_seconds: list[float]) -> tuple[Costs, float]: ...
 
-        training.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            training.model.load_state_dict(self.weights)
-        training.optimizer.load_state_dict(self.optimizer)
-        training.scaler.load_state_dict(self.scaler)
-        set_rng_state(self.rng)
+    def slowest(self, values: list[float]) -> list[float]: ...
+
+    def any_rank(self, flag: bool) -> bool: ...
+
+
+class BudgetKeeper:
+    """``train.max_minutes`` for the loop. It owns the schedule the run follows (``schedule``:
+    the config's, until the budget decides another), the decision and its re-plans (``state_dict``,
+    saved in every checkpoint, so a resumed run keeps the same schedule and stays bit-exact).
+
+    The loop calls ``start`` once before its first step, ``after_step`` after each step (a
+    decision, a check of the pace, or nothing: the keeper decides when), and asks ``out_of_time``
+    whether the hard stop at ``train.max_minutes`` is due. Without a budget to fit (no
+    ``train.max_minutes``, or ``train.fit_to_budget: false``) it keeps the config's schedule and
+    only stops the run when the time is up."""
+
+    def __init__(self, tc: TrainConfig, measurer: Measurer, saved: dict[str, Any] | None, step: int,
+                 train_seconds: float, is_main: bool = True, where: str = "the checkpoint") -> None:
+        self.tc, self.measurer, self.is_main = tc, measurer, is_main
+        self.fits = tc.max_minutes is not None and tc.fit_to_budget
+        self.schedule = Schedule.of(tc)
+        self.budget: Budget | None = None
+        self.probe_end: int | None = None  # the run's own steps are timed up to here for the decision
+        self.step_seconds: list[float] = []
+        if saved is not None and self.fits:
+            self._keep_the_recorded(saved, step, train_seconds, where)
+
+    def _keep_the_recorded(self, saved: dict[str, Any], step: int, train_seconds: float, where: str) -> None:
+        """A run resumed under the same ``train.max_minutes`` keeps the step count its budget decided
+        (and so its schedule); a changed budget is re-planned from the recorded costs (no new probe)."""
+        try:
+            budget = Budget.from_dict(saved)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CheckpointError(f"{where}: budget is {saved!r}; the checkpoint is corrupt") from None
+        tc = self.tc
+        if budget.minutes != tc.max_minutes:
+            replanned = plan(tc.max_minutes, budget.costs, tc, step, train_seconds, budget.probe_seconds)
+            if self.is_main:
+                log.info("train.max_minutes changed (%g -> %g): the run now ends at step %d (was %d)", budget.minutes,
+                         tc.max_minutes, replanned.max_steps, budget.max_steps)
+            budget = replanned
+        self.budget = budget
+        self.schedule = self.schedule.with_steps(budget.max_steps, budget.warmup_steps)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.budget.to_dict() if self.budget is not None else None
+
+    def out_of_time(self, train_seconds: float) -> bool:
+        return self.tc.max_minutes is not None and train_seconds >= self.tc.max_minutes * 60
+
+    def start(self, state, batches) -> None:
+        """Before the loop: the run's own first (warmup) steps will be timed for the decision, or,
+        when they cannot be, a probe runs now (``state.train_seconds`` counts it). ``plan``
+        refuses a budget that fits no schedule."""
+        if not self.fits or self.budget is not None:
+            return
+        self.probe_end = free_probe_end(self.tc, self.schedule, state.step)
+        if self.probe_end is None:
+            costs, seconds = self.measurer.probe(batches, self.schedule, state.step,
+                                                 self.tc.max_minutes * 60 - state.train_seconds)
+            state.train_seconds += seconds
+            self._decide(costs, seconds, f"probe {seconds:.1f} s", state)
+
+    def after_step(self, state, step_seconds: float, clock: RunClock, start_step: int) -> bool:
+        """After each step, before its evaluation and checkpoint: decide once the timed steps are
+        done, or check the pace when it is due. True when the schedule changed."""
+        if self.probe_end is not None:
+            self.step_seconds.append(step_seconds)
+            due = state.step >= self.probe_end or self.out_of_time(state.train_seconds)
+            if self.measurer.any_rank(due):
+                with clock.timing("probe"):
+                    costs, seconds = self.measurer.measure(self.step_seconds)
+                    self._decide(costs, seconds, f"timed over steps 2-{len(self.step_seconds)} of this run", state,
+                                 spent=seconds, owes=True)
+                state.train_seconds = clock.now()
+                self.probe_end = None
+                return True  # (no check of the pace now: it has just timed these very steps)
+        if self.budget is not None and replan_due(self.schedule, state.step):
+            return self._keep_within(clock, state, state.step - start_step)
+        return False
+
+    def _decide(self, costs: Costs, measuring_seconds: float, how: str, state, spent: float = 0.0,
+                owes: bool = False) -> None:
+        """Fix the schedule's step count to what the budget pays for at ``costs``; ``spent``:
+        seconds of measuring not yet in ``state.train_seconds``; ``owes``: decided inside the loop,
+        before this step's evaluation and checkpoint."""
+        tc = self.tc
+        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + spent, measuring_seconds,
+                      owes=owes)
+        if self.is_main:
+            log.info("train.max_minutes %g: %d more steps fit (%s; %s), so the schedule ends at step %d instead of "
+                     "train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(), how,
+                     budget.max_steps, self.schedule.max_steps)
+        self.budget = budget
+        self.schedule = self.schedule.with_steps(budget.max_steps, budget.warmup_steps)
+
+    def _keep_within(self, clock: RunClock, state, steps: int) -> bool:
+        """Move the end (and so the decay) to the pace measured: earlier if the run goes slower than
+        its budget planned, later if it leaves time while the end can still move (``replan``)."""
+        budget, planned = self.budget, self.budget.costs
+        mine = clock.costs(steps, time.perf_counter(), planned)
+        *figures, spent = self.measurer.slowest([mine.step, mine.eval, mine.checkpoint, state.train_seconds])
+        last = replan(budget, Costs(*figures), self.tc, self.schedule, state.step, spent)
+        if last is None:
+            return False
+        # The figures behind a move: a step's and an evaluation's, measured and planned (either, or
+        # the margin left as the run nears its end, can move it).
+        measured = f"{figures[0]:.3g} s a step, {figures[1]:.3g} s an eval; planned {planned.step:.3g}, {planned.eval:.3g}"
+        if self.is_main and last < self.schedule.max_steps:
+            log.warning("step %d: training runs slower than the probe measured (%s): the run now ends at step %d "
+                        "instead of %d, with its decay, inside train.max_minutes %g", state.step, measured, last,
+                        self.schedule.max_steps, budget.minutes)
+        elif self.is_main:
+            log.info("step %d: the pace measured leaves time for more steps (%s): the run now ends at step %d instead "
+                     "of %d, still inside train.max_minutes %g", state.step, measured, last, self.schedule.max_steps,
+                     budget.minutes)
+        budget.replans.append({"at": state.step, "max_steps": last, "step_seconds": figures[0]})
+        budget.max_steps = last
+        self.schedule = self.schedule.with_steps(last)
+        return True
+
+    def summary(self, state) -> str | None:
+        """How the budget's time was spent, for the log; None without a budget."""
+        if self.budget is None:
+            return None
+        return spent(self.state_dict(), state.step, state.tokens_seen, state.train_seconds, state.eval_seconds,
+                     state.checkpoint_seconds)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from lmtrain import distributed as dist_util
-from lmtrain.errors import CheckpointError
+from lmtrain.errors import CheckpointError, first_line
 from lmtrain.fsutil import atomic_dir, atomic_write_text, default_file_mode, describe_os_error, remove_stale_tmp
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every malformation
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}); "
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)}); "
                               "the checkpoint is corrupt") from None
     return tensors, metadata
 
@@ -129,17 +129,6 @@ def check_tensors_fit(tensors: dict[str, torch.Tensor], expected: dict[str, torc
         if value.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, {holder} "
                                   f"expects {tuple(expected[key].shape)}")
-
-
-def load_model_weights(model: torch.nn.Module, loaded: "LoadedCheckpoint") -> None:
-    """Fill ``model`` (a fresh GPT of the checkpoint's shape) with what the checkpoint computes:
-    its weights, or for a LoRA run's checkpoint its base with the adapters merged in."""
-    from lmtrain.lora import is_lora_checkpoint, load_merged
-
-    if is_lora_checkpoint(loaded.state):
-        load_merged(model, loaded)
-    else:
-        load_weights_into(model, loaded.tensors, loaded.path / MODEL_FILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +172,7 @@ def save_checkpoint(directory: Path, step: int, weights: dict[str, torch.Tensor]
         # RuntimeError "unexpected pos ..."), not as OSError.
         if not isinstance(exc, (OSError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
             raise
-        reason = describe_os_error(exc) if isinstance(exc, OSError) else _first_line(exc)
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else first_line(exc)
         raise CheckpointError(
             f"could not write checkpoint {final}: {reason}; the previous checkpoint ({previous}) is "
             "intact and `lmtrain train` resumes from it") from None
@@ -334,6 +323,14 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
     """Read weights and state of one checkpoint directory, checking that it is whole."""
+    state = read_state(path)
+    tensors, metadata = read_weights(path / MODEL_FILE)
+    return LoadedCheckpoint(path, tensors, metadata, state)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """One checkpoint's ``state.json`` (step, model config, the config, ...), checked, without
+    reading its weights; the checkpoint must be whole."""
     for file in (MODEL_FILE, STATE_FILE):
         if not (path / file).is_file():
             raise CheckpointError(f"{path / file} is missing; the checkpoint is incomplete")
@@ -347,8 +344,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
             or not isinstance(state["model_config"], dict)):
         raise CheckpointError(f"{path / STATE_FILE}: step or model_config has the wrong type; the checkpoint "
                               "is corrupt")
-    tensors, metadata = read_weights(path / MODEL_FILE)
-    return LoadedCheckpoint(path, tensors, metadata, state)
+    return state
 
 
 def load_optimizer_state(path: Path) -> dict:
@@ -359,13 +355,8 @@ def load_optimizer_state(path: Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything but tensors; others for truncation
-        raise CheckpointError(f"{file} was refused or is corrupt ({_first_line(exc)}); lmtrain only "
+        raise CheckpointError(f"{file} was refused or is corrupt ({first_line(exc)}); lmtrain only "
                               "loads tensors and plain containers from it") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,103 +445,3 @@ class Checkpointer:
         return self.last
 
 
-@dataclass
-class Resume:
-    """A checkpoint to resume from, read and checked: ``build_training`` loads it into the model,
-    the optimiser and the scaler; ``restore_rng`` puts the random number generators back."""
-
-    checkpoint: LoadedCheckpoint
-    optimizer_state: dict
-
-    @property
-    def path(self) -> Path:
-        return self.checkpoint.path
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return self.checkpoint.state
-
-    @classmethod
-    def load(cls, path: Path, model_config: dict[str, Any], tokenizer_sha256: str, config) -> "Resume":
-        """Read ``path`` and refuse it, naming what differs, if it does not fit this run."""
-        loaded = load_checkpoint(path)
-        check_resumable(loaded, model_config, tokenizer_sha256, config)
-        return cls(loaded, load_optimizer_state(path))
-
-    def weights(self, model: torch.nn.Module) -> None:
-        """The checkpoint's weights into ``model``; a LoRA run's ``model`` already holds its base and
-        adapters (``lora.adapt``), and the checkpoint's adapters go into those."""
-        from lmtrain.lora import LoraRecord, check_same_base, load_trainable, record_of
-
-        current = record_of(model)
-        if current is None:
-            load_weights_into(model, self.checkpoint.tensors, self.path / MODEL_FILE)
-            return
-        check_same_base(LoraRecord.from_state(self.state, self.path / STATE_FILE), current, self.path)
-        load_trainable(model, self.checkpoint.tensors, self.path / MODEL_FILE)
-
-    def optimizer(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        try:
-            optimizer.load_state_dict(self.optimizer_state["optimizer"])
-            scaler.load_state_dict(self.optimizer_state["scaler"])
-            from lmtrain.sharding import shard_loaded_state
-
-            shard_loaded_state(optimizer)  # a no-op unless the model is sharded (FSDP)
-        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise CheckpointError(f"{self.path / OPTIMIZER_FILE} does not fit this optimiser ({exc})") from None
-
-    def restore_rng(self) -> None:
-        try:
-            set_rng_state(self.state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{self.path / STATE_FILE}: unreadable rng state ({_first_line(exc)}); "
-                                  "the checkpoint is corrupt") from None
-
-
-def check_resumable(loaded: LoadedCheckpoint, model_config: dict[str, Any], tokenizer_sha256: str,
-                    config) -> None:
-    """Refuse to resume from a checkpoint of another model shape, tokenizer or corpus, naming what
-    differs (``config`` is the run's ``Config``)."""
-    from lmtrain.artifacts import data_differences
-
-    have = loaded.model_config
-    diffs = model_config_diffs(have, {k: v for k, v in model_config.items() if k != "vocab_size"})
-    diffs += data_differences(loaded.state.get("config"), config)
-    if have.get("vocab_size") != model_config["vocab_size"]:
-        diffs.append(f"vocab size: checkpoint {have.get('vocab_size')}, tokenizer {model_config['vocab_size']}")
-    if loaded.state.get("tokenizer_sha256") not in (None, tokenizer_sha256):
-        diffs.append("the tokenizer changed since the checkpoint was written")
-    saved_train = (loaded.state.get("config") or {}).get("train") or {}
-    was = saved_train.get("optimizer", "adamw") if isinstance(saved_train, dict) else "adamw"
-    if was != config.train.optimizer:
-        raise CheckpointError(
-            f"cannot resume from {loaded.path}: it was trained with train.optimizer {was}, and {was}'s state "
-            f"cannot continue as {config.train.optimizer}'s. Keep train.optimizer {was}, or start a new "
-            f"run from these weights with a fresh optimiser: model.init_from={loaded.path} (or --restart)")
-    diffs += _lora_differences(loaded, config)
-    if diffs:
-        raise CheckpointError(f"cannot resume from {loaded.path}: {'; '.join(diffs)}; "
-                              "use --restart to start over (old checkpoints are kept aside)")
-
-
-def _lora_differences(loaded: LoadedCheckpoint, config) -> list[str]:
-    """What keeps a checkpoint from resuming under this config's ``train.lora_*``: adapters where
-    the config trains the whole model, or the other way round (refused outright), or adapters of
-    another shape (listed)."""
-    from lmtrain.lora import LoraRecord, LoraSpec, is_lora_checkpoint
-
-    wanted = LoraSpec.of(config.train)
-    if not is_lora_checkpoint(loaded.state):
-        if wanted is not None:
-            raise CheckpointError(
-                f"cannot resume from {loaded.path}: it holds the whole model's weights, and the config trains LoRA "
-                f"adapters (train.lora_rank {wanted.rank}); use --restart (the old checkpoints are kept aside), or "
-                f"another run.dir with model.init_from={loaded.path}")
-        return []
-    saved = LoraRecord.from_state(loaded.state, loaded.path / STATE_FILE)
-    if wanted is None:
-        raise CheckpointError(
-            f"cannot resume from {loaded.path}: it holds LoRA adapters (train.lora_rank {saved.spec.rank}), and the "
-            f"config trains every weight (train.lora_rank 0); keep train.lora_rank {saved.spec.rank}, or start a new "
-            f"run from the merged weights with model.init_from={loaded.path}")
-    return saved.spec.differences(wanted)

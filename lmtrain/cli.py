@@ -123,7 +123,7 @@ def tokenize(
     """Train the run's byte-level BPE tokenizer on the training split of data.source."""
     cfg = _load(config, set_)
     with _writer(cfg, "tokenize"):
-        from lmtrain.tokenizer import train_tokenizer
+        from lmtrain.prepare import train_tokenizer
 
         stats = train_tokenizer(cfg, force=force)
     if stats.copied_from:
@@ -161,9 +161,9 @@ def shard(
                    f"{result.bytes_read / 1e6:.1f} MB: all match the manifest")
         return
     with _writer(cfg, "shard"):
-        from lmtrain import shards
+        from lmtrain.prepare import build_shards
 
-        result = shards.build_shards(cfg, force=force)
+        result = build_shards(cfg, force=force)
     splits = result.splits
     if result.up_to_date:
         typer.echo(f"shards are up to date in {result.data_dir} "
@@ -412,6 +412,15 @@ def run(
     bpb = f"{result.val_bpb:.4f}" if result.val_bpb is not None else "n/a"
     typer.echo(f"\nval bpb {bpb}{baseline}\n"
                f"watch it learn: tensorboard --logdir {cfg.run_dir / 'tb'}")
+
+
+@app.command()
+@user_errors
+def keys(section: Optional[str] = typer.Argument(None, help="Only this section (run, data, model, train, ...).")) -> None:
+    """Every config key with its default, its bounds and what it does (for --set and config files)."""
+    from lmtrain.config import describe_keys
+
+    typer.echo(describe_keys(section))
 
 
 def _stopped(stop, hint: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from lmtrain.errors import ConfigError
+from lmtrain.errors import ConfigError, first_line
 
 
 def _opt(default: Any = None, *, ge=None, gt=None, le=None, lt=None, help: str = "", **kw):
@@ -49,9 +49,6 @@ class RunConfig:
             raise ConfigError("run.name: must not be empty")
         if self.dir is None:
             self.dir = str(Path("runs") / self.name)
-
-
-SAMPLE_BY = ("document", "paragraph", "line")
 
 
 @dataclass
@@ -304,12 +301,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         section = getattr(config, name)
         if hasattr(section, "check"):
             section.check()
-    _check_across_sections(config)
     return config
-
-
-def _check_across_sections(config: Config) -> None:
-    """Constraints that involve more than one section (extended as sections are added)."""
 
 
 def _read_yaml_file(path: Path) -> dict[str, Any]:
@@ -356,7 +348,7 @@ def _parse_yaml(text: str, origin: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark is not None else origin
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         if "could not determine a constructor" in str(exc):
             problem = "tags that construct Python objects are not allowed in configs"
         raise ConfigError(f"invalid YAML in {where}: {problem}") from None
@@ -511,6 +503,29 @@ def _check_option_range(label: str, value: Any, meta: Any) -> None:
           and (high is None or (value < high[1] if high[0] == ")" else value <= high[1])))
     if not ok:
         raise ConfigError(f"{label} must be {allowed}, got {value!r}")
+
+
+def describe_keys(section: str | None = None) -> str:
+    """Every config key (or ``section``'s) with its default, bounds and what it does, one a line:
+    the reference ``lmtrain keys`` prints, from the fields themselves."""
+    if section is not None and section not in SECTIONS:
+        raise ConfigError(f"unknown section {section!r}{_did_you_mean(section, SECTIONS)}; the sections are "
+                          f"{', '.join(SECTIONS)}")
+    lines = []
+    for name, cls in SECTIONS.items():
+        if section not in (None, name):
+            continue
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            bounds = [f"{op} {f.metadata[key]:g}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                      if f.metadata.get(key) is not None]
+            choices = typing.get_args(typing.get_type_hints(cls)[f.name])
+            if all(isinstance(c, str) for c in choices) and choices:
+                bounds.append("one of " + ", ".join(choices))
+            shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+            extra = f" ({'; '.join(bounds)})" if bounds else ""
+            lines.append(f"{name}.{f.name} = {shown}{extra}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 def _did_you_mean(word: str, candidates: Any, prefix: str = "") -> str:

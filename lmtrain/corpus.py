@@ -30,7 +30,7 @@ from typing import Iterator, Literal
 from urllib.parse import urlparse
 
 from lmtrain.config import DataConfig
-from lmtrain.errors import DataError
+from lmtrain.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +293,8 @@ def _explain_load_error(path: Path, loader: str | None, exc: Exception) -> str:
         bad_line = _first_bad_json_line(path)
         if bad_line is not None:
             return f"{path}: line {bad_line[0]} is not valid JSON ({bad_line[1]})"
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     kind = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "text": "text"}.get(loader or "", "")
-    return f"{path}: cannot read it as {kind}: {first_line}"
+    return f"{path}: cannot read it as {kind}: {first_line(exc)}"
 
 
 def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
@@ -378,8 +377,7 @@ def _iter_hub(name: str, data: DataConfig) -> Iterator[Document]:
     except DataError:
         raise
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"hf:{name}: cannot stream the dataset: {message}") from None
+        raise DataError(f"hf:{name}: cannot stream the dataset: {first_line(exc)}") from None
 
 
 def _check_hub_reachable(name: str) -> None:

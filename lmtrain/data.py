@@ -1,4 +1,5 @@
-"""Training and validation batches, read straight from the memmapped shards.
+"""The data a training run reads: the run's shards (``RunData``), and training and validation
+batches read straight from them, memmapped.
 
 A training batch is ``batch_size`` windows of ``block_size + 1`` tokens (inputs and targets
 shifted by one), at random offsets. The offsets are a pure function of (seed, step, micro-batch)
@@ -15,13 +16,17 @@ evaluation, so val curves are comparable from point to point.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmtrain.errors import ShardError
-from lmtrain.shards import open_split, out_of_vocabulary, read_manifest
+from lmtrain.errors import LmtrainError, ShardError
+from lmtrain.fsutil import sha256_file
+from lmtrain.rundir import data_dir, tokenizer_path
+from lmtrain.shards import Manifest, check_shards_agree, open_split, out_of_vocabulary, read_manifest
+from lmtrain.tokenizer import check_tokenizer_agrees
 
 
 class TokenWindows:
@@ -117,3 +122,34 @@ def val_positions(windows: TokenWindows, count: int) -> np.ndarray:
     if count >= windows.num_windows:
         return np.arange(windows.num_windows, dtype=np.int64)
     return np.linspace(0, windows.num_windows - 1, count).round().astype(np.int64)
+
+
+@dataclass
+class RunData:
+    """What training reads from the run directory, checked before anything is written: the
+    tokenizer's hash, the shards' manifest, and the train and val splits as windows of
+    ``model.block_size + 1`` tokens."""
+
+    tokenizer_sha256: str
+    manifest: Manifest
+    train: TokenWindows
+    val: TokenWindows
+
+    @classmethod
+    def open(cls, config) -> "RunData":
+        tok_file = tokenizer_path(config.run_dir)
+        if not tok_file.exists():
+            raise LmtrainError(f"no tokenizer at {tok_file}; run `lmtrain tokenize` and `lmtrain shard` first")
+        check_tokenizer_agrees(config)
+        sha = sha256_file(tok_file)
+        check_shards_agree(config, sha)
+        directory = data_dir(config.run_dir)
+        manifest = read_manifest(directory)
+        # TokenWindows (open_split) refuses shards made with another tokenizer.
+        window = config.model.block_size + 1
+        return cls(sha, manifest, TokenWindows(directory, "train", window, sha),
+                   TokenWindows(directory, "val", window, sha))
+
+    def train_batches(self, seed: int, batch_size: int, rank: int, world_size: int,
+                      device: torch.device) -> TrainBatches:
+        return TrainBatches(self.train, seed, batch_size, rank, world_size, device)

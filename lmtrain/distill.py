@@ -26,8 +26,8 @@ from lmtrain.errors import ConfigError
 class Teacher:
     """The frozen teacher model, and its next-token logits for a batch."""
 
-    def __init__(self, model: torch.nn.Module, where: str) -> None:
-        self.model, self.where = model, where
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
 
     @torch.no_grad()
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,8 @@ def load_teacher(distill_from: str, tokenizer_file, device: torch.device) -> Tea
     from tokenizers import Tokenizer
 
     from lmtrain.model import GPT, GPTConfig
-    from lmtrain.pretrained import Pretrained, open_source
+    from lmtrain.pretrained import open_source
+    from lmtrain.restore import Pretrained
 
     key = "train.distill_from"
     source = open_source(distill_from, key)
@@ -59,7 +60,7 @@ def load_teacher(distill_from: str, tokenizer_file, device: torch.device) -> Tea
     model = GPT(config)
     Pretrained(source).weights(model)
     model.to(device).eval().requires_grad_(False)
-    return Teacher(model, f"{key} {distill_from}")
+    return Teacher(model)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

@@ -99,7 +99,7 @@ def check_ranks_agree(model: torch.nn.Module, optimizer, info: DistInfo, device:
     other shards, so what must agree instead is what every rank keeps whole: the optimiser's step
     counts (a rank that skipped or repeated an update differs there) and the model's buffers.
     """
-    from lmtrain.sharding import is_sharded, local_scalars
+    from lmtrain.fsdp import is_sharded, local_scalars
 
     with torch.no_grad():
         if is_sharded(model):

@@ -7,6 +7,13 @@ traceback.
 """
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message for a one-line error: its first line, at most ``limit`` characters
+    (a library's message can quote a whole file), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class LmtrainError(Exception):
     """Base class: a problem the user can fix, explained in one line."""
 

@@ -1,5 +1,5 @@
 """Loss, perplexity and bits per byte: of a checkpoint on a corpus (`lmtrain eval`), and of the
-model being trained on the val split (``val_loss``, which training calls).
+model being trained on the val split (``Validator``, the training loop's evaluation).
 
 ``bits_per_byte`` and ``perplexity`` are the one definition both use. In `lmtrain eval` every token of the text is scored exactly once: the token stream is cut into consecutive windows
 of ``block_size + 1`` tokens that overlap by one (the last target of a window is the first input
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lmtrain import distributed as dist_util
-from lmtrain.data import TokenWindows, to_device
+from lmtrain.data import TokenWindows, to_device, val_positions
 from lmtrain.device import autocast
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.loss import eval_loss_fn
@@ -63,6 +63,56 @@ def val_loss(model: torch.nn.Module, windows: TokenWindows, positions: np.ndarra
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)
     return (total / count).item()
+
+
+class Validator:
+    """The evaluation the training loop runs, every ``train.eval_every`` steps and at every
+    checkpoint (``due``): the val loss over a fixed set of windows spread over the val split (the
+    same at every evaluation, so the curve compares point to point), with its perplexity and bits
+    per byte, and the multiple-choice ``tasks`` of ``train.eval_tasks`` (encoded ``lmtrain.tasks``
+    tasks). Under torchrun each rank scores its share."""
+
+    def __init__(self, model: torch.nn.Module, windows: TokenWindows, tokens: int, utf8_bytes: int, tc,
+                 device: torch.device, amp_dtype: torch.dtype | None, info: dist_util.DistInfo,
+                 tasks: list | None = None) -> None:
+        self.model, self.windows, self.tokens, self.utf8_bytes = model, windows, tokens, utf8_bytes
+        self.every, self.batch_size = tc.eval_every, tc.batch_size
+        self.device, self.amp_dtype, self.info = device, amp_dtype, info
+        self.tasks = tasks or []
+        self.positions = val_positions(windows, tc.eval_batches * tc.batch_size)
+
+    @property
+    def micro_batches(self) -> int:
+        """The micro-batches each rank scores in one evaluation."""
+        return math.ceil(len(self.positions) / (self.batch_size * self.info.world_size))
+
+    def due(self, step: int, saving: bool) -> bool:
+        """Every ``train.eval_every`` steps, and with every checkpoint (each records its val loss)."""
+        return step % self.every == 0 or saving
+
+    def run(self) -> tuple[dict[str, float], list]:
+        """The val metrics (val_loss, val_ppl, val_bpb) and each task's ``TaskScore``."""
+        loss = val_loss(self.model, self.windows, self.positions, self.batch_size, self.device, self.amp_dtype,
+                        self.info)
+        return val_metrics(loss, self.tokens, self.utf8_bytes), self._score_tasks()
+
+    def quietly(self, micro_batches: int | None = None) -> None:
+        """An evaluation as the loop runs it, for timing it (lmtrain.timing); with ``micro_batches``,
+        only that many of its micro-batches on each rank, and no tasks."""
+        positions = self.positions
+        if micro_batches is not None:
+            positions = positions[: micro_batches * self.batch_size * self.info.world_size]
+        val_loss(self.model, self.windows, positions, self.batch_size, self.device, self.amp_dtype, self.info)
+        if micro_batches is None:
+            self._score_tasks()
+
+    def _score_tasks(self) -> list:
+        if not self.tasks:
+            return []
+        from lmtrain.tasks import score_task
+
+        return [score_task(self.model, task, self.device, self.amp_dtype, self.batch_size, self.info)
+                for task in self.tasks]
 
 
 @dataclass

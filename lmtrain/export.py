@@ -27,7 +27,8 @@ import torch
 
 from lmtrain.errors import ConfigError, LmtrainError
 from lmtrain.fsutil import TMP_MARKER, atomic_dir, atomic_path, describe_os_error, tmp_name, write_json
-from lmtrain.hf_format import GPT2, LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_of, hf_config, swiglu_hidden, to_hf
+from lmtrain.hf_format import GPT2, LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_of, hf_config, to_hf
+from lmtrain.model import swiglu_hidden
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import tokenizer_path
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lmtrain.errors import ConfigError
-from lmtrain.model import RMS_EPS  # lmtrain's RMSNorm eps, which the exports must carry
+from lmtrain.model import RMS_EPS, swiglu_hidden  # lmtrain's RMSNorm eps, which the exports must carry
 
 LLAMA = "llama"
 GPT2 = "gpt2"
@@ -62,11 +62,6 @@ def architecture_of(config) -> str:
         return STABLELM
     raise ConfigError(f"a model with {'+'.join(shape)} has no exact counterpart in transformers that lmtrain "
                       f"writes; supported: {SUPPORTED}")
-
-
-def swiglu_hidden(n_embd: int) -> int:
-    """The SwiGLU width lmtrain uses (model.MLP): 2/3 of 4x, rounded up to a multiple of 64."""
-    return math.ceil(int(8 * n_embd / 3) / 64) * 64
 
 
 # --------------------------------------------------------------------------------------------

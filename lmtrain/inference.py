@@ -19,6 +19,7 @@ from lmtrain.device import inference_amp_dtype, resolve_device
 from lmtrain.errors import CheckpointError, RunDirError
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.fsutil import sha256_file
+from lmtrain.restore import load_model_weights
 from lmtrain.rundir import checkpoints_dir, tokenizer_path
 from lmtrain.tokenizer import eot_id, load_tokenizer
 
@@ -70,7 +71,7 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
                               f"tokenizer has {tokenizer.get_vocab_size()}")
     torch_device = resolve_device(device, "--device")
     model = GPT(model_config)
-    ckpt.load_model_weights(model, loaded)  # a LoRA checkpoint: its base, the adapters merged in
+    load_model_weights(model, loaded)  # a LoRA checkpoint: its base, the adapters merged in
     model.to(torch_device).eval()
     amp = inference_amp_dtype(loaded.state.get("precision", "fp32"), torch_device)
     return LoadedModel(model, tokenizer, config, path, torch_device, amp,

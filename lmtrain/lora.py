@@ -119,7 +119,7 @@ def target_rows(config, target: str) -> tuple[str, int, int]:
     if target == "down":
         return "mlp.proj", 0, C
     if config.mlp == "swiglu":
-        from lmtrain.hf_format import swiglu_hidden
+        from lmtrain.model import swiglu_hidden
 
         H = swiglu_hidden(C)
         return ("mlp.up", 0, H) if target == "gate" else ("mlp.up", H, 2 * H)
@@ -324,23 +324,3 @@ def check_same_base(saved: LoraRecord, current: LoraRecord, path: Path) -> None:
             "to train new adapters on this one (the old checkpoints are kept aside)")
 
 
-def load_merged(model: nn.Module, loaded) -> None:
-    """Fill ``model`` (a fresh GPT of the checkpoint's shape) from a LoRA checkpoint (a
-    ``checkpoint.LoadedCheckpoint``): the recorded base, checked, plus the adapters, merged."""
-    from lmtrain.pretrained import Pretrained, open_source
-
-    record = LoraRecord.from_state(loaded.state, loaded.path)
-    try:
-        source = open_source(record.base, f"the base of the LoRA adapters in {loaded.path}")
-    except ConfigError as exc:
-        raise CheckpointError(f"{exc} (it was model.init_from {record.init_from})") from None
-    Pretrained(source).weights(model)
-    found = fingerprint(model)
-    if found != record.base_fingerprint:
-        raise CheckpointError(f"{loaded.path}: its adapters were trained on other weights than {record.base} holds "
-                              f"now (fingerprint {record.base_fingerprint[:12]}, found {found[:12]}); adapters fit "
-                              "only their own base")
-    add_adapters(model, record.spec)
-    load_trainable(model, loaded.tensors, loaded.path / "model.safetensors")
-    merge_adapters(model)
-    model.requires_grad_(True)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmtrain.fsdp import sharded_run
+
 # Outputs kept by the selective policy: the matmuls and the attention kernels.
 _SAVED_OPS = {
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -125,7 +127,7 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     if not chunked_loss:
         activations += tokens * model_config.padded_vocab_size * (a + 4 + 4)
     optimizer = 8 * trained if tc.optimizer == "adamw" else 8 * (trained - matrices) + 4 * matrices
-    if tc.parallel == "fsdp" and world_size > 1:
+    if sharded_run(tc, world_size):
         return _sharded(model, params, optimizer, a, world_size, int(activations))
     gradients = 4 * trained * (2 if world_size > 1 else 1)
     return MemoryEstimate(params, 4 * params, gradients, optimizer, int(activations))

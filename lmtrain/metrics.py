@@ -22,7 +22,6 @@ from lmtrain import distributed as dist_util
 from lmtrain.config import Config
 from lmtrain.device import memory_mb, peak_tflops
 from lmtrain.lora import training_flops_per_token
-from lmtrain.optim import lr_at
 from lmtrain.step import tokens_per_step
 
 log = logging.getLogger("lmtrain.train")
@@ -45,9 +44,9 @@ class _LogFile(logging.FileHandler):
 
 class TrainLog:
     def __init__(self, config: Config, run_dir: Path, model, device: torch.device,
-                 info: dist_util.DistInfo, start_step: int) -> None:
+                 info: dist_util.DistInfo, start_step: int, max_steps: int) -> None:
         self.config, self.tc, self.run_dir = config, config.train, run_dir
-        self.device, self.info, self.start_step = device, info, start_step
+        self.device, self.info, self.start_step, self.max_steps = device, info, start_step, max_steps
         self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.flops_per_token = training_flops_per_token(model)
         self.peak = peak_tflops(device, self.tc.peak_tflops)
@@ -69,7 +68,7 @@ class TrainLog:
         if self.info.is_main:
             self._open_file_log()
             self._open_tensorboard()
-        self._bar = tqdm(total=self.tc.max_steps, initial=self.start_step, desc="train", unit="step",
+        self._bar = tqdm(total=self.max_steps, initial=self.start_step, desc="train", unit="step",
                          disable=not self.info.is_main, dynamic_ncols=True, leave=False)
         self._redirect = logging_redirect_tqdm()
         self._redirect.__enter__()
@@ -142,27 +141,28 @@ class TrainLog:
                  self.tokens_per_step)
 
     def set_total(self, max_steps: int) -> None:
-        """The run's last step moved (``train.max_minutes`` re-planned it)."""
+        """The run's last step moved (``train.max_minutes`` decided or re-planned it)."""
+        self.max_steps = max_steps
         self._bar.total = max_steps
         self._bar.refresh()
 
-    def step(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        """Step ``step`` (1-based) is done; log the window since the last line when one is due."""
+    def step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, lr: float) -> None:
+        """Step ``step`` (1-based) is done, at learning rate ``lr``; log the window since the last
+        line when one is due."""
         self._window_loss += loss.detach()
         self._window_steps += 1
         self._window_tokens += self.tokens_per_step
         self._bar.update(1)
-        if step % self.tc.log_every == 0 or step == self.tc.max_steps:
+        if step % self.tc.log_every == 0 or step == self.max_steps:
             elapsed = time.perf_counter() - self._window_start
-            self._log_train(step, self._window_loss / self._window_steps, norm, self._window_tokens / elapsed)
+            self._log_train(step, self._window_loss / self._window_steps, norm, lr, self._window_tokens / elapsed)
             self._window_loss = torch.zeros((), device=self.device)
             self._window_steps = self._window_tokens = 0
             self._window_start = time.perf_counter()
 
-    def _log_train(self, step: int, loss: torch.Tensor, norm: torch.Tensor, tokens_per_sec: float) -> None:
+    def _log_train(self, step: int, loss: torch.Tensor, norm: torch.Tensor, lr: float, tokens_per_sec: float) -> None:
         loss = dist_util.all_reduce_mean(loss, self.info)
         loss_value, norm_value = loss.item(), float(norm)
-        lr = lr_at(step - 1, self.tc)
         self.history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value})
         if not self.info.is_main:
             return

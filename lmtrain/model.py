@@ -58,6 +58,12 @@ class GPTConfig(ArchitectureConfig):
 RMS_EPS = 1e-6
 
 
+def swiglu_hidden(n_embd: int) -> int:
+    """SwiGLU's inner width: 2/3 of 4x keeps the parameter count of the GELU MLP (three matrices
+    instead of two), rounded up to a multiple of 64 for fast matmuls."""
+    return math.ceil(int(8 * n_embd / 3) / 64) * 64
+
+
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=RMS_EPS)
@@ -144,9 +150,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         if self.swiglu:
-            # 2/3 of 4x keeps the parameter count of the GELU MLP (three matrices instead of two),
-            # rounded up to a multiple of 64 for fast matmuls.
-            hidden = math.ceil(int(8 * config.n_embd / 3) / 64) * 64
+            hidden = swiglu_hidden(config.n_embd)
             # Gate and up projections as one matmul: one call instead of two per token.
             self.up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
         else:  # gelu or relu2

@@ -1,4 +1,4 @@
-"""The optimiser and its learning-rate schedule.
+"""The optimiser (the learning-rate schedule it follows is lmtrain/schedule.py).
 
 To add an optimiser: a ``train.optimizer`` choice in ``lmtrain.config.TrainConfig`` and a branch
 in ``make_optimizer``; the training step, the checkpoints (``optimizer.state_dict()``) and the
@@ -13,29 +13,7 @@ from typing import Any
 import torch
 
 from lmtrain.config import TrainConfig
-
-
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Learning rate for optimiser step ``step`` (0-based): warmup, then the schedule."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    if tc.schedule == "constant":
-        return tc.lr
-    if tc.schedule == "wsd":
-        decay_start = wsd_decay_start(tc, tc.max_steps)
-        if step < decay_start:
-            return tc.lr
-        progress = min(1.0, (step - decay_start + 1) / (tc.max_steps - decay_start))
-        return tc.lr - (tc.lr - tc.min_lr) * progress
-    span = max(1, tc.max_steps - 1 - tc.warmup_steps)  # the last step (max_steps - 1) is at min_lr
-    progress = min(1.0, (step - tc.warmup_steps) / span)
-    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
-
-
-def wsd_decay_start(tc: TrainConfig, max_steps: int) -> int:
-    """The first (0-based) step of wsd's decay in a run of ``max_steps`` steps: the last
-    ``train.decay_fraction`` of them, at least one."""
-    return max_steps - max(1, round(tc.decay_fraction * max_steps))
+from lmtrain.fsdp import is_dtensor
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -101,7 +79,7 @@ class MuonWithAdamW:
         ids = {id(p) for p in matrices}
         rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in param_groups(model, tc.weight_decay)]
         self.adamw = _adamw([g for g in rest if g["params"]], tc, device)
-        sharded = any(_is_dtensor(p) for p in matrices)
+        sharded = any(is_dtensor(p) for p in matrices)
         muon = torch.optim.Muon if device.type == "cuda" and not sharded else _Muon
         self.muon = muon(matrices, lr=tc.muon_lr, weight_decay=tc.muon_weight_decay, momentum=tc.muon_momentum,
                          nesterov=True, ns_steps=tc.muon_ns_steps, adjust_lr_fn=tc.muon_adjust_lr)
@@ -177,18 +155,13 @@ class _Muon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Op
 
     def _orthogonalise(self, update: torch.Tensor, group: dict) -> torch.Tensor:
         args = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-        if not _is_dtensor(update):
+        if not is_dtensor(update):
             return newton_schulz(update, *args)
         from torch.distributed.tensor import distribute_tensor
 
         whole = newton_schulz(update.full_tensor(), *args)
         return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
 
-
-def _is_dtensor(value) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
 
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int,

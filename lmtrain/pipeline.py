@@ -37,10 +37,9 @@ def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda sta
 
 def _run_pipeline(config: Config, report: Callable[[str, str], None],
                   on_sample_text: Callable[[str], None]) -> PipelineResult:
-    from lmtrain.artifacts import check_tokenizer_agrees
+    from lmtrain.tokenizer import check_tokenizer_agrees
     from lmtrain.sample import SampleOptions, sample
-    from lmtrain.shards import build_shards
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import build_shards, train_tokenizer
     from lmtrain.train import train
 
     run_dir = config.run_dir

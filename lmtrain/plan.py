@@ -21,8 +21,7 @@ config of the best one:
    squares on our own measured runs of the config's optimizer (``scaling_points.json``,
    docs/speedrun.md; AdamW's when we have none of it), and a prior that pulls the compute-optimal
    ratio towards the literature's ~20 tokens per parameter (as much as one measured run would).
-   (Exponents fitted on our runs as well did no better out of sample: round 16.) The fit's
-   leave-one-out error on those runs is printed with every plan.
+   The fit's leave-one-out error on those runs is printed with every plan.
 5. ``choose``: the lowest predicted bpb, unless it beats the config's own shape by less than the
    error of a difference of two predictions (sqrt(2) x that error): a toss-up keeps the shape the
    config names.
@@ -65,9 +64,8 @@ CHECKPOINT_BYTES_PER_SECOND = 200e6  # for the plan's estimate of checkpoint tim
 
 def rule_params(non_embedding: int, n_embd: int) -> int:
     """N of the rule: the non-embedding parameters plus the (tied) embedding table, counted at the
-    measured runs' vocabulary. At these sizes the table is most of the model: with it counted, the
-    rule's leave-one-out error on our AdamW runs is 0.015 instead of 0.021 (on the Muon runs
-    0.023 either way; docs/speedrun.md, round 16). A bigger tokenizer's table is not counted
+    measured runs' vocabulary: at these sizes the table is most of the model, and the rule
+    predicts better with it counted (docs/speedrun.md). A bigger tokenizer's table is not counted
     bigger: the rule has never seen one."""
     return non_embedding + RULE_VOCAB * n_embd
 
@@ -189,10 +187,8 @@ def candidates(config: Config) -> list[Candidate]:
     """Depths L-1..L+1 and widths 0.5x, 0.75x, 1x, 1.5x, 2x the config's, at its head size.
 
     No single-block shape unless the config is one: one attention layer cannot compose two
-    (no induction heads, Olsson et al. 2022), and its loss follows another curve. On our runs no
-    1-block shape was the best at any budget (1, 3 or 10 minutes: 2 x 64, 2 x 96, then 3 x 96 and
-    2 x 128 were), yet the rule, fitted across depths, rates them 0.02-0.04 bpb too good at the
-    step counts of 3 and 10 minutes, and plans picked them (docs/speedrun.md, round 16)."""
+    (no induction heads, Olsson et al. 2022), and its loss follows another curve, which the rule,
+    fitted across depths, rates too good (docs/speedrun.md)."""
     m = config.model
     head = m.n_embd // m.n_head
     widths = sorted({max(head, round(m.n_embd * f / head) * head) for f in (0.5, 0.75, 1.0, 1.5, 2.0)})
@@ -207,47 +203,49 @@ def shaped(config: Config, candidate: Candidate) -> Config:
 
 class _Stepper:
     """One shape's training step as `lmtrain train` runs it (``lmtrain.step.build_training``, on
-    synthetic tokens), built once and warmed up, to be timed a step at a time."""
+    synthetic tokens), built once and warmed up, to be timed a step at a time (lmtrain.timing)."""
 
     def __init__(self, config: Config, vocab_size: int, device, precision: str):
         from lmtrain.data import SyntheticBatches
+        from lmtrain.schedule import Schedule
         from lmtrain.step import build_training
+        from lmtrain.timing import untimed_steps
 
         self.device, self.precision = device, precision
         self.training = build_training(config, vocab_size, device, precision)
         self.batches = SyntheticBatches(vocab_size, config.train.batch_size, config.model.block_size, device)
+        self.schedule = Schedule.of(config.train)
         self.steps = 0
         model = self.training.model
         self.params, self.total_params = model.num_params(embeddings=False), model.num_params()
-        # Warm-up steps pay for compilation, allocator growth and caches; they are not timed.
-        for _ in range(2 if self.training.runner.forward_model is not model else 1):
+        for _ in range(untimed_steps(self.training)):
             self.step()
 
     def step(self) -> float:
         """Seconds of one training step."""
-        from lmtrain.device import synchronize
+        from lmtrain.timing import step_seconds
 
-        began = time.perf_counter()
-        self.training.runner.run(self.steps, self.batches)
-        synchronize(self.device)
+        seconds = step_seconds(self.training, self.batches, self.steps, self.schedule, self.device)
         self.steps += 1
-        return time.perf_counter() - began
+        return seconds
 
     def eval_micro_batch(self) -> float:
         """Seconds of one micro-batch of an evaluation (``lmtrain.evaluate.val_loss``'s forward)."""
         import torch
 
-        from lmtrain.device import AMP_DTYPES, autocast, synchronize
+        from lmtrain.device import AMP_DTYPES, autocast
         from lmtrain.loss import eval_loss_fn
+        from lmtrain.timing import timed
 
         model, (x, y) = self.training.model, self.batches.get(0, 0)
-        began = time.perf_counter()
-        model.eval()
-        with torch.no_grad(), autocast(self.device, AMP_DTYPES[self.precision]):
-            model(x, y, loss_fn=eval_loss_fn(self.device))
-        model.train()
-        synchronize(self.device)
-        return time.perf_counter() - began
+
+        def forward() -> None:
+            model.eval()
+            with torch.no_grad(), autocast(self.device, AMP_DTYPES[self.precision]):
+                model(x, y, loss_fn=eval_loss_fn(self.device))
+            model.train()
+
+        return timed(self.device, forward)
 
     def close(self) -> None:
         del self.training
@@ -261,17 +259,14 @@ def measure(config: Config, rows: list[Candidate], vocab_size: int, device, prec
             min_seconds: float = 1.5, min_pairs: int = 6, progress: bool = True) -> float:
     """Fill in each row's step seconds and parameter counts; return the config's own step time.
 
-    A shared CPU's speed drifts by 10-40% within a minute: shapes timed one after the other in
-    a fast and a slow moment looked 20-25% cheaper or dearer than they were (round 15's 3 x 64,
-    timed at 0.272 s a step, ran at 0.339; 3 x 96 timed at 0.38, 0.46 and 0.55 s by three plans
-    in a row). A ranking of shapes needs their costs relative to one another, and those drift
-    far less: each candidate's steps alternate with steps of the config's own shape, each step
-    is divided by its neighbour's, and the median of those ratios times the config's median step
-    gives the candidate's time (at least ``min_pairs`` pairs, more while under ``min_seconds``:
-    with 3 pairs, 1 x 96's time relative to 2 x 96 came out at 0.70-0.78 in six measurements,
-    with 30 at 0.79). An evaluation is timed the same way, as micro-batches beside the config's
-    steps: on a CPU a forward pass costs half a training step, not the third a FLOP count says
-    (an evaluation the plan had estimated at 1.8 s took 2.9 s)."""
+    A shared CPU's speed drifts by 10-40% within a minute, so shapes timed one after the other
+    can look 20-25% cheaper or dearer than they are. A ranking of shapes needs their costs
+    relative to one another, and those drift far less: each candidate's steps alternate with
+    steps of the config's own shape, each step is divided by its neighbour's, and the median of
+    those ratios times the config's median step gives the candidate's time (at least
+    ``min_pairs`` pairs, more while under ``min_seconds``; fewer pairs scatter). An evaluation
+    is timed the same way, as micro-batches beside the config's steps: on a CPU a forward pass
+    costs about half a training step, not the third a FLOP count says (docs/speedrun.md)."""
     from tqdm.auto import tqdm
 
     reference = _Stepper(config, vocab_size, device, precision)
@@ -347,10 +342,9 @@ def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: fl
                           f"({config.train.warmup_steps}) on this machine: raise --minutes or lower train.warmup_steps")
     best = min(usable, key=lambda row: row.predicted_bpb)
     configured = _configured(config, usable)
-    # Rounds 13 and 15 (docs/speedrun.md): plans that moved to a shape predicted 0.01-0.027 better
-    # lost by 0.03-0.06 to the config's own shape; picks predicted 0.039-0.053 better won. The
-    # rule is off by ~loo_error on each of the two shapes, and a CPU's timings by 20-40% (round
-    # 15's 3 x 64 ran 25% slower than its plan timed it), so a smaller predicted gain says nothing.
+    # The rule is off by ~loo_error on each of the two shapes, and a CPU's timings by 20-40%, so a
+    # predicted gain smaller than the error of their difference says nothing (picks inside it
+    # lost to the config's own shape; docs/speedrun.md).
     if configured is not None and best.predicted_bpb > configured.predicted_bpb - rule.difference_error:
         return configured, rows
     return best, rows
@@ -415,8 +409,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"error: predictions are off by ~{rule.loo_error:.3f} bpb (leave-one-out, on our runs), a difference "
                  f"of two by ~{rule.difference_error:.3f}: shapes closer than that are a toss-up")
     if plan.config.train.optimizer != rule.optimizer:
-        # Round 15 (docs/speedrun.md): AdamW's rule, used for the Muon default, was 0.15-0.19 bpb
-        # too high, and its picks of smaller shapes at 3 minutes (3 x 64, 2 x 64) lost by 0.024-0.027.
+        # Another optimizer's rule is off in absolute terms and in its picks (docs/speedrun.md).
         lines.append(f"note: the rule is fitted on {rule.optimizer} runs and this config trains with "
                      f"{plan.config.train.optimizer}: its bpb figures are off, and a pick away from the config's "
                      "shape is worth a run beside it before you trust it")

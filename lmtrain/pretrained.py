@@ -9,7 +9,10 @@ Nothing is ever downloaded. From the source come:
 - the tokenizer: ``lmtrain tokenize`` copies the source's instead of training one (it must be a
   byte-level BPE), and its end-of-text token becomes ``tokenizer.special_tokens[0]``;
 - the weights: ``lmtrain train`` loads them into the new model (the vocabulary padded as usual)
-  and starts a fresh optimiser. A run that has checkpoints resumes from them instead.
+  and starts a fresh optimiser (``lmtrain.restore.Pretrained``). A run that has checkpoints
+  resumes from them instead.
+
+This module reads a source's configuration only, never its weights.
 
 What lmtrain cannot compute exactly (grouped-query attention, rope scaling, other activations or
 norm epsilons, other widths) is refused with one line and the reason, never approximated.
@@ -24,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from lmtrain import checkpoint as ckpt
 from lmtrain.config import ArchitectureConfig, Config
-from lmtrain.errors import CheckpointError, ConfigError
+from lmtrain.errors import CheckpointError, ConfigError, first_line
+from lmtrain.hf_format import model_fields_from_hf
+from lmtrain.rundir import checkpoints_dir, tokenizer_path
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -64,8 +68,6 @@ def open_source(init_from: str, key: str = "model.init_from") -> Source:
 
 
 def _hf_source(path: Path, where: str) -> Source:
-    from lmtrain.hf_format import model_fields_from_hf
-
     try:
         hf = json.loads((path / "config.json").read_text("utf-8"))
     except (OSError, ValueError) as exc:
@@ -106,7 +108,7 @@ def _token_of(tokenizer_file: Path, token_id: Any, where: str) -> str:
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as exc:  # tokenizers raises its own exception type for a malformed file
-        raise ConfigError(f"{where}: tokenizer.json is not a valid tokenizer ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{where}: tokenizer.json is not a valid tokenizer ({first_line(exc)})") from None
     raw = json.loads(tokenizer_file.read_text("utf-8"))
     if (raw.get("model") or {}).get("type") not in ("BPE", "Unigram") or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):
         raise ConfigError(f"{where}: its tokenizer is not a byte-level BPE or Unigram (lmtrain's kinds); it cannot be used")
@@ -117,9 +119,6 @@ def _token_of(tokenizer_file: Path, token_id: Any, where: str) -> str:
 
 
 def _lmtrain_source(path: Path, where: str) -> Source:
-    from lmtrain import checkpoint as ckpt
-    from lmtrain.rundir import checkpoints_dir, tokenizer_path
-
     if (path / ckpt.MODEL_FILE).is_file():
         checkpoint, run_dir = path, path.parent.parent
     elif checkpoints_dir(path).is_dir():
@@ -128,11 +127,11 @@ def _lmtrain_source(path: Path, where: str) -> Source:
         raise ConfigError(f"{where}: neither a Hugging Face directory (config.json) nor an lmtrain run or "
                           "checkpoint directory")
     try:
-        loaded = ckpt.load_checkpoint(checkpoint)
+        state = ckpt.read_state(checkpoint)  # the weights are read when training starts
     except CheckpointError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    fields = dict(loaded.model_config)
-    saved = loaded.state.get("config") or {}
+    fields = dict(state["model_config"])
+    saved = state.get("config") or {}
     specials = (saved.get("tokenizer") or {}).get("special_tokens") or ["<|endoftext|>"]
     tokenizer_file = tokenizer_path(run_dir)
     if not tokenizer_file.is_file():
@@ -162,39 +161,3 @@ def resolve(config: Config) -> Config:
     return dataclasses.replace(config, model=model, tokenizer=tokenizer)
 
 
-class Pretrained:
-    """The source's weights, for ``step.build_training`` (in place of a ``checkpoint.Resume``):
-    loaded into the freshly initialised model, the vocabulary rows beyond the source's left as
-    initialised (they are padding, never used); the optimiser starts fresh."""
-
-    def __init__(self, source: Source) -> None:
-        self.source = source
-
-    def weights(self, model: torch.nn.Module) -> None:
-        from lmtrain import checkpoint as ckpt
-        from lmtrain.hf_format import from_hf
-
-        if self.source.kind == "lmtrain":  # (a LoRA run's checkpoint: its base with the adapters merged)
-            ckpt.load_model_weights(model, ckpt.load_checkpoint(self.source.path))
-            return
-        tensors: dict[str, torch.Tensor] = {}
-        for file in self.source.weights:
-            tensors.update(ckpt.read_weights(file)[0])  # a CheckpointError naming the file if unreadable
-        try:
-            state = from_hf(tensors, model.config)
-        except KeyError as exc:
-            raise CheckpointError(f"{self.source.path}: the weights lack {exc.args[0]} "
-                                  "(do they match config.json?)") from None
-        full = model.state_dict()
-        for key, value in state.items():
-            target = full.get(key)
-            if target is None or (key not in ("wte.weight", "lm_head.weight") and value.shape != target.shape) \
-                    or value.shape[1:] != target.shape[1:] or value.shape[0] > target.shape[0]:
-                raise CheckpointError(f"{self.source.path}: {key} has shape {tuple(value.shape)}, the model "
-                                      f"expects {tuple(target.shape) if target is not None else 'no such tensor'}")
-        with torch.no_grad():
-            for key, value in state.items():
-                full[key][: value.shape[0]].copy_(value)  # the padded vocabulary rows stay initialised
-
-    def optimizer(self, optimizer, scaler) -> None:
-        """Fine-tuning starts a fresh optimiser: nothing to load."""

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -59,6 +60,14 @@ def tb_dir(run_dir: Path) -> Path:
 
 RUN_MARKER = ".lmtrain-run"  # every run directory holds it (written by prepare_run_dir)
 WRITER_FILE = ".lmtrain-writer"  # who holds the lock, while it is held
+
+
+def fork_run(source: Path, target: Path) -> Path:
+    """A new run directory ``target`` on ``source``'s prepared tokenizer and shards (copied, so each
+    run owns its files): another model or schedule on the same data, without tokenizing again."""
+    for part in (tokenizer_dir(source), data_dir(source)):
+        shutil.copytree(part, Path(target) / part.name)
+    return Path(target)
 
 
 def is_run_dir(directory: Path) -> bool:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from lmtrain.config import SampleConfig, override_section
-from lmtrain.errors import ConfigError, LmtrainError
+from lmtrain.errors import ConfigError, LmtrainError, first_line
 from lmtrain.generate import Decoder, SamplingParams, generate, generate_uncached
 from lmtrain.inference import LoadedModel, load_model
 
@@ -97,9 +97,8 @@ def _decoder(loaded: LoadedModel, options: SampleOptions) -> Decoder:
             raise
         # Building the step needs a working C++ compiler on a CPU: an environment the user can
         # fix, or avoid by decoding without --compile.
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
         raise LmtrainError(f"--compile could not build the decoding step ({type(error).__name__}: "
-                           f"{first_line}); sample without --compile") from error
+                           f"{first_line(error, 300)}); sample without --compile") from error
 
 
 # The options of `lmtrain sample` that stand in for keys of the config's sample section.

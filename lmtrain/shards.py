@@ -1,5 +1,8 @@
 """Token shards: the binary format training reads, its writer, reader, manifest and verifier.
 
+Encoding a corpus into shards (the shard stage) is ``lmtrain.prepare.build_shards``; whether a
+run's shards agree with its config and tokenizer is checked here (``check_shards_agree``).
+
 A shard is a file of token ids behind a fixed 256-byte header:
 
     offset  size  field
@@ -26,23 +29,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import struct
-import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from lmtrain.config import Config
-from lmtrain.corpus import Document, Split, check_sources, iter_both_splits
-from lmtrain.errors import ShardError
-from lmtrain.fsutil import (TMP_MARKER, atomic_write_json, commit_tmp, describe_os_error, fsync_dir,
-                            sha256_file, tmp_name)
-from lmtrain.rundir import data_dir, hold_run_dir, prepare_run_dir, tokenizer_path
-from lmtrain.tokenizer import eot_id, load_tokenizer
+from lmtrain.corpus import Split
+from lmtrain.errors import RunDirError, ShardError
+from lmtrain.fsutil import TMP_MARKER, commit_tmp, sha256_file, tmp_name
+from lmtrain.rundir import data_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,10 +51,6 @@ HEADER_BYTES = 256
 _HEADER = struct.Struct("<8sIIQII32s")
 MANIFEST_NAME = "manifest.json"
 SPLITS: tuple[Split, ...] = ("train", "val")
-# Text handed to the encoder per batch: big enough to keep every encoder thread busy, small
-# enough that memory stays flat whatever the corpus size.
-BATCH_TEXT_BYTES = 4 << 20
-ENCODE_AHEAD = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,174 +207,6 @@ class ShardWriter:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ShardResult:
-    up_to_date: bool
-    data_dir: str
-    manifest: "Manifest"
-    seconds: float = 0.0
-    tokens_per_sec: float = 0.0
-
-    @property
-    def splits(self) -> dict[str, "SplitTotals"]:
-        return self.manifest.splits
-
-    @property
-    def bytes_per_token(self) -> float:
-        totals = self.manifest.splits.values()
-        tokens = sum(s.tokens - s.documents for s in totals)  # eot ids excluded
-        return sum(s.utf8_bytes for s in totals) / max(tokens, 1)
-
-
-def build_shards(config: Config, force: bool = False) -> ShardResult:
-    """Encode the corpus into train/val shards under ``RUN_DIR/data`` (or say they are current)."""
-    from lmtrain.pretrained import resolve
-
-    config = resolve(config)
-    with hold_run_dir(config.run_dir, "shard"):
-        return _build_shards(config, force)
-
-
-def _build_shards(config: Config, force: bool) -> ShardResult:
-    from tqdm.auto import tqdm
-
-    from lmtrain.artifacts import check_tokenizer_agrees
-
-    run_dir = config.run_dir
-    check_tokenizer_agrees(config)  # shards from a tokenizer trained for other data are wrong
-    tokenizer = load_tokenizer(run_dir)
-    tok_sha = sha256_file(tokenizer_path(run_dir))
-    eot = eot_id(tokenizer, config.tokenizer.special_tokens)
-    vocab_size = tokenizer.get_vocab_size()
-    out = data_dir(run_dir)
-    fingerprint = shard_fingerprint(config, tok_sha)
-
-    recover_interrupted_swap(out)
-    if not force and _is_up_to_date(out, fingerprint):
-        return ShardResult(True, str(out), read_manifest(out))
-
-    check_sources(config.data)
-    if config.shard.num_proc is not None:
-        # The encoder's thread pool (rayon) reads this when it first starts.
-        os.environ.setdefault("RAYON_NUM_THREADS", str(config.shard.num_proc))
-    prepare_run_dir(config)
-    # New shards are built in a staging directory beside data/ and swapped in only when whole,
-    # so the previous shards stay intact (and usable) until the new ones are complete.
-    for stale in run_dir.glob(f"{out.name}{TMP_MARKER}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tmp_name(out)
-    staging.mkdir()
-
-    writers = {split: ShardWriter(staging, split, config.shard.shard_tokens, vocab_size, eot, tok_sha)
-               for split in SPLITS}
-    start = time.perf_counter()
-    total_tokens = total_docs = 0
-    try:
-        with tqdm(desc="shard", unit="tok", unit_scale=True, leave=False) as bar, \
-                ThreadPoolExecutor(max_workers=ENCODE_AHEAD) as pool:
-            # Encoding runs on worker threads (the encoder releases the GIL), a few batches
-            # ahead, while this thread reads the next batch and writes finished ones: reading
-            # and writing hide behind the encoder, and no encoder thread idles at the end of
-            # a batch waiting for its slowest document.
-            pending: deque = deque()
-            for batch in _batches(iter_both_splits(config.data)):
-                pending.append((batch, pool.submit(_encode, tokenizer, batch)))
-                if len(pending) > ENCODE_AHEAD:
-                    total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), eot,
-                                                              bar, total_tokens, total_docs)
-            while pending:
-                total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), eot,
-                                                          bar, total_tokens, total_docs)
-        records = [r for split in SPLITS for r in writers[split].close()]
-        seconds = time.perf_counter() - start
-        manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha,
-                                 {split: writers[split].byte_counts.tolist() for split in SPLITS})
-        for split in SPLITS:
-            if manifest.splits[split].tokens == 0:
-                raise ShardError(_empty_split_message(split, config))
-        atomic_write_json(staging / MANIFEST_NAME, manifest.to_dict())  # last: the set is now whole
-        _swap_in(staging, out)
-    except OSError as exc:
-        raise ShardError(f"could not write shards in {staging}: {describe_os_error(exc)}; "
-                         f"the previous shards in {out} (if any) are untouched") from None
-    finally:
-        for writer in writers.values():
-            writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-    log.debug("shard: wrote %d shards to %s", len(records), out)
-    return ShardResult(False, str(out), manifest, seconds, total_tokens / max(seconds, 1e-9))
-
-
-def _encode(tokenizer, batch: list[tuple[Split, Document]]):
-    return tokenizer.encode_batch_fast([doc.text for _, doc in batch], add_special_tokens=False)
-
-
-def _write_encoded(writers, batch, future, eot: int, bar, total_tokens, total_docs):
-    import numpy as np
-
-    batch_tokens = 0
-    for (split, doc), enc in zip(batch, future.result()):
-        ids = enc.ids  # a fresh list each access: take it once
-        ids.append(eot)
-        writer = writers[split]
-        raw = doc.text.encode("utf-8", "surrogatepass")
-        writer.write_document(np.asarray(ids, dtype=writer.dtype), len(raw))
-        writer.byte_counts += np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256)
-        batch_tokens += len(ids)
-    bar.update(batch_tokens)
-    bar.set_postfix(docs=total_docs + len(batch), refresh=False)
-    return total_tokens + batch_tokens, total_docs + len(batch)
-
-
-def _batches(docs: Iterable[tuple[Split, Document]]) -> Iterator[list[tuple[Split, Document]]]:
-    batch, size = [], 0
-    for item in docs:
-        batch.append(item)
-        size += len(item[1].text)
-        if size >= BATCH_TEXT_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _empty_split_message(split: str, config: Config) -> str:
-    if split == "val":
-        return (
-            f"the val split came out empty (data.val_fraction={config.data.val_fraction} of too few "
-            "documents): raise data.val_fraction, split a single-file corpus into more documents "
-            "with data.sample_by: paragraph (or line), give data.val_source, or add data"
-        )
-    return "the train split came out empty: lower data.val_fraction or add data"
-
-
-def _old_name(out: Path) -> Path:
-    return out.with_name(out.name + ".old")
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace ``out`` by the complete ``staging`` directory.
-
-    Two renames: a crash between them leaves ``out`` missing and ``out.old`` whole, which
-    ``recover_interrupted_swap`` puts back.
-    """
-    old = _old_name(out)
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_interrupted_swap(out: Path) -> None:
-    old = _old_name(out)
-    if not out.exists() and (old / MANIFEST_NAME).is_file():
-        old.rename(out)
-        log.warning("restored %s from an interrupted shard swap", out)
-
-
 # --------------------------------------------------------------------------------------------
 # Manifest
 # --------------------------------------------------------------------------------------------
@@ -518,20 +342,6 @@ def _safe_shard_name(name: Any, manifest_path: Path) -> str:
     return name
 
 
-def _is_up_to_date(out: Path, fingerprint: dict) -> bool:
-    try:
-        manifest = read_manifest(out)
-    except ShardError:
-        return False
-    if manifest.fingerprint != fingerprint:
-        return False
-    for entry in manifest.shards:
-        path = out / entry.file
-        if not path.is_file() or path.stat().st_size != HEADER_BYTES + entry.tokens * manifest.itemsize:
-            return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------
 # Reader and verifier
 # --------------------------------------------------------------------------------------------
@@ -625,3 +435,51 @@ def verify_shards(directory: Path, tokenizer_sha256: str | None = None) -> Verif
         tokens += entry.tokens
         bytes_read += path.stat().st_size
     return VerifyResult(len(manifest.shards), tokens, bytes_read)
+
+
+# --------------------------------------------------------------------------------------------
+# Do the shards agree with the config?
+# --------------------------------------------------------------------------------------------
+
+
+def check_shards_agree(config: Config, tokenizer_sha256: str) -> None:
+    """The run's shards (if any) were built from this tokenizer and this config's data section:
+    training on shards of another corpus gives numbers that look fine and are wrong."""
+    directory = data_dir(config.run_dir)
+    if not (directory / MANIFEST_NAME).exists():
+        return
+    try:
+        manifest = read_manifest(directory)
+    except ShardError:
+        return  # the reader names what is wrong with it when training opens the shards
+    if manifest.tokenizer_sha256 != tokenizer_sha256:
+        raise RunDirError(f"the shards in {directory} were made with another tokenizer than the run's "
+                          "tokenizer.json; rebuild them with `lmtrain shard` before training")
+    differences = fingerprint_differences(manifest.fingerprint, shard_fingerprint(config, tokenizer_sha256))
+    if differences:
+        raise RunDirError(f"the shards in {directory} were built with {differences[0]}; rebuild them "
+                          "with `lmtrain shard` before training")
+
+
+def fingerprint_differences(built: dict, wanted: dict) -> list[str]:
+    """``data.source 'a', the config says 'b'`` for each setting the two fingerprints disagree on."""
+    out = []
+    for key, value in wanted.items():
+        have = built.get(key)
+        if isinstance(value, dict) and isinstance(have, dict):
+            out += [f"{key}.{k} {have.get(k)!r}, the config says {v!r}" for k, v in value.items()
+                    if k in have and have[k] != v]
+        elif have != value:
+            out.append(f"{key} {have!r}, the config says {value!r}")
+    return out
+
+
+def old_name(out: Path) -> Path:
+    return out.with_name(out.name + ".old")
+
+
+def recover_interrupted_swap(out: Path) -> None:
+    old = old_name(out)
+    if not out.exists() and (old / MANIFEST_NAME).is_file():
+        old.rename(out)
+        log.warning("restored %s from an interrupted shard swap", out)

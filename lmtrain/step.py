@@ -3,7 +3,7 @@
 ``build_training(config, vocab_size, device, precision)`` makes the model, the optimiser, the
 gradient scaler and the step runner exactly as ``lmtrain train`` uses them; the trainer, the
 benchmarks (``scripts/bench_train.py``) and the speedrun all call it, so a benchmark times the
-very step training runs. ``StepRunner.run(step, batches)`` is one optimiser step: ``grad_accum``
+very step training runs. ``StepRunner.run(step, batches, lr)`` is one optimiser step: ``grad_accum``
 micro-batches, clipping, and the update unless the loss or gradient is non-finite.
 """
 
@@ -22,8 +22,8 @@ from lmtrain.device import AMP_DTYPES, autocast, enable_fast_matmul, synchronize
 from lmtrain.loss import training_loss_fn
 from lmtrain.memory import apply_activation_checkpointing
 from lmtrain.model import GPT, GPTConfig
-from lmtrain.optim import lr_at, make_optimizer, set_lr
-from lmtrain.sharding import is_sharded
+from lmtrain.optim import make_optimizer, set_lr
+from lmtrain.fsdp import is_sharded, sharded_run
 
 if TYPE_CHECKING:
     from lmtrain.lora import LoraRecord
@@ -44,17 +44,12 @@ def uses_compile(tc: TrainConfig, device: torch.device) -> bool:
     return tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
 
 
-def shards(tc: TrainConfig, info: dist_util.DistInfo) -> bool:
-    """Whether this run shards the model (``train.parallel: fsdp`` over more than one process)."""
-    return tc.parallel == "fsdp" and info.enabled
-
-
 def wrap_model(model: GPT, tc: TrainConfig, device: torch.device, info: dist_util.DistInfo) -> torch.nn.Module:
     """The module the training step calls: compiled (CUDA by default) and DDP-wrapped as needed.
     A sharded model is neither: its blocks were compiled before sharding (``shard_model``)."""
     enable_fast_matmul(device)
     wrapped: torch.nn.Module = model
-    if shards(tc, info):
+    if sharded_run(tc, info.world_size):
         return wrapped
     if uses_compile(tc, device):
         wrapped = torch.compile(wrapped, mode=tc.compile_mode)
@@ -85,7 +80,7 @@ class Training:
         """The weights and the optimiser + scaler state as a checkpoint stores them, whole; every
         rank calls this (a sharded model is gathered), the ranks that ``keep`` get them."""
         if is_sharded(self.model):
-            from lmtrain.sharding import full_model_state, full_optimizer_state
+            from lmtrain.fsdp import full_model_state, full_optimizer_state
 
             weights, optimizer = full_model_state(self.model, keep), full_optimizer_state(self.optimizer, keep)
         elif keep:
@@ -121,8 +116,8 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
         restore.weights(model)
     model.to(device)
     apply_activation_checkpointing(model, config.train.activation_checkpointing)
-    if shards(config.train, info):
-        from lmtrain.sharding import shard_model
+    if sharded_run(config.train, info.world_size):
+        from lmtrain.fsdp import shard_model
 
         shard_model(model, config.train, device, AMP_DTYPES[precision], uses_compile(config.train, device))
     optimizer = make_optimizer(model, config.train, device)
@@ -152,12 +147,13 @@ class StepRunner:
         self.cuda_graphs = (device.type == "cuda" and forward_model is not model
                             and tc.compile_mode in ("reduce-overhead", "max-autotune"))
 
-    def run(self, step: int, batches, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Train on ``batches.get(step, micro)``; return the mean loss, the gradient norm, and
-        whether the update was applied."""
+    def run(self, step: int, batches, lr: float, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Train on ``batches.get(step, micro)`` at learning rate ``lr`` (the schedule's, which
+        ``lmtrain.schedule.lr_at`` gives); return the mean loss, the gradient norm, and whether
+        the update was applied."""
         tc = self.tc
         clock = _Clock(self.device, timings)
-        set_lr(self.optimizer, lr_at(step, tc))
+        set_lr(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum):
             clock.start()

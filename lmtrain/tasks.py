@@ -48,7 +48,7 @@ import torch
 from lmtrain import distributed as dist_util
 from lmtrain.device import autocast
 from lmtrain.errors import DataError
-from lmtrain.sharding import is_sharded
+from lmtrain.fsdp import is_sharded
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -2,28 +2,33 @@
 
 ``train(config)`` trains the GPT of ``config.model`` on the shards of ``RUN_DIR/data``. If the run
 has a checkpoint it resumes from ``latest``; because batches are a pure function of the step and
-every piece of state (weights, optimiser, grad scaler, RNG) is checkpointed, a resumed run
-computes exactly what an uninterrupted one would have.
+every piece of state (weights, optimiser, grad scaler, RNG, the budget's decision) is checkpointed,
+a resumed run computes exactly what an uninterrupted one would have.
 
-Where things are:
+``_setup`` checks everything and builds the parts; ``Trainer.fit`` is the loop over them. Each part
+decides its own cadence (a checkpoint is due, an evaluation is due, the budget re-plans):
 
+    lmtrain/data.py        RunData (the run's shards) and the batch sources the loop is handed
     lmtrain/step.py        build_training (model, optimiser, scaler) and StepRunner (one step)
-    lmtrain/optim.py       the optimiser and the learning-rate schedule
-    lmtrain/loss.py        the losses the step may use instead of the standard one
-    lmtrain/device.py      device, precision, autocast, peak FLOPs, memory
-    lmtrain/data.py        training and validation batches from the shards
-    lmtrain/evaluate.py    val loss, perplexity, bits per byte
+    lmtrain/schedule.py    the learning-rate schedule the run follows
+    lmtrain/budget.py      BudgetKeeper: train.max_minutes decides and re-plans that schedule
+    lmtrain/timing.py      what the budget measures with (steps, evals, checkpoints timed)
+    lmtrain/evaluate.py    Validator: val loss, perplexity, bits per byte, tasks
     lmtrain/metrics.py     progress bar, train.log, TensorBoard, MFU (TrainLog)
-    lmtrain/checkpoint.py  Checkpointer (when and how to save), Resume (loading one back)
+    lmtrain/checkpoint.py  Checkpointer (when and how to save)
+    lmtrain/restore.py     Resume (loading one back), Pretrained (model.init_from's weights)
+    lmtrain/optim.py, loss.py, device.py, fsdp.py   the optimiser, the losses, precision, sharding
+
+A new kind of training data arrives as a batch source (``get(step, micro) -> (x, y)``) built in
+``_setup``; the loop only calls it.
 
 Under torchrun each process trains a DistributedDataParallel replica, or with ``train.parallel:
-fsdp`` a shard of the model (lmtrain/sharding.py); rank 0 alone writes checkpoints, TensorBoard
+fsdp`` a shard of the model (lmtrain/fsdp.py); rank 0 alone writes checkpoints, TensorBoard
 events and the log.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import logging
@@ -38,24 +43,25 @@ from typing import Any
 import torch
 
 from lmtrain import distributed as dist_util
-from lmtrain.artifacts import check_shards_agree, check_tokenizer_agrees
-from lmtrain.budget import replan_due
-from lmtrain.checkpoint import STATE_FILE, Checkpointer, Resume, rng_state
+from lmtrain.budget import BudgetKeeper, RunClock
+from lmtrain.checkpoint import STATE_FILE, Checkpointer, rng_state
 from lmtrain.config import Config, TrainConfig
-from lmtrain.data import TokenWindows, TrainBatches, val_positions
+from lmtrain.data import RunData
 from lmtrain.device import AMP_DTYPES, resolve_device, resolve_precision
 from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
-from lmtrain.evaluate import val_loss, val_metrics
-from lmtrain.fsutil import sha256_file
+from lmtrain.evaluate import Validator
+from lmtrain.fsdp import sharded_run
 from lmtrain.lora import check_config as check_lora
 from lmtrain.memory import check_fits
 from lmtrain.metrics import TrainLog
-from lmtrain.optim import lr_at
 from lmtrain.model import GPTConfig
-from lmtrain.rundir import (check_run_dir_usable, checkpoints_dir, data_dir, hold_run_dir, move_aside, prepare_run_dir,
-                            tb_dir, tokenizer_path)
-from lmtrain.shards import Manifest, read_manifest
-from lmtrain.step import Training, build_training, shards, tokens_per_step
+from lmtrain.pretrained import open_source, resolve
+from lmtrain.restore import Pretrained, Resume
+from lmtrain.rundir import check_run_dir_usable, checkpoints_dir, hold_run_dir, move_aside, prepare_run_dir, tb_dir, tokenizer_path
+from lmtrain.schedule import Schedule, lr_at
+from lmtrain.shards import Manifest
+from lmtrain.step import Training, build_training, tokens_per_step
+from lmtrain.timing import Measurer
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +94,6 @@ class TrainState:
     last_val: dict[str, float] | None = None  # the latest evaluation, with its step
     eval_seconds: float = 0.0  # of train_seconds: in evaluations
     checkpoint_seconds: float = 0.0  # ... and in writing checkpoints
-    budget: dict[str, Any] | None = None  # train.max_minutes' decision (lmtrain.budget.Budget)
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any], path: Path) -> "TrainState":
@@ -104,13 +109,6 @@ class TrainState:
                 raise CheckpointError(f"{path}: {name} is {value!r}; the checkpoint is corrupt")
         if state.last_val is not None and not isinstance(state.last_val, dict):
             raise CheckpointError(f"{path}: last_val is {state.last_val!r}; the checkpoint is corrupt")
-        if state.budget is not None:
-            from lmtrain.budget import Budget
-
-            try:
-                Budget.from_dict(state.budget)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise CheckpointError(f"{path}: budget is {state.budget!r}; the checkpoint is corrupt") from None
         return state
 
     def record_eval(self, step: int, val: dict[str, float]) -> None:
@@ -150,8 +148,6 @@ class TrainResult:
 
 def train(config: Config, restart: bool = False) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring."""
-    from lmtrain.pretrained import resolve
-
     config = resolve(config)
     info = dist_util.from_environment()
     check_world_size(config.train, info)
@@ -172,58 +168,30 @@ def train(config: Config, restart: bool = False) -> TrainResult:
         dist_util.shutdown()
 
 
-@dataclass
-class RunData:
-    """What training reads from the run directory, checked before anything is written."""
-
-    tokenizer_sha256: str
-    manifest: Manifest
-    train: TokenWindows
-    val: TokenWindows
-
-    @classmethod
-    def open(cls, config: Config) -> "RunData":
-        tok_file = tokenizer_path(config.run_dir)
-        if not tok_file.exists():
-            raise LmtrainError(f"no tokenizer at {tok_file}; run `lmtrain tokenize` and `lmtrain shard` first")
-        check_tokenizer_agrees(config)
-        sha = sha256_file(tok_file)
-        check_shards_agree(config, sha)
-        directory = data_dir(config.run_dir)
-        manifest = read_manifest(directory)
-        # TokenWindows (open_split) refuses shards made with another tokenizer.
-        window = config.model.block_size + 1
-        return cls(sha, manifest, TokenWindows(directory, "train", window, sha),
-                   TokenWindows(directory, "val", window, sha))
-
-
 def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torch.device) -> "Trainer":
-    """Check the run's artifacts, build (or resume) the model and optimiser; then, on rank 0,
-    write the config and move old checkpoints aside for ``--restart``. Everything that can be
-    refused is checked before anything is written: a mistake costs nothing."""
-    run_dir = config.run_dir
+    """Check the run's artifacts, build (or resume) the model, the optimiser and the loop's parts;
+    then, on rank 0, write the config and move old checkpoints aside for ``--restart``. Everything
+    that can be refused is checked before anything is written: a mistake costs nothing."""
+    run_dir, tc = config.run_dir, config.train
     check_run_dir_usable(run_dir)
     data = RunData.open(config)
-    precision = resolve_precision(config.train.precision, device)
-    if precision == "fp16" and shards(config.train, info):
+    precision = resolve_precision(tc.precision, device)
+    if precision == "fp16" and sharded_run(tc, info.world_size):
         # GradScaler's inf check would see one shard per rank, and ranks could disagree on skipping.
-        why = " (train.precision auto chose it: this GPU lacks bf16)" if config.train.precision == "auto" else ""
+        why = " (train.precision auto chose it: this GPU lacks bf16)" if tc.precision == "auto" else ""
         raise ConfigError(f"train.parallel fsdp trains in bf16 or fp32, not fp16{why}: set train.precision: "
                           "fp32 (or bf16 where the GPU has it), or train.parallel: ddp")
-    checkpointer = Checkpointer(checkpoints_dir(run_dir), config.train.checkpoint_every,
-                                config.train.keep_checkpoints, info, device)
-    check_lora(config, shards(config.train, info))
-    resume = None
+    checkpointer = Checkpointer(checkpoints_dir(run_dir), tc.checkpoint_every, tc.keep_checkpoints, info, device)
+    check_lora(config, sharded_run(tc, info.world_size))
     latest = None if restart else checkpointer.latest()
+    resume = None
     if latest is not None:
         model_config = GPTConfig.of(config.model, data.manifest.vocab_size).to_dict()
         resume = Resume.load(latest, model_config, data.tokenizer_sha256, config)
     restore, base = resume, None
-    if config.model.init_from is not None and (resume is None or config.train.lora_rank):
-        from lmtrain.pretrained import Pretrained, open_source
-
+    if config.model.init_from is not None and (resume is None or tc.lora_rank):
         pretrained = Pretrained(open_source(config.model.init_from))
-        if config.train.lora_rank:
+        if tc.lora_rank:
             base = pretrained  # frozen under the adapters, on a fresh run and on resume alike
         else:
             restore = pretrained
@@ -233,35 +201,33 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     need = check_fits(config, data.manifest.vocab_size, device, AMP_DTYPES[precision], info.world_size,
                       info.local_world_size)
     # What setup has to say, logged once train.log is open (Trainer.fit).
-    notes = [f"memory: {need.describe()} (estimated; micro-batch {config.train.batch_size} x "
+    notes = [f"memory: {need.describe()} (estimated; micro-batch {tc.batch_size} x "
              f"{config.model.block_size} tokens)"]
-    if config.train.parallel == "fsdp" and not info.enabled:
+    if tc.parallel == "fsdp" and not info.enabled:
         notes.append("train.parallel fsdp: one process, so nothing is sharded (FSDP applies under torchrun)")
     teacher = None
-    if config.train.distill_from is not None:
+    if tc.distill_from is not None:
         from lmtrain.distill import load_teacher
 
-        teacher = load_teacher(config.train.distill_from, tokenizer_path(run_dir), device)
-        notes.append(f"distilling from {config.train.distill_from} ({teacher.model.num_params() / 1e6:.2f}M "
-                     f"parameters), alpha {config.train.distill_alpha:g}, temperature "
-                     f"{config.train.distill_temperature:g}")
+        teacher = load_teacher(tc.distill_from, tokenizer_path(run_dir), device)
+        notes.append(f"distilling from {tc.distill_from} ({teacher.model.num_params() / 1e6:.2f}M "
+                     f"parameters), alpha {tc.distill_alpha:g}, temperature {tc.distill_temperature:g}")
     training = build_training(config, data.manifest.vocab_size, device, precision, info, restore=restore,
                               teacher=teacher, base=base)
     if training.lora is not None:
-        from lmtrain.lora import count_parameters
-
-        trained, total = count_parameters(training.model)
-        spec = training.lora.spec
-        notes.append(f"LoRA rank {spec.rank} (alpha {spec.alpha:g}) on {', '.join(spec.targets)}"
-                     f"{' and the norms' if spec.train_norms else ''} of model.init_from {config.model.init_from}: "
-                     f"{trained:,} of {total:,} parameters train ({100 * trained / total:.2f}%)")
+        notes.append(_describe_lora(training, config))
     state = TrainState()
     if resume is not None:
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
         resume.restore_rng()
-    _keep_the_recorded_budget(config.train, state, info)
+    val = data.manifest.splits["val"]
+    validator = Validator(training.model, data.val, val.tokens, val.utf8_bytes, tc, device, AMP_DTYPES[precision],
+                          info, tasks)
+    keeper = BudgetKeeper(tc, Measurer(training, validator, checkpointer.directory, info, device),
+                          resume.state.get("budget") if resume is not None else None, state.step,
+                          state.train_seconds, info.is_main, str(resume.path / STATE_FILE) if resume else "")
     if info.is_main:
-        _warn_about_the_schedule(config.train, state.step, resume)
+        _warn_about_the_schedule(keeper.schedule, state.step, resume)
         prepare_run_dir(config)
         if restart:
             for moved in (move_aside(checkpoints_dir(run_dir)), move_aside(tb_dir(run_dir))):
@@ -270,30 +236,20 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         else:
             checkpointer.repair_best()
     dist_util.barrier(info)
-    return Trainer(config, info, device, precision, data, training, checkpointer, state,
-                   resume.path.name if resume is not None else None, tasks, notes)
+    batches = data.train_batches(config.run.seed, tc.batch_size, info.rank, info.world_size, device)
+    return Trainer(config, info, device, precision, training, checkpointer, state,
+                   resume.path.name if resume is not None else None, batches, validator, keeper,
+                   data.manifest, data.tokenizer_sha256, notes)
 
 
-def _keep_the_recorded_budget(tc: TrainConfig, state: TrainState, info: dist_util.DistInfo) -> None:
-    """A run resumed under the same ``train.max_minutes`` keeps the step count its budget decided
-    (and so its schedule); a changed budget is re-planned from the recorded costs (no new probe)."""
-    if tc.max_minutes is None or not tc.fit_to_budget:
-        state.budget = None  # no budget to fit now: train.max_steps lays out the schedule
-    if state.budget is None:
-        return
-    from lmtrain.budget import Budget, plan
+def _describe_lora(training: Training, config: Config) -> str:
+    from lmtrain.lora import count_parameters
 
-    budget = Budget.from_dict(state.budget)
-    if budget.minutes != tc.max_minutes:
-        replanned = plan(tc.max_minutes, budget.costs, tc, state.step, state.train_seconds, budget.probe_seconds)
-        if info.is_main:
-            log.info("train.max_minutes changed (%g -> %g): the run now ends at step %d (was %d)", budget.minutes,
-                     tc.max_minutes, replanned.max_steps, budget.max_steps)
-        budget = replanned
-        state.budget = budget.to_dict()
-    tc.max_steps = budget.max_steps
-    if budget.warmup_steps is not None:
-        tc.warmup_steps = budget.warmup_steps
+    trained, total = count_parameters(training.model)
+    spec = training.lora.spec
+    return (f"LoRA rank {spec.rank} (alpha {spec.alpha:g}) on {', '.join(spec.targets)}"
+            f"{' and the norms' if spec.train_norms else ''} of model.init_from {config.model.init_from}: "
+            f"{trained:,} of {total:,} parameters train ({100 * trained / total:.2f}%)")
 
 
 def _encode_eval_tasks(config: Config, manifest: Manifest) -> list:
@@ -312,26 +268,41 @@ def _encode_eval_tasks(config: Config, manifest: Manifest) -> list:
     return [encode_task(task, tokenizer, manifest.eot_id, config.model.block_size) for task in tasks]
 
 
-def _warn_about_the_schedule(tc: TrainConfig, step: int, resume: Resume | None) -> None:
+def _warn_about_the_schedule(schedule: Schedule, step: int, resume: Resume | None) -> None:
     """Say so when the learning rate will not do what the config seems to promise."""
-    if tc.warmup_steps > tc.max_steps:
+    if schedule.warmup_steps > schedule.max_steps:
         log.warning("train.warmup_steps (%d) is longer than the run (train.max_steps %d): the learning "
-                    "rate peaks at %.3g, never reaching train.lr %.3g", tc.warmup_steps, tc.max_steps,
-                    lr_at(tc.max_steps - 1, tc), tc.lr)
-    saved = (resume.state.get("config") or {}).get("train") if resume is not None else None
-    if not isinstance(saved, dict) or step >= tc.max_steps:
+                    "rate peaks at %.3g, never reaching train.lr %.3g", schedule.warmup_steps, schedule.max_steps,
+                    lr_at(schedule.max_steps - 1, schedule), schedule.lr)
+    saved = _saved_schedule(resume.state) if resume is not None else None
+    if saved is None or step >= schedule.max_steps:
         return
-    schedule_keys = ("max_steps", "warmup_steps", "schedule", "decay_fraction", "lr", "min_lr")
     try:
-        before = dataclasses.replace(tc, **{k: saved[k] for k in schedule_keys if k in saved})
-        was, now = lr_at(step, before), lr_at(step, tc)
+        before = dataclasses.replace(schedule, **saved)
+        was, now = lr_at(step, before), lr_at(step, schedule)
     except (TypeError, ValueError, ZeroDivisionError):
         return  # an older or odd state.json: nothing to compare against
     if not math.isclose(was, now, rel_tol=1e-9):
-        changed = ", ".join(f"train.{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in schedule_keys
-                            if k in saved and saved[k] != getattr(tc, k))
+        changed = ", ".join(f"train.{_TRAIN_KEY.get(k, k)} {v!r} -> {getattr(schedule, k)!r}" for k, v in saved.items()
+                            if v != getattr(schedule, k))
         log.warning("the learning-rate schedule changed on resume (%s): at step %d the learning rate "
                     "jumps from %.3g to %.3g", changed, step, was, now)
+
+
+_TRAIN_KEY = {"kind": "schedule"}  # Schedule's fields by their train.* names, where they differ
+
+
+def _saved_schedule(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The schedule a checkpoint was trained with: saved as such, or (older checkpoints) the
+    ``train`` keys of its config."""
+    saved = state.get("schedule")
+    if isinstance(saved, dict):
+        return {k: v for k, v in saved.items() if k in Schedule.__dataclass_fields__}
+    train = (state.get("config") or {}).get("train")
+    if not isinstance(train, dict):
+        return None
+    return {field: train[_TRAIN_KEY.get(field, field)] for field in Schedule.__dataclass_fields__
+            if _TRAIN_KEY.get(field, field) in train}
 
 
 def check_world_size(tc: TrainConfig, info: dist_util.DistInfo) -> None:
@@ -357,235 +328,131 @@ def out_of_memory(config: Config, exc: BaseException) -> TrainingError:
 
 
 class Trainer:
-    """Runs the loop over parts built by ``_setup``; holds no logic of its own beyond the loop."""
+    """The loop over the parts ``_setup`` built: the step (``training``), the batch source, the
+    ``validator``, the ``checkpointer``, the budget ``keeper`` (which owns the schedule) and the
+    log. Each part decides when it is due; the loop only calls them in order."""
 
     def __init__(self, config: Config, info: dist_util.DistInfo, device: torch.device, precision: str,
-                 data: RunData, training: Training, checkpointer: Checkpointer, state: TrainState,
-                 resumed_from: str | None, tasks: list | None = None, notes: list[str] | None = None) -> None:
+                 training: Training, checkpointer: Checkpointer, state: TrainState, resumed_from: str | None,
+                 batches, validator: Validator, keeper: BudgetKeeper, manifest: Manifest, tokenizer_sha256: str,
+                 notes: list[str] | None = None) -> None:
         self.config, self.tc, self.info, self.device, self.precision = config, config.train, info, device, precision
-        self.data, self.training, self.model = data, training, training.model
+        self.training, self.model = training, training.model
         self.checkpointer, self.state, self.resumed_from = checkpointer, state, resumed_from
-        self.tasks = tasks or []  # encoded multiple-choice tasks (lmtrain.tasks), scored with each eval
-        self.val_positions = val_positions(data.val, self.tc.eval_batches * self.tc.batch_size)
+        self.batches, self.validator, self.keeper = batches, validator, keeper
+        self.manifest, self.tokenizer_sha256 = manifest, tokenizer_sha256
         self.tokens_per_step = tokens_per_step(config, info.world_size)
         self.history: list[dict[str, float]] = []
         self.notes = notes or []  # setup's lines for the log (memory estimate, teacher)
         self.tokenizer = None
         # A sharded model generates on every rank (its forward passes are collectives); rank 0 logs.
-        if self.tc.sample_every and (info.is_main or shards(self.tc, info)):
+        if self.tc.sample_every and (info.is_main or sharded_run(self.tc, info.world_size)):
             from lmtrain.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(config.run_dir)
 
     def fit(self) -> TrainResult:
-        tc, state = self.tc, self.state
-        if self._out_of_time():
+        state, keeper = self.state, self.keeper
+        if keeper.out_of_time(state.train_seconds):
             return self._result(already_done=True, stopped_by="max_minutes")
-        if state.step >= tc.max_steps:
+        if state.step >= keeper.schedule.max_steps:
             return self._result(already_done=True)
-        batches = TrainBatches(self.data.train, self.config.run.seed, tc.batch_size, self.info.rank,
-                               self.info.world_size, self.device)
-        start_step = state.step
-        stop = None
-        with TrainLog(self.config, self.config.run_dir, self.model, self.device, self.info, start_step) as metrics, \
-                StopSignals() as signals:
+        start_step, stop = state.step, None
+        with TrainLog(self.config, self.config.run_dir, self.model, self.device, self.info, start_step,
+                      keeper.schedule.max_steps) as metrics, StopSignals() as signals:
             self.history = metrics.history
             metrics.announce(self.model, self.precision, self.resumed_from)
-            if self.info.is_main:
-                for note in self.notes:
-                    log.info("%s", note)
-            # train.max_minutes: the run's own first (warmup) steps are timed for the decision, or,
-            # when they cannot be, a probe runs first (lmtrain.budget). plan() refuses a budget that
-            # fits no schedule.
-            probe_end, step_seconds = None, []
-            if tc.max_minutes is not None and tc.fit_to_budget and state.budget is None:
-                from lmtrain.budget import free_probe_end
-
-                probe_end = free_probe_end(tc, state.step)
-                if probe_end is None:
-                    self._plan_the_budget(batches)
-                    metrics.set_total(tc.max_steps)
-            seconds_before, pace = state.train_seconds, _Pace()
-            run_start = time.perf_counter()
-            while state.step < tc.max_steps:
+            for note in self.notes if self.info.is_main else []:
+                log.info("%s", note)
+            keeper.start(state, self.batches)
+            metrics.set_total(keeper.schedule.max_steps)
+            clock = RunClock(state.train_seconds)
+            while state.step < keeper.schedule.max_steps:
                 began = time.perf_counter()
-                loss, norm, applied = self.training.runner.run(state.step, batches)
-                self._count_bad_step(applied)
-                state.step += 1
-                state.tokens_seen += self.tokens_per_step
-                metrics.step(state.step, loss, norm)
-                state.train_seconds = seconds_before + time.perf_counter() - run_start
-                decided = False
-                if probe_end is not None:
-                    step_seconds.append(time.perf_counter() - began)
-                    if self._decide_now(probe_end):
-                        with pace.timing("probe"):
-                            self._plan_from_steps(step_seconds)
-                        state.train_seconds = seconds_before + time.perf_counter() - run_start
-                        metrics.set_total(tc.max_steps)
-                        probe_end, decided = None, True
-                # (Not right after the decision: it has just timed these very steps.)
-                if state.budget is not None and not decided and replan_due(tc, state.step):
-                    self._keep_within_budget(pace, state.step - start_step, metrics)
+                self._step(metrics)
+                state.train_seconds = clock.now()
+                if keeper.after_step(state, time.perf_counter() - began, clock, start_step):
+                    metrics.set_total(keeper.schedule.max_steps)
                 stop = self._stop_reason(signals)
-                final = state.step == tc.max_steps or stop is not None
-                save = self.checkpointer.due(state.step, final)
-                if state.step % tc.eval_every == 0 or save:  # every checkpoint records its val loss
-                    with pace.timing("eval"):
-                        val = self._evaluate(metrics)
-                if tc.sample_every and state.step % tc.sample_every == 0 and self.tokenizer is not None:
-                    metrics.text("sample", self._sample(), state.step)
-                if save:
-                    with pace.timing("checkpoint"):
-                        state.eval_seconds += pace.take("eval")
-                        state.checkpoint_seconds += pace.take("checkpoint")  # the ones before this
-                        state.train_seconds = seconds_before + time.perf_counter() - run_start
-                        self.checkpointer.save(state.step, self.training, self._checkpoint_state(val))
+                self._evaluate_and_save(stop is not None, clock, metrics)
                 if stop == "max_minutes" and self.info.is_main:
                     log.info("train.max_minutes reached (%.1f min): stopping at step %d",
                              state.train_seconds / 60, state.step)
                 if stop is not None:
                     break
-            seconds = time.perf_counter() - run_start
-            state.eval_seconds += pace.take("eval")
-            state.checkpoint_seconds += pace.take("checkpoint")  # the last one's
-            state.train_seconds = seconds_before + seconds
-            if state.budget is not None and self.info.is_main:
-                from lmtrain.budget import spent
-
-                log.info("%s", spent(state.budget, state.step, state.tokens_seen, state.train_seconds,
-                                     state.eval_seconds, state.checkpoint_seconds))
+            self._book(clock)
+            summary = keeper.summary(state)
+            if summary is not None and self.info.is_main:
+                log.info("%s", summary)
         if stop == "signal":
             raise TrainingInterrupted(signals.signum or signal.SIGTERM, state.step, self.checkpointer.last,
                                       self.history)
         result = self._result(stopped_by=stop or "max_steps")
-        result.start_step, result.seconds = start_step, seconds
-        result.tokens_per_sec = (state.step - start_step) * self.tokens_per_step / max(seconds, 1e-9)
+        result.start_step, result.seconds = start_step, clock.elapsed()
+        result.tokens_per_sec = (state.step - start_step) * self.tokens_per_step / max(result.seconds, 1e-9)
         return result
 
     # -- the parts of a step ------------------------------------------------------------------
 
-    def _count_bad_step(self, applied: bool) -> None:
-        """A non-finite loss or gradient skips the update; ``train.max_bad_steps`` in a row stop."""
+    def _step(self, metrics: TrainLog) -> None:
+        """One optimiser step, counted and logged; a non-finite loss or gradient skips the update,
+        and ``train.max_bad_steps`` of them in a row stop the run."""
         state = self.state
+        lr = lr_at(state.step, self.keeper.schedule)
+        loss, norm, applied = self.training.runner.run(state.step, self.batches, lr)
         if applied:
             state.bad_streak = 0
-            return
-        state.bad_streak += 1
-        state.skipped_steps += 1
-        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
-                    state.step + 1, state.bad_streak)
-        if state.bad_streak >= self.tc.max_bad_steps:
-            raise TrainingError(
-                f"{state.bad_streak} non-finite steps in a row at step {state.step + 1}: training "
-                "diverged. Lower train.lr, raise train.warmup_steps or use "
-                "train.precision: bf16/fp32; the last good checkpoint is untouched")
+        else:
+            state.bad_streak += 1
+            state.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
+                        state.step + 1, state.bad_streak)
+            if state.bad_streak >= self.tc.max_bad_steps:
+                raise TrainingError(
+                    f"{state.bad_streak} non-finite steps in a row at step {state.step + 1}: training "
+                    "diverged. Lower train.lr, raise train.warmup_steps or use "
+                    "train.precision: bf16/fp32; the last good checkpoint is untouched")
+        state.step += 1
+        state.tokens_seen += self.tokens_per_step
+        metrics.step(state.step, loss, norm, lr)
 
-    def _plan_the_budget(self, batches) -> None:
-        """``train.max_minutes``: probe this machine up front, then decide (``_decide``)."""
-        from lmtrain.budget import probe
+    def _evaluate_and_save(self, stopping: bool, clock: RunClock, metrics: TrainLog) -> None:
+        """Whatever is due after this step: an evaluation, a text sample, a checkpoint (at the end
+        and when stopping, always)."""
+        state = self.state
+        save = self.checkpointer.due(state.step, state.step == self.keeper.schedule.max_steps or stopping)
+        val = None
+        if self.validator.due(state.step, save):
+            with clock.timing("eval"):
+                val = self._evaluate(metrics)
+        if self.tc.sample_every and state.step % self.tc.sample_every == 0 and self.tokenizer is not None:
+            metrics.text("sample", self._sample(), state.step)
+        if save:
+            with clock.timing("checkpoint"):
+                self._book(clock)  # the evaluations and checkpoints before this one
+                self.checkpointer.save(state.step, self.training, self._checkpoint_state(val))
 
-        costs, probe_seconds = probe(self, batches, self.tc.max_minutes * 60 - self.state.train_seconds)
-        self.state.train_seconds += probe_seconds
-        self._decide(costs, probe_seconds, f"probe {probe_seconds:.1f} s")
-
-    def _decide_now(self, probe_end: int) -> bool:
-        """Whether the budget's decision is due: its timed steps are done, or the time is (plan()
-        then says how few steps the budget buys). Every rank decides together."""
-        due = self.state.step >= probe_end or self._out_of_time()
-        return dist_util.any_rank(due, self.info, self.device) if self.info.enabled else due
-
-    def _plan_from_steps(self, step_seconds: list[float]) -> None:
-        """``train.max_minutes``, decided from the run's own timed steps (``budget.measure``)."""
-        from lmtrain.budget import measure
-
-        costs, seconds = measure(self, step_seconds)
-        self._decide(costs, seconds, f"timed over steps 2-{len(step_seconds)} of this run", spent=seconds, owes=True)
-
-    def _decide(self, costs, measuring_seconds: float, how: str, spent: float = 0.0, owes: bool = False) -> None:
-        """Fix ``train.max_steps`` to what the budget pays for at ``costs``, and record the decision;
-        ``spent``: seconds of measuring not yet in ``state.train_seconds``; ``owes``: decided inside
-        the loop, before this step's evaluation and checkpoint."""
-        from lmtrain.budget import plan
-
-        tc, state = self.tc, self.state
-        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + spent, measuring_seconds,
-                      owes=owes)
-        state.budget = budget.to_dict()
-        if self.info.is_main:
-            log.info("train.max_minutes %g: %d more steps fit (%s; %s), so the schedule ends at step %d instead of "
-                     "train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(), how,
-                     budget.max_steps, tc.max_steps)
-        tc.max_steps, tc.warmup_steps = budget.max_steps, budget.warmup_steps
-
-    def _keep_within_budget(self, pace: "_Pace", steps: int, metrics: TrainLog) -> None:
-        """Move the end (and so the decay) to the pace measured: earlier if the run goes slower than
-        its budget planned, later if it leaves time while the end can still move (``budget.replan``)."""
-        from lmtrain.budget import Budget, Costs, replan
-
-        budget = Budget.from_dict(self.state.budget)
-        planned = budget.costs
-        mine = pace.costs(steps, time.perf_counter(), planned)
-        *figures, spent = dist_util.max_over_ranks([mine.step, mine.eval, mine.checkpoint, self.state.train_seconds],
-                                                   self.info, self.device)
-        last = replan(budget, Costs(*figures), self.tc, self.state.step, spent)
-        if last is None:
-            return
-        # The figures behind a move: a step's and an evaluation's, measured and planned (either, or
-        # the margin left as the run nears its end, can move it).
-        measured = f"{figures[0]:.3g} s a step, {figures[1]:.3g} s an eval; planned {planned.step:.3g}, {planned.eval:.3g}"
-        if self.info.is_main and last < self.tc.max_steps:
-            log.warning("step %d: training runs slower than the probe measured (%s): the run now ends at step %d "
-                        "instead of %d, with its decay, inside train.max_minutes %g", self.state.step, measured, last,
-                        self.tc.max_steps, budget.minutes)
-        elif self.info.is_main:
-            log.info("step %d: the pace measured leaves time for more steps (%s): the run now ends at step %d instead "
-                     "of %d, still inside train.max_minutes %g", self.state.step, measured, last, self.tc.max_steps,
-                     budget.minutes)
-        budget.replans.append({"at": self.state.step, "max_steps": last, "step_seconds": figures[0]})
-        budget.max_steps = last
-        self.state.budget = budget.to_dict()
-        self.tc.max_steps = last
-        metrics.set_total(last)
-
-    def evaluate_quietly(self, micro_batches: int | None = None) -> None:
-        """An evaluation as the loop runs it, logging nothing (the budget times it); with
-        ``micro_batches``, only that many of its micro-batches on each rank, and no tasks."""
-        positions = self.val_positions
-        if micro_batches is not None:
-            positions = positions[: micro_batches * self.tc.batch_size * self.info.world_size]
-        val_loss(self.model, self.data.val, positions, self.tc.batch_size, self.device,
-                 AMP_DTYPES[self.precision], self.info)
-        if self.tasks and micro_batches is None:
-            from lmtrain.tasks import score_task
-
-            for task in self.tasks:
-                score_task(self.model, task, self.device, AMP_DTYPES[self.precision], self.tc.batch_size, self.info)
-
-    def _out_of_time(self) -> bool:
-        return self.tc.max_minutes is not None and self.state.train_seconds >= self.tc.max_minutes * 60
+    def _book(self, clock: RunClock) -> None:
+        """Bring the run's time in ``state`` up to now (evaluations and checkpoints timed so far)."""
+        state = self.state
+        state.eval_seconds += clock.take("eval")
+        state.checkpoint_seconds += clock.take("checkpoint")
+        state.train_seconds = clock.now()
 
     def _stop_reason(self, signals: "StopSignals") -> str | None:
         """``signal`` (Ctrl-C, SIGTERM), ``max_minutes``, or None; every rank agrees."""
-        stop_signal, stop_time = signals.signum is not None, self._out_of_time()
+        stop_signal, stop_time = signals.signum is not None, self.keeper.out_of_time(self.state.train_seconds)
         if self.info.enabled:
             stop_signal = dist_util.any_rank(stop_signal, self.info, self.device)
             stop_time = dist_util.any_rank(stop_time, self.info, self.device)
         return "signal" if stop_signal else "max_minutes" if stop_time else None
 
     def _evaluate(self, metrics: TrainLog) -> dict[str, float]:
-        loss = val_loss(self.model, self.data.val, self.val_positions, self.tc.batch_size, self.device,
-                        AMP_DTYPES[self.precision], self.info)
-        split = self.data.manifest.splits["val"]
-        val = val_metrics(loss, split.tokens, split.utf8_bytes)
+        val, scores = self.validator.run()
         self.state.record_eval(self.state.step, val)
         metrics.eval(self.state.step, val)
-        if self.tasks:
-            from lmtrain.tasks import score_task
-
-            for task in self.tasks:
-                metrics.task(self.state.step, score_task(self.model, task, self.device, AMP_DTYPES[self.precision],
-                                                         self.tc.batch_size, self.info))
+        for score in scores:
+            metrics.task(self.state.step, score)
         return val
 
     def _sample(self) -> str:
@@ -593,69 +460,27 @@ class Trainer:
         from lmtrain.sample import sample_text
 
         sc = self.config.sample
-        return sample_text(self.model, self.tokenizer, sc.prompt, self.data.manifest.eot_id,
+        return sample_text(self.model, self.tokenizer, sc.prompt, self.manifest.eot_id,
                            SamplingParams(temperature=sc.temperature, top_k=sc.top_k), self.config.run.seed,
                            AMP_DTYPES[self.precision])
 
-    def _checkpoint_state(self, val: dict[str, float]) -> dict[str, Any]:
+    def _checkpoint_state(self, val: dict[str, float] | None) -> dict[str, Any]:
         return {**dataclasses.asdict(self.state), "val_loss": val["val_loss"],
-                "model_config": self.model.config.to_dict(), "tokenizer_sha256": self.data.tokenizer_sha256,
+                "model_config": self.model.config.to_dict(), "tokenizer_sha256": self.tokenizer_sha256,
                 "config": self.config.to_dict(), "rng": rng_state(), "precision": self.precision,
-                "lora": self.training.lora.to_dict() if self.training.lora is not None else None}
+                "lora": self.training.lora.to_dict() if self.training.lora is not None else None,
+                "budget": self.keeper.state_dict(), "schedule": self.keeper.schedule.to_dict()}
 
     def _result(self, already_done: bool = False, stopped_by: str = "max_steps") -> TrainResult:
         state, last = self.state, self.state.last_val or {}
         return TrainResult(
-            run_dir=self.config.run_dir, start_step=state.step, step=state.step, max_steps=self.tc.max_steps,
-            resumed_from=self.resumed_from, already_done=already_done, stopped_by=stopped_by,
-            val_loss=last.get("val_loss"), val_bpb=last.get("val_bpb"), best_val_loss=state.best_val_loss,
-            tokens_seen=state.tokens_seen, skipped_steps=state.skipped_steps, checkpoint=self.checkpointer.last,
-            history=self.history, train_seconds=state.train_seconds, eval_seconds=state.eval_seconds,
-            checkpoint_seconds=state.checkpoint_seconds, budget=state.budget)
-
-
-class _Pace:
-    """Where this session's loop time goes: evals, checkpoints and the budget's measurement (timed),
-    and steps (the rest)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.seconds = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # this session's
-        self.counts = {"eval": 0, "checkpoint": 0, "probe": 0}
-        self.untaken = {"eval": 0.0, "checkpoint": 0.0, "probe": 0.0}  # not yet added to the run's state
-        self.marks: list[tuple[int, float]] = []  # (steps, their untimed seconds) at each check of the pace
-
-    @contextlib.contextmanager
-    def timing(self, what: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            took = time.perf_counter() - t0
-            self.seconds[what] += took
-            self.untaken[what] += took
-            self.counts[what] += 1
-
-    def take(self, what: str) -> float:
-        took, self.untaken[what] = self.untaken[what], 0.0
-        return took
-
-    def costs(self, steps: int, now: float, planned):
-        """The costs measured in this session (the planned ones where nothing was measured): a
-        step's over the later half of the steps so far, which follows a machine whose speed
-        drifts (a mean over all of them still carried a 1-minute run's slower first half at its
-        last check, and with it 4 s of the budget unused), an evaluation's and a checkpoint's over
-        all of them."""
-        from lmtrain.budget import Costs
-
-        untimed = now - self.start - sum(self.seconds.values())  # the steps' share of the loop's time
-        first_half = bisect.bisect_right(self.marks, (steps // 2, math.inf))  # marks come in step order
-        since_steps, since = self.marks[first_half - 1] if first_half else (0, 0.0)
-        self.marks.append((steps, untimed))
-        step = (untimed - since) / max(1, steps - since_steps)
-        mean = {k: self.seconds[k] / self.counts[k] if self.counts[k] else getattr(planned, k)
-                for k in ("eval", "checkpoint")}
-        return Costs(step, mean["eval"], mean["checkpoint"])
+            run_dir=self.config.run_dir, start_step=state.step, step=state.step,
+            max_steps=self.keeper.schedule.max_steps, resumed_from=self.resumed_from, already_done=already_done,
+            stopped_by=stopped_by, val_loss=last.get("val_loss"), val_bpb=last.get("val_bpb"),
+            best_val_loss=state.best_val_loss, tokens_seen=state.tokens_seen, skipped_steps=state.skipped_steps,
+            checkpoint=self.checkpointer.last, history=self.history, train_seconds=state.train_seconds,
+            eval_seconds=state.eval_seconds, checkpoint_seconds=state.checkpoint_seconds,
+            budget=self.keeper.state_dict())
 
 
 # --------------------------------------------------------------------------------------------

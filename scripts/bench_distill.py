@@ -16,6 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
+from lmtrain.rundir import fork_run
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -39,8 +41,7 @@ def main() -> None:
                                                       f"train.distill_temperature={args.temperature}"])):
         run_dir = args.workdir / name
         shutil.rmtree(run_dir, ignore_errors=True)
-        for part in ("tokenizer", "data"):
-            shutil.copytree(args.teacher / part, run_dir / part)
+        fork_run(args.teacher, run_dir)
         cfg = load_config(args.config, [f"run.dir={run_dir}", f"train.max_steps={args.steps}",
                                         f"train.checkpoint_every={args.steps}", f"train.eval_every={args.steps}"] + extra)
         result = train(cfg)

@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lmtrain.rundir import fork_run
+
 REPO = Path(__file__).resolve().parent.parent
 ALL = "[q,k,v,o,gate,up,down]"
 
@@ -105,8 +107,7 @@ def prepare(config: Path, run_dir: Path, sets: list[str]) -> None:
     """The run's tokenizer (the base's, copied: model.init_from) and shards of the prose corpus."""
     from lmtrain.config import load_config
     from lmtrain.pretrained import resolve
-    from lmtrain.shards import build_shards
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import build_shards, train_tokenizer
 
     cfg = resolve(load_config(config, sets + [f"run.dir={run_dir}"]))
     train_tokenizer(cfg)
@@ -118,7 +119,7 @@ def random_base(directory: Path, tokenizer_file: Path, n_layer: int, n_embd: int
     import torch
     import transformers
 
-    from lmtrain.hf_format import swiglu_hidden
+    from lmtrain.model import swiglu_hidden
 
     shutil.rmtree(directory, ignore_errors=True)
     vocab = json.loads(tokenizer_file.read_text())
@@ -162,8 +163,7 @@ def main() -> None:
             continue
         run_dir = args.workdir / re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
         shutil.rmtree(run_dir, ignore_errors=True)
-        for part in ("tokenizer", "data"):
-            shutil.copytree(prepared / part, run_dir / part)
+        fork_run(prepared, run_dir)
         row = run_variant(args.config, common + extra + [f"run.dir={run_dir}"])
         print(json.dumps({"variant": name, **row}), flush=True)
     if args.memory_shape == "none":
@@ -177,8 +177,7 @@ def main() -> None:
     for name, extra in (("full", []), ("lora r8 all", ["train.lora_rank=8", f"train.lora_targets={ALL}"])):
         run_dir = args.workdir / f"memory-{args.memory_shape}-{name.split()[0]}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        for part in ("tokenizer", "data"):
-            shutil.copytree(prepared / part, run_dir / part)
+        fork_run(prepared, run_dir)
         sets = common + shape + extra + [f"run.dir={run_dir}"]
         from lmtrain.config import load_config
         from lmtrain.memory import estimate

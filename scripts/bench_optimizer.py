@@ -32,11 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 from lmtrain.config import load_config  # noqa: E402
+from lmtrain.rundir import fork_run
 
 
 def prepared(config: Path, sets: list[str], workdir: Path) -> Path:
-    from lmtrain.shards import build_shards
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import build_shards, train_tokenizer
 
     probe = load_config(config, sets)
     directory = workdir / f"prepared-v{probe.tokenizer.vocab_size}"
@@ -52,8 +52,7 @@ def run(config: Path, sets: list[str], source: Path, run_dir: Path, steps: int) 
     from lmtrain.train import train
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    for part in ("tokenizer", "data"):
-        shutil.copytree(source / part, run_dir / part)
+    fork_run(source, run_dir)
     cfg = load_config(config, sets + [f"run.dir={run_dir}", f"train.max_steps={steps}",
                                       f"train.checkpoint_every={steps}", f"train.eval_every={steps}"])
     start = time.perf_counter()

@@ -38,7 +38,7 @@ def config_for(run_dir: Path, source: str, vocab_size: int):
 
 def child(run_dir: str, source: str, vocab_size: int) -> None:
     """Shard one corpus and report this process's peak RSS (the parent reads stdout)."""
-    from lmtrain.shards import build_shards
+    from lmtrain.prepare import build_shards
 
     result = build_shards(config_for(Path(run_dir), source, vocab_size), force=True)
     tokens = sum(s["tokens"] for s in result.splits.values())
@@ -72,8 +72,8 @@ def main() -> None:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
 
-    from lmtrain.shards import build_shards
-    from lmtrain.tokenizer import load_tokenizer, train_tokenizer
+    from lmtrain.prepare import build_shards, train_tokenizer
+    from lmtrain.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench_shard-") as tmp:
         tmp = Path(tmp)

@@ -35,8 +35,10 @@ import torch
 
 from lmtrain.config import load_config
 from lmtrain.data import SyntheticBatches
-from lmtrain.device import memory_mb, peak_tflops, resolve_device, resolve_precision, synchronize
+from lmtrain.device import memory_mb, peak_tflops, resolve_device, resolve_precision
+from lmtrain.schedule import Schedule, lr_at
 from lmtrain.step import StepRunner, build_training, tokens_per_step, uses_compile
+from lmtrain.timing import timed
 
 
 def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
@@ -48,14 +50,14 @@ def cpu_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def profile_steps(runner: StepRunner, batches, steps, device: torch.device, top: int = 25) -> None:
+def profile_steps(runner: StepRunner, batches, steps, schedule: Schedule, device: torch.device, top: int = 25) -> None:
     """Print the ops that take the most time over ``steps`` (device time on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for step in steps:
-            runner.run(step, batches)
+            runner.run(step, batches, lr_at(step, schedule))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -107,31 +109,26 @@ def main() -> None:
 
     training = build_training(cfg, vocab, device, precision)
     model, runner = training.model, training.runner
+    schedule = Schedule.of(tc)
 
-    def sync() -> None:
-        synchronize(device)
+    def steps(first: int, count: int, timings: dict | None = None):
+        for step in range(first, first + count):
+            yield runner.run(step, batches, lr_at(step, schedule), timings)
 
-    compile_start = time.perf_counter()
-    for step in range(args.warmup):
-        runner.run(step, batches)
-    sync()
-    warmup_seconds = time.perf_counter() - compile_start
+    warmup_seconds = timed(device, lambda: list(steps(0, args.warmup)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     timings: dict[str, float] = {}
+    losses = []
     with exclusive(args.lock):
-        start = time.perf_counter()
-        for step in range(args.warmup, args.warmup + args.steps):
-            loss, _, _ = runner.run(step, batches)
-        final_loss = float(loss)  # one sync at the end, like a logging step
-        sync()
-        seconds = time.perf_counter() - start
+        # The steps are timed together, the device synchronised at both ends only (never inside a step).
+        seconds = timed(device, lambda: losses.extend(loss for loss, _, _ in steps(args.warmup, args.steps)))
+        final_loss = float(losses[-1])
         if args.split:
-            for step in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
-                runner.run(step, batches, timings)
+            list(steps(args.warmup + args.steps, args.steps, timings))
         if args.profile:
-            profile_steps(runner, batches, range(10_000, 10_000 + args.profile), device)
+            profile_steps(runner, batches, range(10_000, 10_000 + args.profile), schedule, device)
 
     tokens_per_sec = tokens_per_step(cfg) * args.steps / seconds
     flops_per_token = model.flops_per_token()

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmtrain.rundir import fork_run
+
 REPO = Path(__file__).resolve().parent.parent
 
 TRAIN_SETS = [
@@ -91,8 +93,7 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
 
     from lmtrain.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint
     from lmtrain.config import load_config
-    from lmtrain.shards import build_shards
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import build_shards, train_tokenizer
 
     prepared = workdir / "prepared"
     cfg = load_config(None, base_sets(prepared, 80, 1 << 16))
@@ -101,8 +102,7 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
 
     def fresh(name: str) -> tuple[Path, list[str]]:
         run = workdir / name
-        for part in ("tokenizer", "data"):
-            shutil.copytree(prepared / part, run / part)
+        fork_run(prepared, run)
         return run, base_sets(run, 80, 1 << 16) + TRAIN_SETS + [f"train.max_steps={max_steps}", *extra]
 
     # The reference runs exactly as the chaos runs do (a subprocess, the same thread count):
@@ -196,8 +196,9 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
 
 def chaos_shard(workdir: Path, kills: int, rng: random.Random, documents: int = 400) -> dict:
     from lmtrain.config import load_config
-    from lmtrain.shards import build_shards, verify_shards
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import build_shards
+    from lmtrain.shards import verify_shards
+    from lmtrain.prepare import train_tokenizer
 
     reference = workdir / "shard-reference"
     cfg = load_config(None, base_sets(reference, documents, 4096))
@@ -233,7 +234,7 @@ def chaos_tokenize(workdir: Path, kills: int, rng: random.Random, documents: int
     from tokenizers import Tokenizer
 
     from lmtrain.config import load_config
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import train_tokenizer
 
     reference = workdir / "tok-reference"
     train_tokenizer(load_config(None, base_sets(reference, documents, 4096)))

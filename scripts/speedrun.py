@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 from lmtrain.config import load_config
+from lmtrain.rundir import fork_run
 
 
 def main() -> None:
@@ -38,8 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmtrain.evaluate import evaluate
-    from lmtrain.shards import build_shards
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import build_shards, train_tokenizer
     from lmtrain.train import train
 
     wanted = load_config(args.config, args.sets)
@@ -52,8 +52,7 @@ def main() -> None:
 
     run_dir = args.workdir / args.name
     shutil.rmtree(run_dir, ignore_errors=True)
-    for part in ("tokenizer", "data"):
-        shutil.copytree(vocab_dir / part, run_dir / part)
+    fork_run(vocab_dir, run_dir)
     sets = [f"train.max_minutes={args.minutes}"]
     if not args.as_configured:
         sets += ["train.checkpoint_every=1000000", "train.eval_every=1000000"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lmtrain.rundir import fork_run
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Keep every test offline and quiet, whatever the environment says.
@@ -95,8 +97,7 @@ TINY_TRAIN = {
 def prepared_run(tmp_path_factory):
     """A run directory with a tokenizer and shards (built once), for tests that train."""
     from lmtrain.config import load_config
-    from lmtrain.shards import build_shards
-    from lmtrain.tokenizer import train_tokenizer
+    from lmtrain.prepare import build_shards, train_tokenizer
 
     root = tmp_path_factory.mktemp("prepared")
     corpus = make_text_corpus(root / "corpus", n_docs=120)
@@ -110,13 +111,9 @@ def prepared_run(tmp_path_factory):
 @pytest.fixture
 def tiny_run(tmp_path, prepared_run):
     """A fresh copy of the prepared run and a config path for a tiny model; returns (config, run_dir)."""
-    import shutil
-
     source_run, corpus = prepared_run
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for part in ("tokenizer", "data"):
-        shutil.copytree(source_run / part, run_dir / part)
+    fork_run(source_run, run_dir)
     config = write_config(tmp_path / "config.yaml", run_dir, corpus, **TINY_TRAIN)
     import yaml
 

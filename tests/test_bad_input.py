@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_TRAIN, write_config
 from lmtrain.cli import app
+from lmtrain.rundir import fork_run
 
 
 @dataclass
@@ -314,11 +315,9 @@ def templates(tmp_path_factory, prepared_run):
     tokenized = root / "tokenized" / "run"
     shutil.copytree(source_run / "tokenizer", tokenized / "tokenizer")
     sharded = root / "sharded" / "run"
-    for part in ("tokenizer", "data"):
-        shutil.copytree(source_run / part, sharded / part)
+    fork_run(source_run, sharded)
     trained = root / "trained" / "run"
-    for part in ("tokenizer", "data"):
-        shutil.copytree(source_run / part, trained / part)
+    fork_run(source_run, trained)
     config = write_config(root / "trained.yaml", trained, corpus, **TINY_TRAIN)
     train(load_config(config, ["train.max_steps=4", "data.val_fraction=0.15", "shard.shard_tokens=8192"]))
     return root, corpus

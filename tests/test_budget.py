@@ -16,7 +16,9 @@ from lmtrain import budget as budget_mod
 from lmtrain.budget import Costs, plan, replan, seconds_for, steps_that_fit
 from lmtrain.config import load_config
 from lmtrain.errors import ConfigError
-from lmtrain.optim import lr_at
+from lmtrain.rundir import fork_run
+from lmtrain.timing import Measurer
+from lmtrain.schedule import Schedule, lr_at
 from lmtrain.train import train
 from test_train import interrupted_at
 
@@ -40,9 +42,9 @@ def test_the_decision_is_a_pure_function_of_the_measured_costs():
     assert steps_that_fit(100.0, costs, tc) == last  # the same figures, the same decision
     for schedule in ("cosine", "wsd"):
         tc = train_config(schedule=schedule)
-        tc.max_steps = plan(2.0, costs, tc, step=0, seconds_spent=3.0, probe_seconds=3.0).max_steps
-        assert lr_at(tc.max_steps - 1, tc) == pytest.approx(tc.min_lr)  # the decay is done at the last step
-        assert lr_at(tc.warmup_steps, tc) == pytest.approx(tc.lr)
+        decided = Schedule.of(tc).with_steps(plan(2.0, costs, tc, step=0, seconds_spent=3.0, probe_seconds=3.0).max_steps)
+        assert lr_at(decided.max_steps - 1, decided) == pytest.approx(tc.min_lr)  # the decay is done at the last step
+        assert lr_at(tc.warmup_steps, decided) == pytest.approx(tc.lr)
     with pytest.raises(ConfigError, match=r"train.max_minutes 0.01 leaves time for \d+ steps .* too few for a schedule"):
         plan(0.01, costs, train_config(), step=0, seconds_spent=0.0, probe_seconds=0.0)
     # Fewer steps than train.max_steps: the warmup keeps its length (a shorter one measured worse).
@@ -55,17 +57,17 @@ def test_the_decision_is_a_pure_function_of_the_measured_costs():
     for schedule in ("cosine", "wsd"):
         tc = train_config(max_steps=1000, schedule=schedule)
         budget = plan(3.0, Costs(0.1, 1.0, 2.0), tc, 0, 0.0, 0.0)
-        tc.max_steps = budget.max_steps
-        earlier = replan(budget, Costs(0.2, 1.0, 2.0), tc, step=100, seconds_spent=30.0)
+        decided = Schedule.of(tc).with_steps(budget.max_steps)
+        earlier = replan(budget, Costs(0.2, 1.0, 2.0), tc, decided, step=100, seconds_spent=30.0)
         assert 100 < earlier < budget.max_steps
         assert seconds_for(earlier, Costs(0.2, 1.0, 2.0), tc, start=100) <= 150.0
-        later = replan(budget, Costs(0.05, 1.0, 2.0), tc, step=100, seconds_spent=30.0)
+        later = replan(budget, Costs(0.05, 1.0, 2.0), tc, decided, step=100, seconds_spent=30.0)
         if schedule == "cosine":
             assert later is None
         else:
             assert later > budget.max_steps and seconds_for(later, Costs(0.05, 1.0, 2.0), tc, start=100) <= 150.0
             late = budget.max_steps - 5  # in the decay: the end stays
-            assert replan(budget, Costs(0.05, 1.0, 2.0), tc, step=late, seconds_spent=170.0) is None
+            assert replan(budget, Costs(0.05, 1.0, 2.0), tc, decided, step=late, seconds_spent=170.0) is None
 
 
 
@@ -77,10 +79,10 @@ def test_a_decision_made_before_a_steps_evaluation_counts_it():
     costs = Costs(step=0.4, eval=3.0, checkpoint=0.03)
     assert [budget_mod.owed(s, costs, tc) for s in (0, 99, 100)] == [0.0, 0.0, pytest.approx(3.03)]
     budget = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0, owes=True)
-    tc.max_steps = budget.max_steps
+    decided = Schedule.of(tc).with_steps(budget.max_steps)
     on_pace = 4.0 + seconds_for(100, costs, tc, start=10) - budget_mod.owed(100, costs, tc)
-    last = replan(budget, costs, tc, step=100, seconds_spent=on_pace)
-    rest = seconds_for(last or tc.max_steps, costs, tc, start=100) + budget_mod.owed(100, costs, tc)
+    last = replan(budget, costs, tc, decided, step=100, seconds_spent=on_pace)
+    rest = seconds_for(last or decided.max_steps, costs, tc, start=100) + budget_mod.owed(100, costs, tc)
     assert rest <= 60.0 - on_pace  # it may take back its unused margin, not time it does not have
     # And the first decision, after step 100's own timed steps, leaves its evaluation room too.
     tc = train_config(max_steps=560, eval_every=10, checkpoint_every=10)
@@ -96,27 +98,28 @@ def test_the_end_gets_a_last_chance_to_move_later_before_the_decay():
     from lmtrain.budget import last_chance, replan_due
 
     tc = train_config(max_steps=150, schedule="wsd", warmup_steps=20, eval_every=100, checkpoint_every=100)
-    assert last_chance(tc) == 119  # decay over the last 30 steps: 120-149
-    assert [s for s in range(100, 131) if replan_due(tc, s)] == [100, 110, 119, 120, 130]
-    assert last_chance(train_config(schedule="cosine", warmup_steps=20)) == 19
-    assert last_chance(train_config(schedule="constant")) is None
+    schedule = Schedule.of(tc)
+    assert last_chance(schedule) == 119  # decay over the last 30 steps: 120-149
+    assert [s for s in range(100, 131) if replan_due(schedule, s)] == [100, 110, 119, 120, 130]
+    assert last_chance(Schedule.of(train_config(schedule="cosine", warmup_steps=20))) == 19
+    assert last_chance(Schedule.of(train_config(schedule="constant"))) is None
     costs = Costs(step=0.4, eval=3.0, checkpoint=0.03)
     budget = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0, owes=True)
-    tc.max_steps = budget.max_steps
-    at = last_chance(tc)
+    schedule = schedule.with_steps(budget.max_steps)
+    at = last_chance(schedule)
     # Time for two steps more (under REPLAN_OVER's 2%): only the last chance takes them.
-    spent = 60.0 - (seconds_for(tc.max_steps + 2, costs, tc, start=at) + 0.2) / budget_mod.MARGIN
-    moved = replan(budget, costs, tc, step=at, seconds_spent=spent)
-    assert moved == tc.max_steps + 2 and seconds_for(moved, costs, tc, start=at) <= 60.0 - spent
-    assert replan(budget, costs, tc, step=at - 1, seconds_spent=spent - costs.step) is None
+    spent = 60.0 - (seconds_for(schedule.max_steps + 2, costs, tc, start=at) + 0.2) / budget_mod.MARGIN
+    moved = replan(budget, costs, tc, schedule, step=at, seconds_spent=spent)
+    assert moved == schedule.max_steps + 2 and seconds_for(moved, costs, tc, start=at) <= 60.0 - spent
+    assert replan(budget, costs, tc, schedule, step=at - 1, seconds_spent=spent - costs.step) is None
 
 
 def test_the_pace_is_the_later_half_of_the_steps():
     """A machine that speeds up (or slows down) midway: the pace the budget plans the rest with is
     the recent one, not a mean that still carries the first half."""
-    from lmtrain.train import _Pace
+    from lmtrain.budget import RunClock
 
-    pace, planned = _Pace(), Costs(step=0.5, eval=2.0, checkpoint=0.1)
+    pace, planned = RunClock(), Costs(step=0.5, eval=2.0, checkpoint=0.1)
     pace.start, clock = 0.0, 0.0
     seen = []
     for steps in range(10, 101, 10):
@@ -131,17 +134,22 @@ def test_the_pace_is_the_later_half_of_the_steps():
 
 def no_replanning(monkeypatch):
     """The run keeps its decision: the loop never checks its pace."""
-    monkeypatch.setattr("lmtrain.train.replan_due", lambda tc, step: False)
+    monkeypatch.setattr(budget_mod, "replan_due", lambda schedule, step: False)
+
+
+def no_hard_stop(monkeypatch):
+    """The clock is no judge on a loaded machine: the run never stops at train.max_minutes."""
+    monkeypatch.setattr(budget_mod.BudgetKeeper, "out_of_time", lambda self, seconds: False)
 
 
 def fixed_probe(monkeypatch, costs, seconds=1.0):
     calls = []
 
-    def probe(trainer, batches, budget_seconds):
-        calls.append(trainer.state.step)
+    def probe(measurer, batches, schedule, step, budget_seconds):
+        calls.append(step)
         return costs, seconds
 
-    monkeypatch.setattr(budget_mod, "probe", probe)
+    monkeypatch.setattr(Measurer, "probe", probe)
     return calls
 
 
@@ -150,9 +158,7 @@ def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp
     # The decision, not the clock, is under test: no re-planning and no hard stop (the suite's
     # machine is loaded, and these tiny steps do not take the 0.2 s the probe claims anyway).
     no_replanning(monkeypatch)
-    from lmtrain.train import Trainer
-
-    monkeypatch.setattr(Trainer, "_out_of_time", lambda self: False)
+    no_hard_stop(monkeypatch)
     calls = fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
     sets = ["train.max_minutes=0.2", "train.max_steps=1000", "train.schedule=cosine", "train.eval_every=5",
             "train.checkpoint_every=10"]
@@ -173,11 +179,7 @@ def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp
 
     # Uninterrupted, with the same decision: the same weights, bit for bit.
     straight = tmp_path / "straight"
-    straight.mkdir()
-    for part in ("tokenizer", "data"):
-        import shutil
-
-        shutil.copytree(run_dir / part, straight / part)
+    fork_run(run_dir, straight)
     fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
     other = train(load_config(config, sets + [f"run.dir={straight}"]))
     ours, theirs = load_file(str(resumed.checkpoint / "model.safetensors")), load_file(str(other.checkpoint / "model.safetensors"))
@@ -198,9 +200,7 @@ def test_the_real_probe_changes_nothing_but_the_step_count(tiny_run, tmp_path, m
         return budget
 
     monkeypatch.setattr(budget_mod, "plan", plan_30)
-    from lmtrain.train import Trainer
-
-    monkeypatch.setattr(Trainer, "_out_of_time", lambda self: False)
+    no_hard_stop(monkeypatch)
     sets = ["train.eval_every=20", "train.checkpoint_every=1000", "train.log_every=1000"]
     budgeted = train(load_config(config, ["train.max_minutes=0.1"] + sets))
     steps = budgeted.budget["max_steps"]
@@ -208,10 +208,8 @@ def test_the_real_probe_changes_nothing_but_the_step_count(tiny_run, tmp_path, m
     assert budgeted.budget["probe_seconds"] > 0 and budgeted.budget["costs"]["step"] > 0
     straight = tmp_path / "straight"
     straight.mkdir()
-    import shutil
 
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, straight / part)
+    fork_run(run_dir, straight)
     plain = train(load_config(config, [f"run.dir={straight}", f"train.max_steps={steps}"] + sets))
     ours = load_file(str(budgeted.checkpoint / "model.safetensors"))
     theirs = load_file(str(plain.checkpoint / "model.safetensors"))
@@ -245,26 +243,23 @@ def test_a_run_with_a_warmup_decides_from_its_own_steps_and_keeps_them(tiny_run,
     """The warmup's learning rate does not depend on the step count, so its first steps are timed for
     the decision and are training: nothing is undone. The decision comes after them, resumes keep
     it, and the run is the plain run of the decided length, bit for bit."""
-    import shutil
-
-    from lmtrain.train import Trainer
 
     config, run_dir = tiny_run
     no_replanning(monkeypatch)
-    monkeypatch.setattr(Trainer, "_out_of_time", lambda self: False)
+    no_hard_stop(monkeypatch)
     decided_at = []
     measured = []
-    real_measure = budget_mod.measure
+    real_measure = Measurer.measure
 
-    def measure(trainer, step_seconds):
+    def measure(measurer, step_seconds):
         measured.append(len(step_seconds))
-        return real_measure(trainer, step_seconds)
+        return real_measure(measurer, step_seconds)
 
     def fixed(minutes, costs, tc, step, spent, probe_seconds, owes=False):
         decided_at.append(step)
         return budget_mod.Budget(minutes, 30, costs, probe_seconds, tc.warmup_steps)
 
-    monkeypatch.setattr(budget_mod, "measure", measure)
+    monkeypatch.setattr(Measurer, "measure", measure)
     monkeypatch.setattr(budget_mod, "plan", fixed)
     sets = ["train.max_minutes=5", "train.warmup_steps=20", "train.eval_every=20", "train.checkpoint_every=15",
             "train.log_every=1000"]
@@ -274,8 +269,7 @@ def test_a_run_with_a_warmup_decides_from_its_own_steps_and_keeps_them(tiny_run,
     assert resumed.step == 30 and resumed.budget["max_steps"] == 30 and resumed.budget["costs"]["step"] > 0
     assert "timed over steps 2-10 of this run" in (run_dir / "train.log").read_text()
     plain_dir = tmp_path / "plain"
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, plain_dir / part)
+    fork_run(run_dir, plain_dir)
     plain = train(load_config(config, sets[1:] + ["train.max_steps=30", f"run.dir={plain_dir}"]))
     ours = load_file(str(resumed.checkpoint / "model.safetensors"))
     theirs = load_file(str(plain.checkpoint / "model.safetensors"))

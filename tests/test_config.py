@@ -102,3 +102,19 @@ def test_config_dataclass_defaults_are_independent():
     a, b = Config(), Config()
     a.tokenizer.special_tokens.append("<x>")
     assert b.tokenizer.special_tokens == ["<|endoftext|>"]
+
+
+def test_every_key_is_described_for_lmtrain_keys():
+    import dataclasses
+
+    from lmtrain.config import SECTIONS, describe_keys
+
+    listed = describe_keys().splitlines()
+    fields = [(name, f) for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    assert len(listed) == len(fields)
+    for line, (name, f) in zip(listed, fields):
+        assert line.startswith(f"{name}.{f.name} = ") and f.metadata["help"] and line.endswith(f.metadata["help"])
+    assert "train.lr = 0.001 (> 0; <= 1): peak learning rate" in listed
+    assert any(line.startswith("model.norm = layernorm (one of layernorm, rmsnorm)") for line in listed)
+    with pytest.raises(ConfigError, match="unknown section 'modle'; did you mean model"):
+        describe_keys("modle")

@@ -4,7 +4,6 @@ Hugging Face directory, and the refusal of a teacher with another tokenizer."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import run_cli
 from lmtrain.config import load_config
 from lmtrain.distill import distillation_loss
+from lmtrain.rundir import fork_run
 from lmtrain.train import train
 from test_train import interrupted_at
 
@@ -33,9 +33,7 @@ def test_the_loss_mixes_the_data_and_the_teacher():
 def teacher_run(config, run_dir, tmp_path):
     """A wider model trained for a few steps on the same run's tokenizer and shards."""
     teacher = tmp_path / "teacher"
-    teacher.mkdir()
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, teacher / part)
+    fork_run(run_dir, teacher)
     train(load_config(config, [f"run.dir={teacher}", "model.n_embd=48", "model.n_head=3", "train.max_steps=10"]))
     return teacher
 
@@ -50,16 +48,12 @@ def test_a_distilled_run_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     assert resumed.resumed_from == "step-00000003"
     assert "distilling from" in (run_dir / "train.log").read_text()
     straight = tmp_path / "straight"
-    straight.mkdir()
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, straight / part)
+    fork_run(run_dir, straight)
     other = train(load_config(config, sets + [f"run.dir={straight}"]))
     ours, theirs = load_file(str(resumed.checkpoint / "model.safetensors")), load_file(str(other.checkpoint / "model.safetensors"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     alone = tmp_path / "alone"
-    alone.mkdir()
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, alone / part)
+    fork_run(run_dir, alone)
     plain = train(load_config(config, ["train.max_steps=8", "train.checkpoint_every=4", f"run.dir={alone}"]))
     assert plain.history[0]["loss"] != other.history[0]["loss"]  # the teacher changed the objective
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from lmtrain.config import load_config
+from lmtrain.rundir import fork_run
 from lmtrain.train import train
 
 
@@ -61,9 +61,7 @@ def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
 
     # One process, grad_accum 2: the same 8 sequences per step, the same windows.
     single_dir = tmp_path / "single"
-    single_dir.mkdir()
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, single_dir / part)
+    fork_run(run_dir, single_dir)
     base = [f"run.dir={single_dir}", "train.checkpoint_every=3", "train.grad_accum=2"]
     single = train(load_config(config, base + ["train.max_steps=6", f"train.eval_tasks={tasks}"]))
     single_task_acc = {h["step"]: h["tasks/mc/acc"] for h in single.history if "tasks/mc/acc" in h}
@@ -103,9 +101,7 @@ def test_distillation_under_ddp_matches_one_process(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ddp_losses = step_losses((run_dir / "train.log").read_text())
     single_dir = tmp_path / "single"
-    single_dir.mkdir()
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, single_dir / part)
+    fork_run(run_dir, single_dir)
     single = train(load_config(config, sets + ["train.grad_accum=2", f"run.dir={single_dir}"]))
     single_losses = {h["step"]: h["loss"] for h in single.history if "loss" in h}
     assert sorted(ddp_losses) == [1, 2, 3, 4]

@@ -234,7 +234,7 @@ def test_lmtrain_to_hf_to_init_from_keeps_the_val_loss(tiny_run, tmp_path):
     tok = run_cli("tokenize", "--config", str(config), *[a for s in sets for a in ("--set", s)])
     assert tok.returncode == 0 and "taken from model.init_from" in tok.stdout, tok.stderr
     assert (fine / "tokenizer" / "tokenizer.json").read_bytes() == (run_dir / "tokenizer" / "tokenizer.json").read_bytes()
-    from lmtrain.shards import build_shards
+    from lmtrain.prepare import build_shards
 
     build_shards(load_config(config, sets))
     result = train(load_config(config, sets))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, wait_for_line
 from lmtrain.config import load_config
+from lmtrain.rundir import fork_run
 from lmtrain.train import train
 from test_distributed import step_losses, torchrun
 
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def copy_prepared(run_dir, target):
-    target.mkdir()
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, target / part)
+    fork_run(run_dir, target)
     return target
 
 

@@ -15,6 +15,7 @@ from conftest import run_cli
 from lmtrain.config import load_config
 from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.inference import load_model
+from lmtrain.rundir import fork_run
 from lmtrain.train import train
 from test_train import interrupted_at
 
@@ -32,8 +33,7 @@ def base_run(config, run_dir, arch=LLAMA, steps=10):
 def lora_dir(run_dir, tmp_path, name="lora"):
     """A new run directory on the base's tokenizer and shards."""
     directory = tmp_path / name
-    for part in ("tokenizer", "data"):
-        shutil.copytree(run_dir / part, directory / part)
+    fork_run(run_dir, directory)
     return directory
 
 
@@ -80,7 +80,8 @@ def test_only_the_adapters_train_and_checkpoints_hold_only_them(tiny_run, tmp_pa
                                    rtol=1e-5, atol=1e-5)
     # Another run can start from the LoRA run (its merged weights), as from any run.
     from lmtrain.model import GPT
-    from lmtrain.pretrained import Pretrained, open_source
+    from lmtrain.pretrained import open_source
+    from lmtrain.restore import Pretrained
 
     model = GPT(load_model(lora, "latest", "cpu").model.config)
     Pretrained(open_source(str(lora))).weights(model)

@@ -140,7 +140,7 @@ def test_synthetic_step_with_every_option_on_muon():
     training = build_training(cfg, VOCAB, torch.device("cpu"), "fp32")
     batches = SyntheticBatches(VOCAB, 4, 16, torch.device("cpu"))
     for step in range(3):
-        loss, norm, applied = training.runner.run(step, batches)
+        loss, norm, applied = training.runner.run(step, batches, lr=1e-3)
         assert applied and torch.isfinite(loss)
     muon_params = {id(p) for g in training.optimizer.muon.param_groups for p in g["params"]}
     for name, p in training.model.named_parameters():

@@ -9,7 +9,8 @@ import torch
 
 from lmtrain.checkpoint import load_optimizer_state
 from lmtrain.config import load_config
-from lmtrain.optim import lr_at, make_optimizer, set_lr
+from lmtrain.optim import make_optimizer, set_lr
+from lmtrain.schedule import Schedule, lr_at
 from lmtrain.step import build_model
 from lmtrain.train import train
 
@@ -19,7 +20,7 @@ def test_the_schedule_scales_both_learning_rates():
                              "train.warmup_steps=10", "train.max_steps=100", "train.schedule=cosine"])
     optimizer = make_optimizer(build_model(cfg.model, 300), cfg.train, torch.device("cpu"))
     for step in (0, 5, 50, 99):
-        lr = lr_at(step, cfg.train)
+        lr = lr_at(step, Schedule.of(cfg.train))
         set_lr(optimizer, lr)
         assert {g["lr"] for g in optimizer.adamw.param_groups} == {lr}
         assert [g["lr"] for g in optimizer.muon.param_groups] == [pytest.approx(lr * 0.03 / 0.004)]

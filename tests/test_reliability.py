@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from lmtrain import checkpoint as ckpt_module
+from lmtrain import prepare as prepare_module
 from lmtrain import shards as shards_module
 from lmtrain.config import load_config
 from lmtrain.errors import CheckpointError, ShardError
@@ -71,7 +72,7 @@ def _reshard(config, monkeypatch, target, attribute, replacement):
     monkeypatch.setattr(target, attribute, replacement)
     with pytest.raises(ShardError, match=r"could not write shards .*No space left on device \(the disk is "
                                          r"full\); the previous shards in .* are untouched"):
-        shards_module.build_shards(cfg)
+        prepare_module.build_shards(cfg)
 
 
 @pytest.mark.parametrize("what", ["shard", "manifest"])
@@ -92,7 +93,7 @@ def test_shard_or_manifest_write_failure_keeps_the_previous_shards(tiny_run, mon
 
         _reshard(config, monkeypatch, shards_module.ShardWriter, "_finish", finish_then_fail)
     else:
-        _reshard(config, monkeypatch, shards_module, "atomic_write_json", disk_full)
+        _reshard(config, monkeypatch, prepare_module, "atomic_write_json", disk_full)
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
     assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]
     assert shards_module.verify_shards(data).shards == len(json.loads((data / "manifest.json").read_text())["shards"])

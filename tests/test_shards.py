@@ -14,7 +14,8 @@ from lmtrain.config import load_config
 from lmtrain.corpus import iter_split
 from lmtrain.errors import ShardError
 from lmtrain.fsutil import sha256_file
-from lmtrain.tokenizer import load_tokenizer, train_tokenizer
+from lmtrain.prepare import build_shards, train_tokenizer
+from lmtrain.tokenizer import load_tokenizer
 
 
 def make_run(root, n_docs=60, **overrides):
@@ -31,7 +32,7 @@ def make_run(root, n_docs=60, **overrides):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     cfg = make_run(tmp_path_factory.mktemp("shards"))
-    result = shards.build_shards(cfg)
+    result = build_shards(cfg)
     return cfg, result
 
 
@@ -89,20 +90,20 @@ def test_dtype_switches_above_65536_and_uint32_round_trips(tmp_path):
 
 def test_second_run_is_up_to_date_and_config_change_rebuilds(sharded):
     cfg, _ = sharded
-    assert shards.build_shards(cfg).up_to_date
+    assert build_shards(cfg).up_to_date
     changed = load_config(None, [f"{k}={v}" for k, v in [
         ("run.dir", cfg.run.dir), ("data.source", cfg.data.source), ("tokenizer.vocab_size", 300),
         ("data.val_fraction", 0.2), ("shard.shard_tokens", 8192)]])
-    rebuilt = shards.build_shards(changed)
+    rebuilt = build_shards(changed)
     assert not rebuilt.up_to_date
-    shards.build_shards(cfg, force=True)  # back to the module's layout for the other tests
+    build_shards(cfg, force=True)  # back to the module's layout for the other tests
 
 
 def test_two_runs_give_identical_bytes(tmp_path):
     a = make_run(tmp_path / "a")
     b = make_run(tmp_path / "b")
-    shards.build_shards(a)
-    shards.build_shards(b)
+    build_shards(a)
+    build_shards(b)
     files = sorted(p.name for p in data(a).glob("*.bin"))
     assert files == sorted(p.name for p in data(b).glob("*.bin"))
     for name in files:
@@ -171,11 +172,11 @@ def test_interrupted_run_leaves_no_manifest_and_next_run_succeeds(tmp_path, monk
 
     monkeypatch.setattr(shards.ShardWriter, "write_document", failing)
     with pytest.raises(KeyboardInterrupt):
-        shards.build_shards(cfg)
+        build_shards(cfg)
     assert not (data(cfg) / "manifest.json").exists()
     assert not list(data(cfg).glob("*.bin")) and not list(data(cfg).glob("*.tmp-*"))
     monkeypatch.setattr(shards.ShardWriter, "write_document", original)
-    result = shards.build_shards(cfg)
+    result = build_shards(cfg)
     assert not result.up_to_date
     assert shards.verify_shards(data(cfg)).shards == len(result.manifest.shards)
 
@@ -183,14 +184,14 @@ def test_interrupted_run_leaves_no_manifest_and_next_run_succeeds(tmp_path, monk
 def test_empty_val_split_says_what_to_do(tmp_path):
     cfg = make_run(tmp_path, n_docs=3, **{"data.val_fraction": 0.0001})
     with pytest.raises(ShardError, match="val split came out empty.*data.val_fraction.*sample_by: paragraph"):
-        shards.build_shards(cfg)
+        build_shards(cfg)
     assert not (data(cfg) / "manifest.json").exists()
 
 
 def test_missing_tokenizer_says_run_tokenize(tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}"])
     with pytest.raises(Exception, match="run `lmtrain tokenize` first"):
-        shards.build_shards(cfg)
+        build_shards(cfg)
 
 
 def test_cli_shard_and_verify(tmp_path, text_corpus):

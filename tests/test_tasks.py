@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import run_cli
 from lmtrain.config import load_config
 from lmtrain.inference import load_model
+from lmtrain.rundir import fork_run
 from lmtrain.tasks import encode_task, read_task, score_items, score_task, split_continuation
 from lmtrain.train import train
 
@@ -59,7 +60,6 @@ def write_jsonl(path: Path, rows) -> Path:
 @pytest.fixture(scope="module")
 def trained_models(tmp_path_factory, prepared_run):
     """Two trained tiny runs: learned positions + LayerNorm, and RoPE + RMSNorm + SwiGLU."""
-    import shutil
 
     from conftest import TINY_TRAIN, write_config
 
@@ -68,9 +68,7 @@ def trained_models(tmp_path_factory, prepared_run):
     for name, model in {"gpt2": {}, "llama": {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}}.items():
         root = tmp_path_factory.mktemp(name)
         run_dir = root / "run"
-        run_dir.mkdir()
-        for part in ("tokenizer", "data"):
-            shutil.copytree(source_run / part, run_dir / part)
+        fork_run(source_run, run_dir)
         sections = {k: dict(v) for k, v in TINY_TRAIN.items()}
         sections["model"].update(model)
         sections["shard"] = {"shard_tokens": 8192}

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from lmtrain.config import load_config
 from lmtrain.errors import DataError, RunDirError, TokenizerError
-from lmtrain.tokenizer import load_tokenizer, train_tokenizer
+from lmtrain.prepare import train_tokenizer
+from lmtrain.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module", params=["bpe", "unigram"])

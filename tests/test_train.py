@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import REPO, run_cli, wait_for_line
 from lmtrain.config import load_config
 from lmtrain.errors import CheckpointError, LmtrainError
-from lmtrain.optim import lr_at
+from lmtrain.rundir import fork_run
+from lmtrain.schedule import Schedule, lr_at
 from lmtrain.train import TrainingError, train
 
 
@@ -76,11 +77,7 @@ def test_exact_resume_is_bit_identical(tmp_path, tiny_run, monkeypatch, options)
 
     other = tmp_path / "other"
     overrides = [f"run.dir={other}", "model.dropout=0.1", *options]
-    other.mkdir()
-    for part in ("tokenizer", "data"):
-        import shutil
-
-        shutil.copytree(run_dir / part, other / part)
+    fork_run(run_dir, other)
     first = interrupted_at(10, load_config(config, overrides + ["train.max_steps=20"]), monkeypatch)
     second = train(load_config(config, overrides + ["train.max_steps=20"]))
     assert second.resumed_from == "step-00000010" and second.start_step == 10
@@ -176,16 +173,18 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_run, monkeypatch):
 def test_lr_schedules():
     cfg = load_config(None, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=10",
                              "train.max_steps=100"]).train
-    assert lr_at(0, cfg) == pytest.approx(1e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) == pytest.approx(1e-4)  # the last step ends the decay
+    schedule = Schedule.of(cfg)
+    assert lr_at(0, schedule) == pytest.approx(1e-4)
+    assert lr_at(9, schedule) == pytest.approx(1e-3)
+    assert lr_at(99, schedule) == pytest.approx(1e-4)  # the last step ends the decay
     cfg.schedule = "wsd"
     cfg.decay_fraction = 0.2
-    assert lr_at(50, cfg) == pytest.approx(1e-3)
-    assert lr_at(79, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) == pytest.approx(1e-4)
+    schedule = Schedule.of(cfg)
+    assert lr_at(50, schedule) == pytest.approx(1e-3)
+    assert lr_at(79, schedule) == pytest.approx(1e-3)
+    assert lr_at(99, schedule) == pytest.approx(1e-4)
     cfg.schedule = "constant"
-    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, Schedule.of(cfg)) == pytest.approx(1e-3)
 
 
 def test_tensorboard_has_the_tags(tiny_run):

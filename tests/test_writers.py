@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_TRAIN, make_text_corpus, run_cli, wait_for_line, write_config
 from lmtrain.config import load_config
+from lmtrain.rundir import fork_run
 from lmtrain.train import train
 
 
@@ -34,9 +34,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def copy_prepared(source_run: Path, target: Path) -> Path:
-    target.mkdir(parents=True)
-    for part in ("tokenizer", "data"):
-        shutil.copytree(source_run / part, target / part)
+    fork_run(source_run, target)
     return target
 
 

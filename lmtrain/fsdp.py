@@ -27,7 +27,13 @@ import torch
 from lmtrain.config import TrainConfig
 
 
+def sharded_run(tc: TrainConfig, world_size: int) -> bool:
+    """Whether a run shards its model: ``train.parallel: fsdp`` over more than one process."""
+    return tc.parallel == "fsdp" and world_size > 1
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded (``shard_model`` wrapped it)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -64,7 +70,7 @@ def shard_model(model: torch.nn.Module, tc: TrainConfig, device: torch.device, a
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
-def _is_dtensor(value: Any) -> bool:
+def is_dtensor(value: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, DTensor)
@@ -73,7 +79,7 @@ def _is_dtensor(value: Any) -> bool:
 def _gather(value: Any, keep: bool) -> Any:
     """``value`` (a state dict, possibly nested) with every DTensor replaced by its full tensor on
     the CPU; every rank takes part in the gathers, ``keep`` decides whether this rank keeps them."""
-    if _is_dtensor(value):
+    if is_dtensor(value):
         full = value.full_tensor()
         return full.cpu() if keep else None
     if isinstance(value, dict):
@@ -109,18 +115,13 @@ def shard_loaded_state(optimizer) -> None:
 
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if not _is_dtensor(param):
+            if not is_dtensor(param):
                 continue
             state = optimizer.state.get(param, {})
             for key, value in state.items():
-                if torch.is_tensor(value) and not _is_dtensor(value) and value.shape == param.shape:
+                if torch.is_tensor(value) and not is_dtensor(value) and value.shape == param.shape:
                     state[key] = distribute_tensor(value.to(param.to_local().device), param.device_mesh,
                                                    param.placements, src_data_rank=None)
-
-
-def full_grad_norm(norm: torch.Tensor) -> torch.Tensor:
-    """``clip_grad_norm_``'s result as a plain tensor (a replicated DTensor when sharded)."""
-    return norm.full_tensor() if _is_dtensor(norm) else norm
 
 
 def local_scalars(optimizer) -> list[float]:
@@ -130,6 +131,6 @@ def local_scalars(optimizer) -> list[float]:
     for group in optimizer.param_groups:
         for param in group["params"]:
             for value in optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.numel() == 1 and not _is_dtensor(value):
+                if torch.is_tensor(value) and value.numel() == 1 and not is_dtensor(value):
                     values.append(float(value))
     return values

@@ -1,0 +1,61 @@
+"""The learning-rate schedule a run follows: warmup, then cosine, warmup-stable-decay or constant.
+
+A ``Schedule`` is a value: ``Schedule.of(train)`` is the one the config lays out
+(``train.max_steps``, ``train.warmup_steps``, ...); under ``train.max_minutes`` the budget keeper
+(lmtrain.budget) decides another one, with the step count the budget pays for, and the loop reads
+it from there. The step, the logger and the checkpoints take the schedule the loop hands them;
+nothing writes the decision back into the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Schedule:
+    max_steps: int  # optimiser steps in the run; the last one (max_steps - 1) is at min_lr
+    warmup_steps: int  # linear warmup from 0
+    kind: str  # cosine, wsd or constant
+    decay_fraction: float  # wsd: the share of the steps spent decaying
+    lr: float
+    min_lr: float
+
+    @classmethod
+    def of(cls, tc) -> "Schedule":
+        """The schedule the ``train`` section lays out."""
+        return cls(tc.max_steps, tc.warmup_steps, tc.schedule, tc.decay_fraction, tc.lr, tc.min_lr)
+
+    def with_steps(self, max_steps: int, warmup_steps: int | None = None) -> "Schedule":
+        """The same schedule over ``max_steps`` steps (and ``warmup_steps``, when given)."""
+        return replace(self, max_steps=max_steps,
+                       warmup_steps=self.warmup_steps if warmup_steps is None else warmup_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_at(step: int, schedule: Schedule) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): warmup, then the schedule."""
+    s = schedule
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if s.kind == "constant":
+        return s.lr
+    if s.kind == "wsd":
+        decay_start = wsd_decay_start(s, s.max_steps)
+        if step < decay_start:
+            return s.lr
+        progress = min(1.0, (step - decay_start + 1) / (s.max_steps - decay_start))
+        return s.lr - (s.lr - s.min_lr) * progress
+    span = max(1, s.max_steps - 1 - s.warmup_steps)  # the last step (max_steps - 1) is at min_lr
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (s.lr - s.min_lr)
+
+
+def wsd_decay_start(schedule: Schedule, max_steps: int) -> int:
+    """The first (0-based) step of wsd's decay in a run of ``max_steps`` steps: the last
+    ``decay_fraction`` of them, at least one."""
+    return max_steps - max(1, round(schedule.decay_fraction * max_steps))
