@@ -153,6 +153,7 @@ def fixed_probe(monkeypatch, costs, seconds=1.0):
     return calls
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     config, run_dir = tiny_run
     # The decision, not the clock, is under test: no re-planning and no hard stop (the suite's
@@ -186,6 +187,7 @@ def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.slow
 def test_the_real_probe_changes_nothing_but_the_step_count(tiny_run, tmp_path, monkeypatch):
     config, run_dir = tiny_run
     # The run must keep the probe's decision for a plain run to repeat: no re-planning, and, since
@@ -216,6 +218,7 @@ def test_the_real_probe_changes_nothing_but_the_step_count(tiny_run, tmp_path, m
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.slow
 def test_a_slower_machine_moves_the_decay_earlier(tiny_run, monkeypatch):
     config, run_dir = tiny_run
     # The probe claims 1 ms a step: the plan is thousands of steps, far more than 6 s allow. (The
@@ -230,6 +233,7 @@ def test_a_slower_machine_moves_the_decay_earlier(tiny_run, monkeypatch):
     assert "training runs slower than the probe measured" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_the_warmup_is_one_line(tiny_run):
     config, run_dir = tiny_run
     result = run_cli("train", "--config", str(config), "--set", "train.max_minutes=0.001",
@@ -239,6 +243,7 @@ def test_a_budget_too_small_for_the_warmup_is_one_line(tiny_run):
     assert "train.max_minutes 0.001 leaves time for" in result.stderr and "too few for a schedule" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_with_a_warmup_decides_from_its_own_steps_and_keeps_them(tiny_run, tmp_path, monkeypatch):
     """The warmup's learning rate does not depend on the step count, so its first steps are timed for
     the decision and are training: nothing is undone. The decision comes after them, resumes keep

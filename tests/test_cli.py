@@ -10,6 +10,7 @@ import pytest
 from conftest import run_cli, write_config
 
 
+@pytest.mark.slow
 def test_help_and_version_do_not_import_heavy_libraries():
     code = (
         "import sys\n"
@@ -25,12 +26,14 @@ def test_help_and_version_do_not_import_heavy_libraries():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("lmtrain ")
 
 
+@pytest.mark.slow
 def test_tokenize_end_to_end(tmp_path, text_corpus):
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", text_corpus)
     result = run_cli("tokenize", "--config", str(config), "--set", "tokenizer.vocab_size=320")
@@ -46,6 +49,7 @@ def test_tokenize_end_to_end(tmp_path, text_corpus):
     assert forced.returncode == 0, forced.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -67,6 +71,7 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, text_corpu
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     result = run_cli("tokenize", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2

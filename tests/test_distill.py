@@ -38,6 +38,7 @@ def teacher_run(config, run_dir, tmp_path):
     return teacher
 
 
+@pytest.mark.slow
 def test_a_distilled_run_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     config, run_dir = tiny_run
     teacher = teacher_run(config, run_dir, tmp_path)
@@ -58,6 +59,7 @@ def test_a_distilled_run_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     assert plain.history[0]["loss"] != other.history[0]["loss"]  # the teacher changed the objective
 
 
+@pytest.mark.slow
 def test_a_teacher_from_a_hf_directory_and_one_with_another_tokenizer(tiny_run, tmp_path):
     pytest.importorskip("transformers")
     config, run_dir = tiny_run

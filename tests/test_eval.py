@@ -31,6 +31,7 @@ def hand_nll(loaded, ids):
     return -log_probs[0, torch.arange(len(ids) - 1), y[0]].sum().item()
 
 
+@pytest.mark.slow
 def test_bpb_of_a_text_equals_hand_computation(trained, tmp_path):
     _, run_dir = trained
     text = "def f(x):\n    return x + 1\n"
@@ -47,6 +48,7 @@ def test_bpb_of_a_text_equals_hand_computation(trained, tmp_path):
     assert result.ppl == pytest.approx(math.exp(result.loss), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_long_text_scores_every_token_once(trained, tmp_path):
     _, run_dir = trained
     text = "".join(f"value_{i} = {i * 7}\n" for i in range(40))
@@ -60,6 +62,7 @@ def test_long_text_scores_every_token_once(trained, tmp_path):
     assert result.bpb == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_val_split_default_and_json(trained):
     _, run_dir = trained
     result = evaluate(run_dir)

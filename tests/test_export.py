@@ -42,6 +42,7 @@ def hf_model(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, bias, tie", VARIANTS, ids=[f"{a}-bias{int(b)}-tie{int(t)}" for a, b, t in VARIANTS])
 def test_transformers_computes_the_same_logits(tiny_run, tmp_path, arch, bias, tie):
     config, run_dir = tiny_run
@@ -66,6 +67,7 @@ OPTION_VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", OPTION_VARIANTS)
 def test_speedrun_options_export_exactly(tiny_run, tmp_path, cls):
     """model.qk_norm exports as Qwen3 and model.mlp relu2 as GPT-2/Starcoder2 with relu2: the same logits."""
@@ -80,6 +82,7 @@ def test_speedrun_options_export_exactly(tiny_run, tmp_path, cls):
         torch.testing.assert_close(theirs(ids).logits, ours.model(ids)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_trained_export_tokenizer_and_greedy_generation_agree(tiny_run, tmp_path, arch):
     from lmtrain.generate import SamplingParams, generate
@@ -114,6 +117,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_gguf_holds_every_tensor_and_the_tokenizer(tiny_run, tmp_path, arch):
     from lmtrain.hf_format import to_hf
@@ -156,6 +160,7 @@ def test_gguf_holds_every_tensor_and_the_tokenizer(tiny_run, tmp_path, arch):
         torch.testing.assert_close(model(ids).logits, ours.model(ids)[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_quantized_gguf_reads_back_within_its_types_error(tiny_run, tmp_path, arch):
     """--quant: every type reads back (gguf's reader, dequantized) to logits within a tolerance
@@ -203,6 +208,7 @@ def test_quantized_gguf_reads_back_within_its_types_error(tiny_run, tmp_path, ar
     assert abs(q4["bpb"] - fp["bpb"]) < 0.2 * fp["bpb"]
 
 
+@pytest.mark.slow
 def test_export_refuses_and_overwrites_only_with_force(tiny_run, tmp_path):
     config, run_dir = tiny_run
     trained(config, "llama", False, True)
@@ -219,6 +225,7 @@ def test_export_refuses_and_overwrites_only_with_force(tiny_run, tmp_path):
 # -- model.init_from -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lmtrain_to_hf_to_init_from_keeps_the_val_loss(tiny_run, tmp_path):
     config, run_dir = tiny_run
     trained(config, "llama", False, True, steps=20)
@@ -244,6 +251,7 @@ def test_lmtrain_to_hf_to_init_from_keeps_the_val_loss(tiny_run, tmp_path):
     assert first.model.config.vocab_size == load_model(fine, "latest", "cpu").model.config.vocab_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_transformers_model_loads_through_init_from(tiny_run, tmp_path, arch):
     config, run_dir = tiny_run
@@ -275,6 +283,7 @@ def test_a_transformers_model_loads_through_init_from(tiny_run, tmp_path, arch):
         torch.testing.assert_close(ours.model(ids)[0], model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_init_from_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
     config, run_dir = tiny_run
 
@@ -307,6 +316,7 @@ def test_init_from_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
     assert "config.json is not readable JSON" in refused(good)
 
 
+@pytest.mark.slow
 def test_what_cannot_be_exported_or_loaded_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     config, run_dir = tiny_run
     train(load_config(config, ["model.pos_embedding=learned", "model.norm=rmsnorm", "model.mlp=swiglu",
@@ -333,6 +343,7 @@ def test_what_cannot_be_exported_or_loaded_is_one_line_and_writes_nothing(tiny_r
     assert sorted(p.relative_to(fresh) for p in fresh.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_stablelm_with_biases_and_gguf_of_other_shapes_are_refused(tiny_run, tmp_path):
     from lmtrain.errors import LmtrainError
 

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from lmtrain.config import ArchitectureConfig, ModelConfig
 from lmtrain.model import GPTConfig
@@ -24,6 +26,7 @@ def test_model_schema_is_the_config_section_plus_the_vocabulary():
     assert GPTConfig(**json.loads(json.dumps(built.to_dict()))) == built  # what checkpoints store
 
 
+@pytest.mark.slow
 def test_inference_sampling_and_eval_do_not_import_training():
     code = ("import sys, lmtrain.inference, lmtrain.generate, lmtrain.sample, lmtrain.evaluate; "
             "print([m for m in ('lmtrain.train', 'lmtrain.step', 'lmtrain.optim', 'lmtrain.metrics') "

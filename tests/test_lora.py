@@ -42,6 +42,7 @@ def lora_sets(directory, base, *extra):
             "train.max_steps=8", "train.checkpoint_every=4", *extra]
 
 
+@pytest.mark.slow
 def test_only_the_adapters_train_and_checkpoints_hold_only_them(tiny_run, tmp_path):
     config, run_dir = tiny_run
     base = base_run(config, run_dir)
@@ -88,6 +89,7 @@ def test_only_the_adapters_train_and_checkpoints_hold_only_them(tiny_run, tmp_pa
     assert all(torch.equal(v, after[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_exactly_and_refuses_another_base(tiny_run, tmp_path, monkeypatch):
     config, run_dir = tiny_run
     base = base_run(config, run_dir)
@@ -118,6 +120,7 @@ def test_a_lora_run_resumes_exactly_and_refuses_another_base(tiny_run, tmp_path,
 ARCHS = {"llama": (LLAMA, "[q,v,gate,down]"), "gpt2": (GPT2, "[q,v,up]")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_peft_loads_the_adapters_on_the_base_export(tiny_run, tmp_path, arch):
     transformers = pytest.importorskip("transformers")
@@ -148,6 +151,7 @@ def test_peft_loads_the_adapters_on_the_base_export(tiny_run, tmp_path, arch):
     assert (plain - expected).abs().max() > 1e-2  # the adapters matter
 
 
+@pytest.mark.slow
 def test_sample_and_eval_apply_the_adapters_and_a_missing_base_is_one_line(tiny_run, tmp_path):
     config, run_dir = tiny_run
     base = base_run(config, run_dir)
@@ -167,6 +171,7 @@ def test_sample_and_eval_apply_the_adapters_and_a_missing_base_is_one_line(tiny_
     assert "the base of the LoRA adapters" in gone.stderr and "no such file or directory" in gone.stderr
 
 
+@pytest.mark.slow
 def test_settings_lora_cannot_train_with_are_refused(tiny_run, tmp_path):
     config, run_dir = tiny_run
     base = base_run(config, run_dir, GPT2, steps=2)

@@ -42,6 +42,7 @@ def saved_bytes(model: GPT, x: torch.Tensor) -> int:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointing_gives_the_same_gradients_and_names(mode):
     x = torch.randint(0, VOCAB, (4, 33))
@@ -52,6 +53,7 @@ def test_checkpointing_gives_the_same_gradients_and_names(mode):
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_checkpointing_saves_less_for_the_backward_pass():
     """What the autograd graph holds outside the checkpointed blocks: with full (and selective)
     checkpointing only the blocks' inputs and what lies outside them. (Selective's kept matmul
@@ -61,6 +63,7 @@ def test_checkpointing_saves_less_for_the_backward_pass():
     assert full < none / 4
 
 
+@pytest.mark.slow
 def test_the_estimate_adds_up_and_refuses_what_cannot_fit(tiny_run):
     from lmtrain.errors import ConfigError
     from lmtrain.train import train

@@ -26,6 +26,7 @@ def test_the_schedule_scales_both_learning_rates():
         assert [g["lr"] for g in optimizer.muon.param_groups] == [pytest.approx(lr * 0.03 / 0.004)]
 
 
+@pytest.mark.slow
 def test_muon_trains_and_checkpoints_both_states(tiny_run):
     config, run_dir = tiny_run
     result = train(load_config(config, ["train.max_steps=20", "train.optimizer=muon"]))

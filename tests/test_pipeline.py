@@ -33,6 +33,7 @@ def test_run_twice_skips_finished_stages(tmp_path, text_corpus):
     assert "[train] resumed from step-00000010 to step 15" in longer.stderr
 
 
+@pytest.mark.slow
 def test_run_refuses_a_stale_tokenizer(tmp_path, text_corpus):
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", text_corpus)
     assert run_cli("tokenize", "--config", str(config)).returncode == 0

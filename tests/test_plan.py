@@ -121,6 +121,7 @@ def test_measuring_ranks_shapes_by_their_cost_while_the_machine_speed_drifts(mon
         assert row.eval_seconds == pytest.approx(0.5 * row.step_seconds * config.train.eval_batches)
 
 
+@pytest.mark.slow
 def test_plan_writes_a_config_that_trains(tiny_run, tmp_path):
     config, run_dir = tiny_run
     out = tmp_path / "plan.yaml"

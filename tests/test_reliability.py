@@ -44,6 +44,7 @@ def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_checkpoint_write_failure_keeps_the_previous_one(tiny_run, monkeypatch):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=10"]))
@@ -75,6 +76,7 @@ def _reshard(config, monkeypatch, target, attribute, replacement):
         prepare_module.build_shards(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["shard", "manifest"])
 def test_shard_or_manifest_write_failure_keeps_the_previous_shards(tiny_run, monkeypatch, what):
     config, run_dir = tiny_run

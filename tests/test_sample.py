@@ -110,6 +110,7 @@ def test_ahead_of_time_compiled_step_equals_eager_decoding():
         compiled.step(torch.zeros((1, 1), dtype=torch.long))  # the library would read out of bounds
 
 
+@pytest.mark.slow
 def test_generation_past_the_context_slides(trained):
     _, run_dir = trained
     stats = sample(run_dir, SampleOptions(max_new_tokens=100, greedy=True, prompt="def"))
@@ -123,6 +124,7 @@ def collect(run_dir, **kw):
     return stats.samples
 
 
+@pytest.mark.slow
 def test_run_level_cache_matches_no_cache(trained):
     _, run_dir = trained
     with_cache = collect(run_dir, prompt="for ", greedy=True, max_new_tokens=20)
@@ -130,6 +132,7 @@ def test_run_level_cache_matches_no_cache(trained):
     assert with_cache == without
 
 
+@pytest.mark.slow
 def test_compiled_step_gives_the_same_text(trained):
     # `--compile` runs the one-token step compiled over a static cache; 60 tokens on
     # a 32-token context cover the slide too.
@@ -140,6 +143,7 @@ def test_compiled_step_gives_the_same_text(trained):
     assert compiled.stdout == eager.stdout
 
 
+@pytest.mark.slow
 def test_compile_without_a_compiler_is_one_clear_line(trained):
     _, run_dir = trained
     result = run_cli("sample", "--run", str(run_dir), "--compile", "-n", "5",
@@ -149,6 +153,7 @@ def test_compile_without_a_compiler_is_one_clear_line(trained):
     assert "sample without --compile" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_top_k_1_is_greedy_and_seeds_reproduce(trained):
     _, run_dir = trained
     greedy = collect(run_dir, prompt="x = ", greedy=True, max_new_tokens=15)
@@ -160,6 +165,7 @@ def test_top_k_1_is_greedy_and_seeds_reproduce(trained):
     assert a == b and a != c and len(a) == 2
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_before_the_stop(trained):
     _, run_dir = trained
     free = collect(run_dir, prompt="def ", greedy=True, max_new_tokens=40)[0]
@@ -202,6 +208,7 @@ def test_streamed_text_equals_decoding_everything_at_once(prepared_run):
         assert stream.finish() == whole and "".join(pieces) == whole
 
 
+@pytest.mark.slow
 def test_errors(tiny_run, trained):
     _, run_dir = trained
     with pytest.raises(ConfigError, match=r"--top-p must be in \(0, 1\]"):
@@ -212,6 +219,7 @@ def test_errors(tiny_run, trained):
         sample(run_dir, SampleOptions(checkpoint="nope"))
 
 
+@pytest.mark.slow
 def test_long_prompt_with_learned_positions(tiny_run):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=2"]))
@@ -226,6 +234,7 @@ def test_no_checkpoint_says_train_first(tiny_run):
         sample(run_dir, SampleOptions())
 
 
+@pytest.mark.slow
 def test_checkpoint_that_disagrees_with_config(trained):
     config, run_dir = trained
     (run_dir / "config.yaml").write_text(load_config(config, ["model.n_embd=64"]).to_yaml())
@@ -233,6 +242,7 @@ def test_checkpoint_that_disagrees_with_config(trained):
         sample(run_dir, SampleOptions())
 
 
+@pytest.mark.slow
 def test_cli_stdin_prompt_and_stats(trained):
     _, run_dir = trained
     result = run_cli("sample", "--run", str(run_dir), "--prompt", "-", "--greedy", "-n", "10", input="class ")

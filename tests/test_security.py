@@ -32,6 +32,7 @@ def trained(tiny_run):
     return config, run_dir, run_dir / "checkpoints" / "step-00000003"
 
 
+@pytest.mark.slow
 def test_pickled_weights_are_refused_without_running(trained):
     config, run_dir, ckpt = trained
     with open(ckpt / "model.safetensors", "wb") as f:
@@ -43,6 +44,7 @@ def test_pickled_weights_are_refused_without_running(trained):
     assert not os.path.exists(MARKER)
 
 
+@pytest.mark.slow
 def test_pickled_optimizer_state_is_refused_without_running(trained):
     config, _, ckpt = trained
     with open(ckpt / "optimizer.pt", "wb") as f:
@@ -60,6 +62,7 @@ def test_yaml_python_tags_are_rejected(tmp_path):
     assert not os.path.exists(MARKER)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["../../outside", "/etc", "step-00000003/../../x", "step-1"])
 def test_pointers_cannot_leave_the_checkpoints_directory(trained, target):
     _, run_dir, _ = trained
@@ -68,6 +71,7 @@ def test_pointers_cannot_leave_the_checkpoints_directory(trained, target):
         resolve_checkpoint(run_dir / "checkpoints", "latest")
 
 
+@pytest.mark.slow
 def test_symlinked_checkpoint_is_refused(trained, tmp_path):
     _, run_dir, ckpt = trained
     outside = tmp_path / "elsewhere"
@@ -79,6 +83,7 @@ def test_symlinked_checkpoint_is_refused(trained, tmp_path):
         resolve_checkpoint(run_dir / "checkpoints", "best")
 
 
+@pytest.mark.slow
 def test_symlinked_shard_is_refused(trained, tmp_path):
     _, run_dir, _ = trained
     data = run_dir / "data"

@@ -194,6 +194,7 @@ def test_missing_tokenizer_says_run_tokenize(tmp_path):
         build_shards(cfg)
 
 
+@pytest.mark.slow
 def test_cli_shard_and_verify(tmp_path, text_corpus):
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", text_corpus, shard={"shard_tokens": 4096})
     assert run_cli("tokenize", "--config", str(config)).returncode == 0

@@ -99,6 +99,7 @@ def reference_loglikelihood(loaded, context: str, choice: str) -> tuple[float, i
     return log_probs[positions, torch.tensor(cont_ids)].sum().item(), len(cont_ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("fmt", ["generic", "hellaswag"])
 def test_scores_equal_a_plain_forward_pass_per_choice(trained_models, tmp_path, arch, fmt):
@@ -134,6 +135,7 @@ def test_scores_equal_a_plain_forward_pass_per_choice(trained_models, tmp_path, 
         assert task.items[1].context.startswith("class Point")  # "query" is read as the context
 
 
+@pytest.mark.slow
 def test_packing_shares_the_context_once_per_item(trained_models, tmp_path):
     loaded = load_model(trained_models["gpt2"])
     task = read_task(write_jsonl(tmp_path / "t.jsonl", GENERIC[:2]))
@@ -143,6 +145,7 @@ def test_packing_shares_the_context_once_per_item(trained_models, tmp_path):
         assert len(item.rows[0].continuations) == len(item.tokens)
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_the_answers_picks_them(tmp_path):
     """Trained on text where each context is followed by its right continuation, the model scores
     far above chance on the task built from those contexts; and the run logs the task scores to
@@ -188,6 +191,7 @@ def test_a_model_trained_on_the_answers_picks_them(tmp_path):
     assert events.Scalars("tasks/animals/acc")[-1].value == pytest.approx(scores["acc"])
 
 
+@pytest.mark.slow
 def test_eval_tasks_prints_a_table_and_json_with_limit(trained_models, tmp_path):
     run_dir = trained_models["gpt2"]
     a = write_jsonl(tmp_path / "code_mc.jsonl", GENERIC)

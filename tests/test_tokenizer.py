@@ -126,6 +126,7 @@ def test_loads_in_transformers(trained):
     assert fast.encode(text) == tok.encode(text).ids
 
 
+@pytest.mark.slow
 def test_a_unigram_run_trains_samples_and_exports_to_transformers_but_not_gguf(tmp_path):
     from conftest import TINY_TRAIN, make_text_corpus, run_cli, write_config
 

@@ -29,6 +29,7 @@ def losses(result):
     return {h["step"]: h["loss"] for h in result.history if "loss" in h}
 
 
+@pytest.mark.slow
 def test_loss_falls_and_artifacts_exist(tiny_run):
     config, run_dir = tiny_run
     result = train(load_config(config, ["train.max_steps=40"]))
@@ -69,6 +70,7 @@ SPEEDRUN_OPTIONS = ["train.optimizer=muon", "model.qk_norm=true", "model.mlp=rel
                     "model.zero_init_proj=true", "model.tie_embeddings=false", "model.pos_embedding=rope"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [[], SPEEDRUN_OPTIONS], ids=["default", "muon-and-architecture-options"])
 def test_exact_resume_is_bit_identical(tmp_path, tiny_run, monkeypatch, options):
     config, run_dir = tiny_run
@@ -89,6 +91,7 @@ def test_exact_resume_is_bit_identical(tmp_path, tiny_run, monkeypatch, options)
     assert max(losses(first)) == 10
 
 
+@pytest.mark.slow
 def test_raising_max_steps_resumes_and_finished_run_is_done(tiny_run):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=10"]))
@@ -98,6 +101,7 @@ def test_raising_max_steps_resumes_and_finished_run_is_done(tiny_run):
     assert more.step == 15 and more.resumed_from == "step-00000010"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     ("model.n_layer=3", r"model.n_layer: checkpoint 2, config 3.*--restart"),
     ("train.optimizer=muon", r"trained with train.optimizer adamw.*model.init_from=.*--restart"),
@@ -117,6 +121,7 @@ def run_dir_aside(config):
     return [p for p in run_dir.iterdir() if p.name.startswith("checkpoints.old-")]
 
 
+@pytest.mark.slow
 def test_corrupt_or_incomplete_checkpoint_is_detected(tiny_run):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=10"]))
@@ -137,6 +142,7 @@ class _Payload:
         return (os.system, ("touch /tmp/lmtrain-pwned-by-pickle",))
 
 
+@pytest.mark.slow
 def test_malicious_pickle_is_refused_without_running(tiny_run):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=10"]))
@@ -150,6 +156,7 @@ def test_malicious_pickle_is_refused_without_running(tiny_run):
     assert not os.path.exists(marker)
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop(tiny_run, monkeypatch):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=10"]))
@@ -187,6 +194,7 @@ def test_lr_schedules():
     assert lr_at(99, Schedule.of(cfg)) == pytest.approx(1e-3)
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_tags(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -204,6 +212,7 @@ def test_tensorboard_has_the_tags(tiny_run):
     assert any(t.startswith("sample") for t in acc.Tags()["tensors"])
 
 
+@pytest.mark.slow
 def test_training_needs_shards(tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}"])
     with pytest.raises(LmtrainError, match="run `lmtrain tokenize`"):

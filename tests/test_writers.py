@@ -81,6 +81,7 @@ def test_a_second_writer_is_refused_and_the_first_finishes_undisturbed(tiny_run,
     assert_same_weights(weights(run_dir), weights(alone))
 
 
+@pytest.mark.slow
 def test_readers_take_no_lock_and_a_failed_first_command_leaves_no_directory(tiny_run, tmp_path):
     from lmtrain.rundir import hold_run_dir
     from lmtrain.sample import SampleOptions, sample
@@ -101,6 +102,7 @@ def test_readers_take_no_lock_and_a_failed_first_command_leaves_no_directory(tin
 # -- artifacts agree, or the command refuses ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tokenize_force_moves_everything_made_with_the_old_tokenizer_aside(tiny_run):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=5"]))
@@ -116,6 +118,7 @@ def test_tokenize_force_moves_everything_made_with_the_old_tokenizer_aside(tiny_
     assert json.loads((run_dir / "tokenizer" / "stats.json").read_text())["vocab_size"] == 280
 
 
+@pytest.mark.slow
 def test_a_run_directory_inside_the_corpus_is_not_read_as_corpus(tmp_path):
     corpus = make_text_corpus(tmp_path / "project" / "texts", n_docs=40)
     project = corpus.parent
@@ -132,6 +135,7 @@ def test_a_run_directory_inside_the_corpus_is_not_read_as_corpus(tmp_path):
 # -- recover, do not restart -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_deleted_latest_resumes_from_the_newest_complete_checkpoint(tiny_run, tmp_path):
     config, run_dir = tiny_run
     constant = ["train.schedule=constant"]  # so that a 20-step run is the first 20 steps of a 30-step one
@@ -218,6 +222,7 @@ def test_a_full_disk_is_one_line_and_the_previous_artifacts_stay_usable(prepared
 # -- the smaller things ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_artifacts_follow_the_umask_and_a_corrupt_training_shard_is_one_line(tiny_run):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=5"]))
@@ -238,6 +243,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_schedule_surprises_are_said(tiny_run):
     config, run_dir = tiny_run
     short = run_cli("train", "--config", str(config), "--set", "train.max_steps=4",
@@ -250,6 +256,7 @@ def test_schedule_surprises_are_said(tiny_run):
     assert "train.max_steps 4 -> 8" in longer.stderr
 
 
+@pytest.mark.slow
 def test_a_best_that_names_a_lost_checkpoint_is_repointed(tiny_run):
     config, run_dir = tiny_run
     train(load_config(config, ["train.max_steps=20"]))
