@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from lmtrain import distributed as dist_util
-from lmtrain.errors import CheckpointError, first_line
-from lmtrain.fsutil import atomic_dir, atomic_write_text, default_file_mode, describe_os_error, remove_stale_tmp
+from lmtrain.errors import CheckpointError, first_line, quoted
+from lmtrain.fsutil import (atomic_dir, atomic_write_text, default_file_mode, describe_os_error, read_json,
+                            remove_stale_tmp)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
 POINTERS = ("latest", "best")
+STATE_LIMIT = 16 << 20  # bytes: a state.json is kilobytes; a larger one is not ours
 _NAME = re.compile(r"^step-\d{8}$")
 
 
@@ -200,9 +202,9 @@ def _pointer_name(directory: Path, pointer: str) -> str | None:
 
 def _pointer_val_loss(directory: Path, pointer: str) -> float | None:
     try:
-        state = json.loads((resolve_checkpoint(directory, pointer) / STATE_FILE).read_text("utf-8"))
-        return state.get("val_loss")
-    except (CheckpointError, OSError, json.JSONDecodeError):
+        state = read_json(resolve_checkpoint(directory, pointer) / STATE_FILE)
+        return state.get("val_loss") if isinstance(state, dict) else None
+    except (CheckpointError, OSError, ValueError):
         return None
 
 
@@ -238,9 +240,9 @@ def resolve_checkpoint(directory: Path, name: str) -> Path:
         pointer = directory / name
         if not pointer.is_file():
             raise CheckpointError(f"no checkpoint: {pointer} does not exist; train first")
-        target = pointer.read_text("utf-8", errors="replace").strip()
-        if not _NAME.match(target):
-            raise CheckpointError(f"{pointer} names {target!r}, which is not a checkpoint directory "
+        target = _read_pointer(pointer)
+        if target is None or not _NAME.match(target):
+            raise CheckpointError(f"{pointer} names {quoted(target)}, which is not a checkpoint directory "
                                   "name (step-XXXXXXXX); refusing it")
         name = target
     elif not _NAME.match(name):
@@ -273,16 +275,20 @@ def _complete_state(path: Path) -> dict | None:
     if path.is_symlink() or not all((path / f).is_file() for f in CHECKPOINT_FILES):
         return None
     try:
-        state = json.loads((path / STATE_FILE).read_text("utf-8"))
+        state = read_json(path / STATE_FILE)
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
 
 
 def _read_pointer(pointer: Path) -> str | None:
-    """What a pointer file names (stripped), or None when there is no such file."""
+    """What a pointer file names (stripped; its first 64 bytes: a name is 13), or None when there
+    is no such file. A pointer that is a symbolic link is refused: it could name anything."""
+    if pointer.is_symlink():
+        raise CheckpointError(f"{pointer} is a symbolic link; a pointer must be a plain file, refusing it")
     try:
-        return pointer.read_text("utf-8", errors="replace").strip()
+        with open(pointer, "rb") as f:
+            return f.read(64).decode("utf-8", errors="replace").strip()
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -335,9 +341,12 @@ def read_state(path: Path) -> dict[str, Any]:
         if not (path / file).is_file():
             raise CheckpointError(f"{path / file} is missing; the checkpoint is incomplete")
     try:
-        state = json.loads((path / STATE_FILE).read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / STATE_FILE} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+        state = read_json(path / STATE_FILE, STATE_LIMIT)
+    except ValueError as exc:
+        raise CheckpointError(f"{path / STATE_FILE} is not valid JSON ({first_line(exc, 80)}); the checkpoint is "
+                              "corrupt") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {describe_os_error(exc)}") from None
     if not isinstance(state, dict) or "step" not in state or "model_config" not in state:
         raise CheckpointError(f"{path / STATE_FILE} lacks step or model_config; the checkpoint is corrupt")
     if (not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0

@@ -197,6 +197,11 @@ def train(
             _stopped(stop, _resume_hint("train", config, set_))
     if not _rank0():
         return  # under torchrun rank 0 reports for all
+    if result.already_done and result.stopped_by == "max_minutes":
+        typer.echo(f"training is already complete: its time budget is spent ({result.train_seconds / 60:.1f} min "
+                   f"of train.max_minutes {cfg.train.max_minutes:g}) at step {result.step}; raise "
+                   "train.max_minutes to train longer, or --restart")
+        return
     if result.already_done:
         typer.echo(f"training is already complete: step {result.step} of {result.max_steps} "
                    f"(raise train.max_steps to train longer, or --restart)")
@@ -363,13 +368,10 @@ def plan(
 ) -> None:
     """Measure this machine on model shapes around the config's and pick the one predicted to
     reach the lowest val bpb in MINUTES; --out writes its config for `lmtrain run`."""
-    from lmtrain.plan import format_plan, make_plan, write_plan
+    from lmtrain.plan import check_plan_args, format_plan, make_plan, write_plan
 
     cfg = _load(config, set_)
-    if out is not None and out.exists() and not force:
-        from lmtrain.errors import ConfigError
-
-        raise ConfigError(f"{out} exists; use --force to overwrite it")  # before minutes of measuring
+    check_plan_args(minutes, out, force)  # before a minute of measuring
     result = make_plan(cfg, minutes)
     typer.echo(format_plan(result))
     if out is not None:

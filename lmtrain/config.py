@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,8 +48,10 @@ class RunConfig:
     def check(self) -> None:
         if not self.name.strip():
             raise ConfigError("run.name: must not be empty")
-        if self.dir is None:
-            self.dir = str(Path("runs") / self.name)
+        if "/" in self.name or "\\" in self.name or self.name.strip() in (".", "..") or "\0" in self.name:
+            raise ConfigError(f"run.name: {self.name!r} must be a plain name (no /, no ..): the run goes to "
+                              "runs/<name>; set run.dir to put it elsewhere")
+        self.dir = str(Path("runs") / self.name) if self.dir is None else os.path.expanduser(self.dir)
 
 
 @dataclass
@@ -301,7 +304,22 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         section = getattr(config, name)
         if hasattr(section, "check"):
             section.check()
+    _check_across_sections(config)
     return config
+
+
+def _check_across_sections(config: Config) -> None:
+    """What keys of two sections allow only together, refused when the config is loaded: before
+    `lmtrain run` (or any stage) writes anything. Every problem found is named at once."""
+    tc, problems = config.train, []
+    if tc.lora_rank and config.model.init_from is None:
+        problems.append("train.lora_rank: LoRA adapts trained weights and needs model.init_from (an lmtrain run or "
+                        "checkpoint, or a Hugging Face directory); set it, or train.lora_rank: 0 to train every weight")
+    if tc.lora_rank and tc.optimizer == "muon":
+        problems.append("train.optimizer muon orthogonalises whole weight matrices; LoRA's adapters train with "
+                        "adamw: set train.optimizer: adamw, or train.lora_rank: 0")
+    if problems:
+        raise ConfigError("; and ".join(problems))
 
 
 def _read_yaml_file(path: Path) -> dict[str, Any]:
@@ -399,6 +417,15 @@ def override_section(section: Any, name: str, overrides: dict[str, Any], labels:
     if hasattr(result, "check"):
         result.check()
     return result
+
+
+def check_section(name: str, values: dict[str, Any], origin: str) -> Any:
+    """The section ``name`` built from ``values`` (a source's, say) as a config file's would be:
+    every type and bound checked, then the section's own checks."""
+    section = _build_section(name, SECTIONS[name], values, origin)
+    if hasattr(section, "check"):
+        section.check()
+    return section
 
 
 def _build_section(name: str, cls: type, values: dict[str, Any], origin: str) -> Any:

@@ -208,9 +208,13 @@ def _outside_runs(files: list[Path]) -> list[Path]:
             verdicts[directory] = is_run_dir(directory) or (parent != directory and in_run(parent))
         return verdicts[directory]
 
-    kept = [f for f in files if not in_run(f.parent.absolute())]
+    # os.path.abspath folds `..` away: `cwd/../corpus` is not inside `cwd`, whatever `cwd` is.
+    kept = [f for f in files if not in_run(Path(os.path.abspath(f.parent)))]
     if len(kept) < len(files):
         log.info("data.source: skipped %d file(s) inside lmtrain run directories", len(files) - len(kept))
+    if files and not kept:
+        raise DataError(f"data.source: all {len(files)} file(s) it names are inside lmtrain run directories "
+                        "(their tokenizers, manifests and logs are never read as text); point it at the corpus")
     return kept
 
 
@@ -306,6 +310,8 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
                     continue
                 try:
                     value = json.loads(line)
+                except RecursionError:
+                    return number, "nested too deeply"
                 except json.JSONDecodeError as exc:
                     if number == 1:
                         # Maybe a single JSON document spread over lines (a .json file).
@@ -322,7 +328,7 @@ def _is_whole_json(path: Path) -> bool:
     try:
         json.loads(path.read_text("utf-8"))
         return True
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
 
 

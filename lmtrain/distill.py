@@ -17,17 +17,22 @@ the data, so distilled and undistilled runs compare; the train loss logged is th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from lmtrain.errors import ConfigError
+from lmtrain.errors import CheckpointError, ConfigError
+from lmtrain.lora import fingerprint
 
 
 class Teacher:
-    """The frozen teacher model, and its next-token logits for a batch."""
+    """The frozen teacher model, and its next-token logits for a batch. ``record`` says which it
+    is (where it was read from, and a fingerprint of its weights): every checkpoint keeps it, and a
+    run resumes only on the same teacher."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, record: dict[str, str]) -> None:
+        self.model, self.record = model, record
 
     @torch.no_grad()
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
@@ -59,8 +64,25 @@ def load_teacher(distill_from: str, tokenizer_file, device: torch.device) -> Tea
         raise ConfigError(f"{key} {distill_from}: unreadable model config ({exc})") from None
     model = GPT(config)
     Pretrained(source).weights(model)
+    record = {"distill_from": distill_from, "fingerprint": fingerprint(model)}
     model.to(device).eval().requires_grad_(False)
-    return Teacher(model)
+    return Teacher(model, record)
+
+
+def check_same_teacher(saved: dict[str, Any] | None, teacher: Teacher | None, path) -> None:
+    """A distilled run resumes only on the teacher it was trained with: the student's every step
+    depends on the teacher's logits, and a teacher that trained on since would make a resumed run
+    differ from an uninterrupted one in every tensor."""
+    if saved is None and teacher is None:
+        return
+    now = teacher.record if teacher is not None else None
+    if not isinstance(saved, dict) or now is None or saved.get("fingerprint") != now["fingerprint"]:
+        was = f"{saved.get('distill_from')} (fingerprint {str(saved.get('fingerprint'))[:12]})" \
+            if isinstance(saved, dict) else "no teacher"
+        is_ = f"{now['distill_from']} (fingerprint {now['fingerprint'][:12]})" if now is not None else "no teacher"
+        raise CheckpointError(f"cannot resume from {path}: it was distilled from {was}, and the config now gives "
+                              f"{is_}; point train.distill_from back at that teacher, or use --restart to start "
+                              "over (the old checkpoints are kept aside)")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

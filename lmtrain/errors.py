@@ -14,6 +14,12 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
+def quoted(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: what a message may quote of a file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class LmtrainError(Exception):
     """Base class: a problem the user can fix, explained in one line."""
 

@@ -11,13 +11,21 @@ gives); ``peft`` keeps them apart.
 
 The architecture mapping and the weight maps are in ``lmtrain.hf_format``; the padded vocabulary
 rows are dropped, so no consumer can ever produce an id without a token. Like every artifact, an
-export is written under a temporary name and renamed into place; an existing one is replaced only
-with ``force``. Reading the checkpoint takes no lock (an export is a reader of the run).
+export is written under a temporary name and renamed into place. Reading the checkpoint takes no
+lock (an export is a reader of the run): it reads the checkpoint once, whatever the trainer prunes
+meanwhile.
+
+``force`` replaces only an earlier export that lmtrain can prove it wrote (``check_out``): a
+directory holding ``lmtrain-export.json`` and nothing but the files an export writes, or a GGUF
+file carrying the ``lmtrain.export`` key. Never a run directory, anything of a run's own
+(checkpoints, shards, tokenizer, logs), a folder holding other files, or a link; the earlier
+export is moved aside and removed only once the new one is whole in its place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +34,12 @@ from typing import Any
 import torch
 
 from lmtrain.errors import ConfigError, LmtrainError
-from lmtrain.fsutil import TMP_MARKER, atomic_dir, atomic_path, describe_os_error, tmp_name, write_json
+from lmtrain.fsutil import (STAGING_MARK, TMP_MARKER, atomic_dir, atomic_path, describe_os_error, fsync_dir,
+                            remove_stale_tmp, seal_staging, stale_leftovers, staging_dir, write_json)
 from lmtrain.hf_format import GPT2, LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_of, hf_config, to_hf
 from lmtrain.model import swiglu_hidden
 from lmtrain.inference import LoadedModel, load_model
-from lmtrain.rundir import tokenizer_path
+from lmtrain.rundir import RUN_ARTIFACTS, is_run_dir, tokenizer_path
 
 FORMATS = ("hf", "gguf", "peft")
 # GGUF tensor types for --quant: llama.cpp's names. Matrices take the type (those whose rows are
@@ -38,6 +47,13 @@ FORMATS = ("hf", "gguf", "peft")
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 ARCH_NAMES = {"llama": "Llama", "gpt2": "GPT-2", "starcoder2": "Starcoder2", "stablelm": "StableLM", "qwen3": "Qwen3"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_MARK = "lmtrain-export.json"  # in every directory export: what lmtrain wrote, from which run
+GGUF_MARK = "lmtrain.export"  # the same, as a GGUF metadata key
+EXPORT_FILES = {  # what a directory export holds: --force replaces a folder holding nothing else
+    "hf": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "README.md", EXPORT_MARK},
+    "peft": {"adapter_model.safetensors", "adapter_config.json", "README.md", EXPORT_MARK},
+}
 
 
 class ExportError(LmtrainError):
@@ -70,12 +86,7 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
     if quant is not None and quant not in GGUF_QUANTS:
         raise ConfigError(f"--quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
     quant = quant or {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[dtype]
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; --force replaces it")
-    directory = fmt in ("hf", "peft")
-    if out.exists() and directory != out.is_dir():
-        raise ExportError(f"{out} exists and is a {'directory' if out.is_dir() else 'file'}; --format {fmt} "
-                          f"writes a {'directory' if directory else 'file'}: choose another --out")
+    out = check_out(Path(out), fmt, force)
     loaded = load_model(run_dir, checkpoint, "cpu")
     arch = architecture_of(loaded.model.config)
     if fmt == "gguf" and arch not in (LLAMA, GPT2):
@@ -106,11 +117,75 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
                         sum(t.numel() for t in tensors.values()))
 
 
+def check_out(out: Path, fmt: str, force: bool) -> Path:
+    """``out`` made absolute, once it is a place an export may go: never a run directory or inside
+    a run's own artifacts; an existing path only with ``force``, and only when it is an earlier
+    lmtrain export of the same kind (see the module docstring). Checked before anything is read."""
+    out = Path(os.path.abspath(out.expanduser()))
+    for holder in (out, *out.parents):
+        if is_run_dir(holder):
+            if holder == out:
+                raise ExportError(f"--out {out} is a run directory; an export goes into a new path of its own")
+            if out.relative_to(holder).parts[0] in RUN_ARTIFACTS:
+                raise ExportError(f"--out {out} is inside the run's own {out.relative_to(holder).parts[0]}; "
+                                  "an export goes into a new path of its own")
+    _recover_moved_aside(out)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not force:
+        raise ExportError(f"{out} already exists; --force replaces it (only an earlier lmtrain export)")
+    if out.is_symlink():
+        raise ExportError(f"--out {out} is a symbolic link; --force replaces only an earlier export, never a link")
+    reason = _not_an_export(out, fmt)
+    if reason is not None:
+        raise ExportError(f"--force replaces only an earlier lmtrain export, and {out} {reason}; "
+                          "choose another --out (nothing was changed)")
+    return out
+
+
+def _not_an_export(out: Path, fmt: str) -> str | None:
+    """Why ``out`` is not an earlier export of ``fmt`` that --force may replace; None when it is."""
+    if fmt == "gguf":
+        if out.is_dir():
+            return "is a directory, and --format gguf writes a file"
+        try:
+            from gguf import GGUFReader
+
+            return None if GGUF_MARK in GGUFReader(str(out)).fields else "is a GGUF file lmtrain did not write"
+        except ImportError:
+            return "cannot be checked without the gguf package (pip install 'lmtrain[hf]')"
+        except Exception:  # gguf-py raises assorted errors for what is not a GGUF file
+            return "is not a GGUF file lmtrain wrote"
+    if not out.is_dir():
+        return f"is a file, and --format {fmt} writes a directory"
+    try:
+        mark = json.loads((out / EXPORT_MARK).read_text("utf-8")[:65536])
+    except (OSError, ValueError, RecursionError):
+        return f"has no readable {EXPORT_MARK} (lmtrain writes one into every export)"
+    if not isinstance(mark, dict) or mark.get("format") != fmt:
+        return f"is not a --format {fmt} export ({EXPORT_MARK} says {str(mark)[:40]!r})"
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES[fmt] or not p.is_file())
+    if others:
+        return f"holds files an export does not write ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    return None
+
+
+def _recover_moved_aside(out: Path) -> None:
+    """An export killed between moving the earlier one aside and putting the new one in place
+    left it as ``OUT.tmp-PID.old``: put it back where ``out`` is missing, else it is a leftover."""
+    for aside in stale_leftovers(out.parent, out.name, suffix=".old"):
+        if not out.exists() and not out.is_symlink():
+            (aside / STAGING_MARK).unlink(missing_ok=True)
+            aside.rename(out)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
 def _write_atomically(write, out: Path, directory: bool) -> None:
     """``write(tmp)`` fills a temporary sibling of ``out`` (a directory or a file), which then takes
-    ``out``'s place; an ``out`` that exists (``--force``) goes only once the new one is complete."""
-    for stale in out.parent.glob(f"{out.name}{TMP_MARKER}*"):  # a crashed export's leftovers
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    ``out``'s place; an ``out`` that exists (``--force``, checked by ``check_out``) goes only once
+    the new one is complete."""
+    remove_stale_tmp(out.parent, out.name)  # a killed export's staging, provably lmtrain's
     if not directory:
         with atomic_path(out) as tmp:  # os.replace: the old file stays until the rename
             write(tmp)
@@ -119,12 +194,25 @@ def _write_atomically(write, out: Path, directory: bool) -> None:
         with atomic_dir(out) as tmp:
             write(tmp)
         return
-    staged, old = tmp_name(out.with_name(out.name + ".new")), tmp_name(out.with_name(out.name + ".old"))
-    with atomic_dir(staged) as tmp:
-        write(tmp)
-    out.rename(old)
+    staged = staging_dir(out)
+    try:
+        write(staged)
+        seal_staging(staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    aside = out.with_name(f"{out.name}{TMP_MARKER}{os.getpid()}.old")
+    out.rename(aside)
+    (aside / STAGING_MARK).write_text(f"{os.getpid()}\n")  # now provably ours to remove
     staged.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _export_mark(loaded: LoadedModel, fmt: str, run_dir: Path) -> str:
+    """What ``lmtrain-export.json`` (or the GGUF key) says: lmtrain wrote this, from which checkpoint."""
+    return json.dumps({"format": fmt, "run": str(Path(run_dir).resolve()), "checkpoint": loaded.checkpoint.name,
+                       "step": loaded.step})
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +248,7 @@ def _write_hf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, 
         shutil.copyfile(tokenizer_path(run_dir), tmp / "tokenizer.json")
         write_json(tmp / "tokenizer_config.json", tokenizer_config)
         (tmp / "README.md").write_text(model_card(loaded, run_dir, architecture_of(config)), encoding="utf-8")
+        (tmp / EXPORT_MARK).write_text(_export_mark(loaded, "hf", run_dir) + "\n", encoding="utf-8")
 
     _write_atomically(write_dir, out, directory=True)
 
@@ -169,16 +258,14 @@ def _write_peft(loaded: LoadedModel, hf_tensors: dict[str, torch.Tensor], out: P
     peft's ``modules_to_save`` (their values from the merged model's ``hf_tensors``)."""
     from safetensors.torch import save_file
 
-    from lmtrain.checkpoint import load_checkpoint
     from lmtrain.hf_format import hf_norms, peft_adapter
-    from lmtrain.lora import LoraRecord, is_lora_checkpoint
+    from lmtrain.lora import LoraRecord
 
-    raw = load_checkpoint(loaded.checkpoint)
-    if not is_lora_checkpoint(raw.state):
+    if loaded.adapters is None:
         raise ExportError(f"{loaded.checkpoint} holds a whole model (train.lora_rank 0), not LoRA adapters: "
                           "export it with --format hf")
-    record = LoraRecord.from_state(raw.state, loaded.checkpoint)
-    tensors, fields = peft_adapter(raw.tensors, record.spec, loaded.model.config)
+    record = LoraRecord.from_state(loaded.state, loaded.checkpoint)
+    tensors, fields = peft_adapter(loaded.adapters, record.spec, loaded.model.config)
     if record.spec.train_norms:
         norms = hf_norms(hf_tensors)
         tensors.update({f"base_model.model.{k}": v for k, v in norms.items()})
@@ -190,6 +277,8 @@ def _write_peft(loaded: LoadedModel, hf_tensors: dict[str, torch.Tensor], out: P
         save_file(cast, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", fields)
         (tmp / "README.md").write_text(adapter_card(loaded, record, fields), encoding="utf-8")
+        (tmp / EXPORT_MARK).write_text(_export_mark(loaded, "peft", loaded.checkpoint.parent.parent) + "\n",
+                                       encoding="utf-8")
 
     _write_atomically(write_dir, out, directory=True)
     return cast
@@ -228,7 +317,7 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), AD
 
 def model_card(loaded: LoadedModel, run_dir: Path, arch: str) -> str:
     """A Hub-style README: what the model is, what it was trained on, how well, and the config."""
-    state = json.loads((loaded.checkpoint / "state.json").read_text("utf-8"))
+    state = loaded.state  # as read with the weights: the trainer may have pruned the checkpoint since
     last = state.get("last_val") or {}
     config = loaded.config
     params = loaded.model.num_params()
@@ -365,6 +454,7 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
         writer.add_bos_token_id(loaded.eot_id)
         writer.add_eos_token_id(loaded.eot_id)
         writer.add_add_bos_token(False)
+        writer.add_string(GGUF_MARK, _export_mark(loaded, "gguf", run_dir))
         for name, tensor in gguf_tensors(tensors, config).items():
             writer.add_tensor(name, *_gguf_data(gguf, tensor, quant))
         writer.write_header_to_file()

@@ -3,8 +3,11 @@
 Every artifact that matters is written under a temporary name in the same directory, flushed to
 disk, and renamed into place. ``os.replace`` is atomic on POSIX, so a reader (or a resumed run)
 sees either the old file or the whole new one, never half of it. A crash can leave a
-``*.tmp-*`` file behind; those never look like finished artifacts and are cleaned up by the stage
-that owns the directory.
+``NAME.tmp-PID`` file or directory behind; those never look like finished artifacts, and the
+stage that writes NAME again removes them, but only what lmtrain can prove it made
+(``stale_leftovers``): the exact name with the PID of a process that is gone, and for a
+directory, lmtrain's staging mark inside. A user's ``model.tmp-notes/`` or a concurrent
+writer's staging area is never touched.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_MARKER = ".tmp-"
+STAGING_MARK = ".lmtrain-staging"  # inside a staging directory while lmtrain fills it
 
 
 def tmp_name(path: Path) -> Path:
@@ -74,9 +79,52 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+JSON_LIMIT = 64 << 20  # bytes: lmtrain's own JSON files are kilobytes; a source's tokenizer.json megabytes
+
+
+def read_json(path: str | Path, limit: int = JSON_LIMIT) -> Any:
+    """A JSON file's content. ``ValueError`` (with the reason) for a file larger than ``limit``
+    bytes, text that is not UTF-8 or not JSON, or JSON nested too deep to read: a crafted file is
+    one line, never a memory blow-up or a traceback. ``OSError`` when it cannot be read."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"{size:,} bytes, more than the {limit:,} lmtrain reads from such a file")
+    return loads(path.read_text("utf-8"))
+
+
+def loads(text: str) -> Any:
+    """``json.loads``, with too deep a nesting a ``ValueError`` like any other malformation."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """A JSON file inside a directory that ``atomic_dir`` renames into place as a whole."""
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def staging_dir(path: Path) -> Path:
+    """A new, empty staging directory beside ``path`` (``tmp_name``), marked as lmtrain's own; one
+    this process left earlier (it cannot be another's: the name holds our PID) is replaced."""
+    tmp = tmp_name(path)
+    if tmp.exists() and (tmp / STAGING_MARK).is_file():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / STAGING_MARK).write_text(f"{os.getpid()}\n")
+    return tmp
+
+
+def seal_staging(tmp: Path) -> None:
+    """A filled staging directory, made durable and unmarked, ready to be renamed into place."""
+    (tmp / STAGING_MARK).unlink(missing_ok=True)
+    for child in tmp.iterdir():
+        if child.is_file():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
 
 
 @contextlib.contextmanager
@@ -87,16 +135,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     temporary directory is removed.
     """
     path = Path(path)
-    tmp = tmp_name(path)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(path)
     try:
         yield tmp
-        for child in tmp.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
+        seal_staging(tmp)
         os.rename(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -104,17 +146,45 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def remove_stale_tmp(directory: Path) -> None:
-    """Remove temporary files and directories a crashed writer left in ``directory``."""
+def _process_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists (another user's, say)
+    return False
+
+
+def stale_leftovers(directory: Path, name: str | None = None, suffix: str = "") -> list[Path]:
+    """What a killed lmtrain writer left in ``directory``: ``NAME.tmp-PID`` (of ``name``, or of any
+    name) whose process is gone, never a link, and for a directory only one holding lmtrain's
+    staging mark. ``suffix`` matches ``NAME.tmp-PID{suffix}`` instead (a moved-aside export)."""
     if not directory.is_dir():
-        return
+        return []
+    stem = re.escape(name) if name is not None else ".+"
+    pattern = re.compile(rf"^{stem}{re.escape(TMP_MARKER)}(\d+){re.escape(suffix)}$")
+    found = []
     for child in directory.iterdir():
-        if TMP_MARKER in child.name:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    child.unlink()
+        match = pattern.match(child.name)
+        if match is None or child.is_symlink() or not _process_gone(int(match.group(1))):
+            continue
+        if child.is_dir() and not (child / STAGING_MARK).is_file():
+            continue
+        found.append(child)
+    return found
+
+
+def remove_stale_tmp(directory: Path, name: str | None = None) -> None:
+    """Remove what killed lmtrain writers left in ``directory`` (``stale_leftovers``)."""
+    for child in stale_leftovers(directory, name):
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
 
 
 _UMASK: int | None = None

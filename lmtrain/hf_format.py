@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lmtrain.errors import ConfigError
+from lmtrain.errors import ConfigError, quoted
 from lmtrain.model import RMS_EPS, swiglu_hidden  # lmtrain's RMSNorm eps, which the exports must carry
 
 LLAMA = "llama"
@@ -265,64 +265,110 @@ def hf_norms(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def model_fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """The ``model.*`` fields (and ``vocab_size``) of a Hugging Face ``config.json``, or a one-line
-    ``ConfigError`` naming what lmtrain cannot reproduce exactly."""
+    ``ConfigError`` naming what lmtrain cannot reproduce exactly. Every value is type-checked:
+    ``hidden_size: 64.7`` or ``rms_norm_eps: NaN`` is refused, never rounded or carried along."""
     kind = hf.get("model_type")
+    read = _Reader(hf, where)
     try:
         if kind == "llama":
-            return _llama_fields(hf, where)
+            return _llama_fields(read, where)
         if kind == "gpt2":
-            return _gpt2_fields(hf, where)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: config.json is incomplete or malformed ({type(exc).__name__}: {exc})") from None
-    raise ConfigError(f"{where}: model_type {kind!r} is not supported; model.init_from reads llama or gpt2 "
+            return _gpt2_fields(read, where)
+    except KeyError as exc:
+        raise ConfigError(f"{where}: config.json has no {exc.args[0]}") from None
+    raise ConfigError(f"{where}: model_type {quoted(kind)} is not supported; model.init_from reads llama or gpt2 "
                       "(safetensors) directories")
+
+
+class _Reader:
+    """Typed reads of a ``config.json``'s values: a wrong type or value is a one-line ``ConfigError``
+    naming the key; a missing key without a default is a ``KeyError``."""
+
+    def __init__(self, hf: dict[str, Any], where: str) -> None:
+        self.hf, self.where = hf, where
+
+    def raw(self, key: str, default: Any = KeyError) -> Any:
+        value = self.hf.get(key)
+        if value is None:
+            if default is KeyError:
+                raise KeyError(key)
+            return default
+        return value
+
+    def whole(self, key: str, default: Any = KeyError, minimum: int = 1) -> int:
+        value = self.raw(key, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._wrong(key, value, "a whole number")
+        if value < minimum:
+            self._wrong(key, value, f"at least {minimum}")
+        return value
+
+    def number(self, key: str, default: Any = KeyError) -> float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            self._wrong(key, value, "a positive finite number")
+        return float(value)
+
+    def flag(self, key: str, default: Any = KeyError) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            self._wrong(key, value, "true or false")
+        return value
+
+    def _wrong(self, key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"{self.where}: config.json's {key} is {quoted(value)}, expected {expected}")
 
 
 def _refuse(where: str, what: str) -> None:
     raise ConfigError(f"{where}: {what}; lmtrain would only approximate this model, so it refuses it")
 
 
-def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    C, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    if int(hf.get("num_key_value_heads") or heads) != heads:
+def _llama_fields(read: _Reader, where: str) -> dict[str, Any]:
+    hf = read.hf
+    C, heads = read.whole("hidden_size"), read.whole("num_attention_heads")
+    if read.whole("num_key_value_heads", heads) != heads:
         _refuse(where, f"grouped-query attention ({hf['num_key_value_heads']} key/value heads for {heads} heads)")
     rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        _refuse(where, f"rope scaling ({hf.get('rope_scaling') or rope})")
+    if not isinstance(rope, dict) or hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        _refuse(where, f"rope scaling ({quoted(hf.get('rope_scaling') or rope, 60)})")
     if hf.get("hidden_act", "silu") != "silu":
-        _refuse(where, f"hidden_act {hf['hidden_act']!r} (lmtrain's SwiGLU uses silu)")
-    if not math.isclose(float(hf.get("rms_norm_eps", RMS_EPS)), RMS_EPS):
+        _refuse(where, f"hidden_act {quoted(hf['hidden_act'])} (lmtrain's SwiGLU uses silu)")
+    if not math.isclose(read.number("rms_norm_eps", RMS_EPS), RMS_EPS):
         _refuse(where, f"rms_norm_eps {hf['rms_norm_eps']} (lmtrain's RMSNorm uses {RMS_EPS})")
-    if int(hf["intermediate_size"]) != swiglu_hidden(C):
+    if read.whole("intermediate_size") != swiglu_hidden(C):
         _refuse(where, f"intermediate_size {hf['intermediate_size']} (lmtrain's SwiGLU width for hidden_size "
                        f"{C} is {swiglu_hidden(C)})")
-    if int(hf.get("head_dim") or C // heads) != C // heads:
-        _refuse(where, f"head_dim {hf['head_dim']} (lmtrain uses hidden_size / heads = {C // heads})")
-    bias = bool(hf.get("attention_bias", False))
-    if bool(hf.get("mlp_bias", False)) != bias:
+    if C % heads or read.whole("head_dim", C // heads) != C // heads:
+        _refuse(where, f"head_dim {hf.get('head_dim', C / heads)} (lmtrain uses hidden_size / heads = {C // heads})")
+    bias = read.flag("attention_bias", False)
+    if read.flag("mlp_bias", False) != bias:
         _refuse(where, "attention_bias and mlp_bias differ (lmtrain's model.bias covers both)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return {"n_layer": int(hf["num_hidden_layers"]), "n_head": heads, "n_embd": C,
-            "block_size": int(hf["max_position_embeddings"]), "bias": bias, "pos_embedding": "rope",
-            "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "rope_theta": float(theta), "vocab_size": int(hf["vocab_size"])}
+    theta = read.number("rope_theta", 10000.0) if "rope_theta" not in rope else _Reader(rope, where).number("rope_theta")
+    return {"n_layer": read.whole("num_hidden_layers"), "n_head": heads, "n_embd": C,
+            "block_size": read.whole("max_position_embeddings"), "bias": bias, "pos_embedding": "rope",
+            "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": read.flag("tie_word_embeddings", False),
+            "rope_theta": theta, "vocab_size": read.whole("vocab_size")}
 
 
-def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    C = int(hf["n_embd"])
+def _gpt2_fields(read: _Reader, where: str) -> dict[str, Any]:
+    hf = read.hf
+    C = read.whole("n_embd")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        _refuse(where, f"activation_function {hf['activation_function']!r} (lmtrain's GELU is the tanh one)")
-    if hf.get("n_inner") not in (None, 4 * C):
+        _refuse(where, f"activation_function {quoted(hf['activation_function'])} (lmtrain's GELU is the tanh one)")
+    if read.whole("n_inner", 4 * C) != 4 * C:
         _refuse(where, f"n_inner {hf['n_inner']} (lmtrain's MLP is 4 x n_embd = {4 * C})")
-    if not math.isclose(float(hf.get("layer_norm_epsilon", LAYERNORM_EPS)), LAYERNORM_EPS):
+    if not math.isclose(read.number("layer_norm_epsilon", LAYERNORM_EPS), LAYERNORM_EPS):
         _refuse(where, f"layer_norm_epsilon {hf['layer_norm_epsilon']} (lmtrain's LayerNorm uses {LAYERNORM_EPS})")
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn") \
             or hf.get("scale_attn_weights") is False:
         _refuse(where, "a non-standard attention scaling")
-    return {"n_layer": int(hf["n_layer"]), "n_head": int(hf["n_head"]), "n_embd": C,
-            "block_size": int(hf.get("n_positions") or hf["n_ctx"]), "bias": True, "pos_embedding": "learned",
-            "norm": "layernorm", "mlp": "gelu", "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
-            "vocab_size": int(hf["vocab_size"])}
+    positions = read.whole("n_positions") if hf.get("n_positions") is not None else read.whole("n_ctx")
+    return {"n_layer": read.whole("n_layer"), "n_head": read.whole("n_head"), "n_embd": C,
+            "block_size": positions, "bias": True, "pos_embedding": "learned",
+            "norm": "layernorm", "mlp": "gelu", "tie_embeddings": read.flag("tie_word_embeddings", True),
+            "vocab_size": read.whole("vocab_size")}
 
 
 def from_hf(hf_state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

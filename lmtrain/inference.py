@@ -19,6 +19,7 @@ from lmtrain.device import inference_amp_dtype, resolve_device
 from lmtrain.errors import CheckpointError, RunDirError
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.fsutil import sha256_file
+from lmtrain.lora import is_lora_checkpoint
 from lmtrain.restore import load_model_weights
 from lmtrain.rundir import checkpoints_dir, tokenizer_path
 from lmtrain.tokenizer import eot_id, load_tokenizer
@@ -37,6 +38,8 @@ class LoadedModel:
     amp_dtype: torch.dtype | None
     eot_id: int
     step: int
+    state: dict  # the checkpoint's state.json, read with its weights (once: the trainer may prune it)
+    adapters: dict | None = None  # a LoRA checkpoint's own tensors (its adapters), else None
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -75,7 +78,8 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
     model.to(torch_device).eval()
     amp = inference_amp_dtype(loaded.state.get("precision", "fp32"), torch_device)
     return LoadedModel(model, tokenizer, config, path, torch_device, amp,
-                       eot_id(tokenizer, config.tokenizer.special_tokens), int(loaded.state["step"]))
+                       eot_id(tokenizer, config.tokenizer.special_tokens), int(loaded.state["step"]), loaded.state,
+                       loaded.tensors if is_lora_checkpoint(loaded.state) else None)
 
 
 def _check_against_run_config(model_config: GPTConfig, config: Config, path: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,17 +84,29 @@ class LoraRecord:
     base: str  # the resolved base: an lmtrain checkpoint directory or a Hugging Face directory
     base_fingerprint: str
     init_from: str  # model.init_from as the config wrote it
+    base_relative: str | None = None  # the base relative to the run directory: found again after a move
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.spec.to_dict(), "base": self.base, "base_fingerprint": self.base_fingerprint,
-                "init_from": self.init_from}
+                "init_from": self.init_from, "base_relative": self.base_relative}
+
+    def base_path(self, run_dir: Path) -> str:
+        """Where the base is now: as recorded, or where it is relative to ``run_dir`` when the
+        recorded path is gone (a project folder moved with its runs and models inside)."""
+        if self.base_relative is not None and not Path(self.base).exists():
+            moved = Path(run_dir) / self.base_relative
+            if moved.exists():
+                return str(moved)
+        return self.base
 
     @classmethod
     def from_state(cls, state: dict[str, Any], path: Path) -> "LoraRecord":
         """The record in a checkpoint's ``state.json`` (at ``path``); CheckpointError if malformed."""
         d = state.get("lora")
         try:
-            return cls(LoraSpec.from_dict(d), str(d["base"]), str(d["base_fingerprint"]), str(d["init_from"]))
+            relative = d.get("base_relative")
+            return cls(LoraSpec.from_dict(d), str(d["base"]), str(d["base_fingerprint"]), str(d["init_from"]),
+                       None if relative is None else str(relative))
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: its lora record is {d!r}; the checkpoint is corrupt") from None
 
@@ -130,17 +143,12 @@ def target_rows(config, target: str) -> tuple[str, int, int]:
 
 
 def check_config(config, sharded: bool) -> None:
-    """Refuse, in one line, the settings LoRA cannot train with (``config`` resolved, so the
-    architecture is the base's)."""
+    """Refuse, in one line, the settings LoRA cannot train with that need the resolved config (the
+    architecture is the base's) or the process count; the config's own combinations (init_from,
+    the optimizer) are refused when it is loaded (``config._check_across_sections``)."""
     tc = config.train
     if not tc.lora_rank:
         return
-    if config.model.init_from is None:
-        raise ConfigError("train.lora_rank: LoRA adapts trained weights and needs model.init_from (an lmtrain run or "
-                          "checkpoint, or a Hugging Face directory); set it, or train.lora_rank: 0 to train every weight")
-    if tc.optimizer == "muon":
-        raise ConfigError("train.optimizer muon orthogonalises whole weight matrices; LoRA's adapters train with "
-                          "adamw: set train.optimizer: adamw, or train.lora_rank: 0")
     if sharded:
         raise ConfigError("train.parallel fsdp shards weights that train; a LoRA run trains only its small adapters, "
                           "so each process holds the frozen base whole: use train.parallel: ddp")
@@ -299,11 +307,13 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def adapt(model: nn.Module, spec: LoraSpec, base, init_from: str) -> LoraRecord:
+def adapt(model: nn.Module, spec: LoraSpec, base, init_from: str, run_dir: Path) -> LoraRecord:
     """Load the base (a ``pretrained.Pretrained``) into ``model``, fingerprint it, add the adapters;
     the record stays on the model (``record_of``), where checkpoints and resume find it."""
     base.weights(model)
-    record = LoraRecord(spec, str(base.source.path.resolve()), fingerprint(model), init_from)
+    where = base.source.path.resolve()
+    record = LoraRecord(spec, str(where), fingerprint(model), init_from,
+                        os.path.relpath(where, Path(run_dir).resolve()))
     add_adapters(model, spec)
     model.lora_record = record
     return record

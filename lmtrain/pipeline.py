@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lmtrain.config import Config
+from lmtrain.errors import LmtrainError
 from lmtrain.rundir import tokenizer_path
 
 
@@ -27,10 +28,20 @@ class PipelineResult:
 
 def run_pipeline(config: Config, report: Callable[[str, str], None] = lambda stage, msg: None,
                  on_sample_text: Callable[[str], None] = lambda text: None) -> PipelineResult:
+    from lmtrain.lora import check_config as check_lora
     from lmtrain.pretrained import resolve
     from lmtrain.rundir import hold_run_dir
 
     config = resolve(config)
+    check_lora(config, sharded=False)  # what needs the source's architecture, before any stage writes
+    if config.train.eval_tasks:
+        from lmtrain.errors import ConfigError
+        from lmtrain.tasks import read_tasks
+
+        try:
+            read_tasks(config.train.eval_tasks, config.train.eval_tasks_limit)
+        except LmtrainError as exc:
+            raise ConfigError(f"train.eval_tasks: {exc}") from None
     with hold_run_dir(config.run_dir, "run"):
         return _run_pipeline(config, report, on_sample_text)
 

@@ -356,10 +356,31 @@ def _configured(config: Config, rows: list[Candidate]) -> Candidate | None:
     return next((row for row in rows if (row.n_layer, row.n_embd) == shape), None)
 
 
+MAX_MINUTES = 7 * 24 * 60  # a week: the longest budget a plan is made for
+
+
+def check_plan_args(minutes: float, out: Path | None, force: bool) -> None:
+    """Refuse what would fail only after a minute of measuring: a budget that is not a number of
+    minutes, an ``--out`` in a missing folder, onto a folder, or onto a file without ``force``."""
+    if not math.isfinite(minutes) or not 0 < minutes <= MAX_MINUTES:
+        raise ConfigError(f"--minutes must be a number of minutes between 0 and {MAX_MINUTES} (a week), got {minutes:g}")
+    if out is None:
+        return
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; the plan is one YAML file: give its path")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise ConfigError(f"{out} exists; use --force to overwrite it")
+    if out.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link; the plan replaces only a plain file")
+
+
 def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     """Measure the candidates on the configured device and pick the best for ``minutes``."""
     from lmtrain.device import resolve_device, resolve_precision
 
+    check_plan_args(minutes, None, False)
     rule = ScalingRule.ours(config.train.optimizer)
     device = resolve_device(config.train.device, "train.device")
     precision = resolve_precision(config.train.precision, device)
@@ -432,10 +453,10 @@ def _why(plan: Plan) -> str:
 
 def write_plan(plan: Plan, out: Path, force: bool) -> None:
     """The picked config as YAML at ``out``, atomically; an existing file only with ``force``."""
-    from lmtrain.fsutil import atomic_write_text
+    from lmtrain.fsutil import atomic_write_text, remove_stale_tmp
 
-    if out.exists() and not force:
-        raise ConfigError(f"{out} exists; use --force to overwrite it")
+    check_plan_args(plan.minutes, out, force)
+    remove_stale_tmp(out.parent, out.name)  # a killed plan's half-written file, provably lmtrain's
     header = (f"# lmtrain plan --minutes {plan.minutes:g}: {plan.pick.shape}, predicted val bpb "
               f"{plan.pick.predicted_bpb:.3f} (+-{plan.rule.loo_error:.3f}) on {plan.device}\n")
     atomic_write_text(out, header + plan.config.to_yaml())

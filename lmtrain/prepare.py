@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from lmtrain.config import Config
 from lmtrain.corpus import Document, Split, check_sources, iter_both_splits, iter_split
 from lmtrain.errors import DataError, RunDirError, ShardError, TokenizerError, first_line
-from lmtrain.fsutil import (TMP_MARKER, atomic_dir, atomic_write_json, describe_os_error, fsync_dir,
-                            remove_stale_tmp, sha256_file, tmp_name, write_json)
+from lmtrain.fsutil import (atomic_dir, atomic_write_json, describe_os_error, fsync_dir, remove_stale_tmp,
+                            seal_staging, sha256_file, staging_dir, write_json)
 from lmtrain.pretrained import open_source, resolve
 from lmtrain.rundir import (checkpoints_dir, data_dir, hold_run_dir, move_aside, prepare_run_dir, tb_dir,
                             tokenizer_dir, tokenizer_path)
@@ -272,10 +272,8 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
     prepare_run_dir(config)
     # New shards are built in a staging directory beside data/ and swapped in only when whole,
     # so the previous shards stay intact (and usable) until the new ones are complete.
-    for stale in run_dir.glob(f"{out.name}{TMP_MARKER}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tmp_name(out)
-    staging.mkdir()
+    remove_stale_tmp(run_dir, out.name)
+    staging = staging_dir(out)
 
     writers = {split: ShardWriter(staging, split, config.shard.shard_tokens, vocab_size, eot, tok_sha)
                for split in SPLITS}
@@ -305,6 +303,7 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
             if manifest.splits[split].tokens == 0:
                 raise ShardError(_empty_split_message(split, config))
         atomic_write_json(staging / MANIFEST_NAME, manifest.to_dict())  # last: the set is now whole
+        seal_staging(staging)
         _swap_in(staging, out)
     except OSError as exc:
         raise ShardError(f"could not write shards in {staging}: {describe_os_error(exc)}; "

@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain import checkpoint as ckpt
-from lmtrain.config import ArchitectureConfig, Config
-from lmtrain.errors import CheckpointError, ConfigError, first_line
+from lmtrain.config import ArchitectureConfig, Config, check_section
+from lmtrain.errors import CheckpointError, ConfigError, first_line, quoted
+from lmtrain.fsutil import read_json
 from lmtrain.hf_format import model_fields_from_hf
 from lmtrain.rundir import checkpoints_dir, tokenizer_path
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+CONFIG_LIMIT = 1 << 20  # bytes: a config.json or index is kilobytes
+TOKENIZER_LIMIT = 64 << 20  # bytes: the largest real tokenizer.json (256k tokens) is about 35 MB
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Source:
     tokenizer_file: Path
     eot: str  # the source's end-of-text token
     weights: list[Path]  # safetensors files (an lmtrain checkpoint: its model.safetensors)
+    tokens: frozenset[str] = frozenset()  # every token of its tokenizer, added ones included
 
     def architecture(self) -> dict[str, Any]:
         return {k: v for k, v in self.fields.items() if k != "vocab_size"}
@@ -67,11 +71,17 @@ def open_source(init_from: str, key: str = "model.init_from") -> Source:
     return _lmtrain_source(path, where)
 
 
-def _hf_source(path: Path, where: str) -> Source:
+def _source_json(file: Path, where: str, limit: int = CONFIG_LIMIT) -> Any:
+    """A source's JSON file (config.json, an index), size-checked before it is read: a crafted one
+    is one line, never gigabytes of memory or a traceback."""
     try:
-        hf = json.loads((path / "config.json").read_text("utf-8"))
+        return read_json(file, limit)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: config.json is not readable JSON ({exc})") from None
+        raise ConfigError(f"{where}: {file.name} is not readable JSON ({first_line(exc, 80)})") from None
+
+
+def _hf_source(path: Path, where: str) -> Source:
+    hf = _source_json(path / "config.json", where)
     if not isinstance(hf, dict):
         raise ConfigError(f"{where}: config.json is not a JSON object")
     fields = model_fields_from_hf(hf, where)
@@ -79,19 +89,31 @@ def _hf_source(path: Path, where: str) -> Source:
     tokenizer_file = path / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ConfigError(f"{where}: no tokenizer.json (a fast, byte-level BPE tokenizer is needed)")
+    tokenizer = _read_tokenizer(tokenizer_file, where)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > fields["vocab_size"]:
+        raise ConfigError(f"{where}: config.json's vocab_size {fields['vocab_size']} is smaller than its tokenizer "
+                          f"({size} tokens): the ids past {fields['vocab_size'] - 1} would have no embedding")
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    eot = _token_of(tokenizer_file, eos, where)
-    return Source(path, "hf", fields, tokenizer_file, eot, weights)
+    eot = tokenizer.id_to_token(eos) if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
+    if eot is None:
+        raise ConfigError(f"{where}: config.json names no end-of-text token (eos_token_id) in its tokenizer")
+    return Source(path, "hf", fields, tokenizer_file, eot, weights, frozenset(tokenizer.get_vocab(True)))
 
 
 def _safetensors_files(path: Path, where: str) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise ConfigError(f"{where}: model.safetensors.index.json is malformed ({exc})") from None
+        weight_map = _source_json(index, where)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConfigError(f"{where}: model.safetensors.index.json has no weight_map of file names")
+        names = sorted(set(weight_map.values()))
+        outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+        if outside:
+            raise ConfigError(f"{where}: model.safetensors.index.json names {quoted(outside[0])}, not a file of "
+                              "the source directory; refusing it")
         files = [path / name for name in names]
     else:
         files = [path / "model.safetensors"]
@@ -102,20 +124,20 @@ def _safetensors_files(path: Path, where: str) -> list[Path]:
     return files
 
 
-def _token_of(tokenizer_file: Path, token_id: Any, where: str) -> str:
+def _read_tokenizer(tokenizer_file: Path, where: str):
+    """A source's tokenizer, its size checked before it is loaded (a tokenizer.json of 10 M merges
+    took 15 GB to load), and its kind: lmtrain reproduces byte-level BPE and Unigram exactly."""
     from tokenizers import Tokenizer
 
+    raw = _source_json(tokenizer_file, where, TOKENIZER_LIMIT)
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or model.get("type") not in ("BPE", "Unigram") \
+            or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):
+        raise ConfigError(f"{where}: its tokenizer is not a byte-level BPE or Unigram (lmtrain's kinds); it cannot be used")
     try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        return Tokenizer.from_file(str(tokenizer_file))
     except Exception as exc:  # tokenizers raises its own exception type for a malformed file
         raise ConfigError(f"{where}: tokenizer.json is not a valid tokenizer ({first_line(exc)})") from None
-    raw = json.loads(tokenizer_file.read_text("utf-8"))
-    if (raw.get("model") or {}).get("type") not in ("BPE", "Unigram") or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):
-        raise ConfigError(f"{where}: its tokenizer is not a byte-level BPE or Unigram (lmtrain's kinds); it cannot be used")
-    token = tokenizer.id_to_token(token_id) if isinstance(token_id, int) else None
-    if token is None:
-        raise ConfigError(f"{where}: config.json names no end-of-text token (eos_token_id) in its tokenizer")
-    return token
 
 
 def _lmtrain_source(path: Path, where: str) -> Source:
@@ -136,7 +158,8 @@ def _lmtrain_source(path: Path, where: str) -> Source:
     tokenizer_file = tokenizer_path(run_dir)
     if not tokenizer_file.is_file():
         raise ConfigError(f"{where}: the run has no tokenizer at {tokenizer_file}")
-    return Source(checkpoint, "lmtrain", fields, tokenizer_file, specials[0], [checkpoint / ckpt.MODEL_FILE])
+    tokens = frozenset(_read_tokenizer(tokenizer_file, where).get_vocab(True))
+    return Source(checkpoint, "lmtrain", fields, tokenizer_file, specials[0], [checkpoint / ckpt.MODEL_FILE], tokens)
 
 
 def resolve(config: Config) -> Config:
@@ -145,17 +168,25 @@ def resolve(config: Config) -> Config:
     (and not just left at its default) is refused, naming both values."""
     if config.model.init_from is None:
         return config
+    where = f"model.init_from {config.model.init_from}"
     source = open_source(config.model.init_from)
     defaults = ArchitectureConfig()
     wanted = source.architecture()
-    for name, value in wanted.items():
-        mine = getattr(config.model, name)
-        if mine != value and mine != getattr(defaults, name):
-            raise ConfigError(f"model.{name}: the config says {mine!r}, but model.init_from "
-                              f"({config.model.init_from}) has {value!r}; remove the key or make it {value!r}")
+    try:  # the source's values within the config's bounds, as if the user had written them
+        check_section("model", wanted, where)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: its configuration gives {exc}") from None
+    clashes = [f"model.{name}: the config says {getattr(config.model, name)!r}, the source has {value!r}"
+               for name, value in wanted.items()
+               if getattr(config.model, name) not in (value, getattr(defaults, name))]
+    if clashes:
+        raise ConfigError(f"{where}: {'; '.join(clashes)}; remove those keys or make them the source's")
     model = dataclasses.replace(config.model, **wanted)
-    model.check()
     extra = [t for t in config.tokenizer.special_tokens[1:] if t != source.eot]
+    missing = [t for t in extra if t not in source.tokens]
+    if missing:
+        raise ConfigError(f"tokenizer.special_tokens: {', '.join(quoted(t) for t in missing)} is not a token of "
+                          f"{where}'s tokenizer, which is copied as it is; remove it")
     tokenizer = dataclasses.replace(config.tokenizer, vocab_size=int(source.fields["vocab_size"]),
                                     special_tokens=[source.eot] + extra)
     return dataclasses.replace(config, model=model, tokenizer=tokenizer)

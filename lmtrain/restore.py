@@ -150,7 +150,7 @@ def load_merged(model: torch.nn.Module, loaded: LoadedCheckpoint) -> None:
     ``checkpoint.LoadedCheckpoint``): the recorded base, checked, plus the adapters, merged."""
     record = LoraRecord.from_state(loaded.state, loaded.path)
     try:
-        source = open_source(record.base, f"the base of the LoRA adapters in {loaded.path}")
+        source = open_source(record.base_path(loaded.path.parent.parent), f"the base of the LoRA adapters in {loaded.path}")
     except ConfigError as exc:
         raise CheckpointError(f"{exc} (it was model.init_from {record.init_from})") from None
     Pretrained(source).weights(model)

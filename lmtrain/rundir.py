@@ -35,7 +35,7 @@ from typing import Iterator
 
 from lmtrain.config import Config, resolved_config_path
 from lmtrain.errors import RunDirError
-from lmtrain.fsutil import atomic_write_text, describe_os_error
+from lmtrain.fsutil import TMP_MARKER, atomic_write_text, describe_os_error, read_json
 
 
 def tokenizer_dir(run_dir: Path) -> Path:
@@ -60,6 +60,8 @@ def tb_dir(run_dir: Path) -> Path:
 
 RUN_MARKER = ".lmtrain-run"  # every run directory holds it (written by prepare_run_dir)
 WRITER_FILE = ".lmtrain-writer"  # who holds the lock, while it is held
+# What a run directory holds of its own: nothing else may be written over or into these.
+RUN_ARTIFACTS = ("checkpoints", "tokenizer", "data", "tb", "config.yaml", "train.log", RUN_MARKER, WRITER_FILE)
 
 
 def fork_run(source: Path, target: Path) -> Path:
@@ -138,7 +140,7 @@ def _lock(run_dir: Path) -> int:
 
 def _holder(run_dir: Path) -> str:
     try:
-        info = json.loads((run_dir / WRITER_FILE).read_text("utf-8"))
+        info = read_json(run_dir / WRITER_FILE, 4096)
         where = f" on {info['host']}" if info.get("host") != socket.gethostname() else ""
         return f"`lmtrain {info['command']}` (pid {info['pid']}{where}, since {info['since']})"
     except (OSError, ValueError, KeyError, TypeError):
@@ -160,9 +162,24 @@ def move_aside(path: Path) -> Path | None:
 
 
 def check_run_dir_usable(run_dir: Path) -> None:
-    """Raise ``RunDirError`` if ``run_dir`` cannot hold a run; create nothing."""
+    """Raise ``RunDirError`` if ``run_dir`` cannot hold a run; create nothing. A writer never takes
+    ``/`` or the home directory, nor a folder that holds other things than a run's: whatever is
+    there is the user's."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run.dir {run_dir} is a file, not a directory; choose another run.dir")
+    where = Path(os.path.abspath(run_dir))
+    if where == Path(where.anchor) or where == Path(os.path.abspath(Path.home())):
+        raise RunDirError(f"run.dir {run_dir} is {'the root' if where == Path(where.anchor) else 'your home'} "
+                          "directory; a run writes into a folder of its own (runs/<name> by default)")
+    if run_dir.is_dir() and not is_run_dir(run_dir):
+        foreign = sorted(p.name for p in run_dir.iterdir() if not _made_by_a_run(p.name))
+        if foreign:
+            raise RunDirError(f"run.dir {run_dir} holds other files ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}) and is not an lmtrain run directory; "
+                              "choose a new or empty run.dir")
+    if (run_dir / "train.log").is_symlink():
+        raise RunDirError(f"{run_dir / 'train.log'} is a symbolic link; training appends to its log and never "
+                          "writes through a link: remove it")
     # Find the nearest existing ancestor: that is where we need write permission.
     probe = run_dir
     while not probe.exists():
@@ -173,6 +190,13 @@ def check_run_dir_usable(run_dir: Path) -> None:
         raise RunDirError(f"run.dir {run_dir}: {probe} is a file, not a directory")
     if not _writable(probe):
         raise RunDirError(f"run.dir {run_dir}: {probe} is not writable; choose another run.dir")
+
+
+def _made_by_a_run(name: str) -> bool:
+    """Whether a name in a run directory is one of a run's own (an artifact, one moved aside, a
+    staging area): a folder holding only such names is a run in the making (``fork_run``'s)."""
+    base = name.split(".old-")[0].split(TMP_MARKER)[0]
+    return name in RUN_ARTIFACTS or base in RUN_ARTIFACTS
 
 
 def _writable(directory: Path) -> bool:

@@ -27,7 +27,6 @@ and its sha256. It is written last: a data directory without a manifest is incom
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import struct
 from dataclasses import asdict, dataclass
@@ -36,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from lmtrain.config import Config
 from lmtrain.corpus import Split
-from lmtrain.errors import RunDirError, ShardError
-from lmtrain.fsutil import TMP_MARKER, commit_tmp, sha256_file, tmp_name
+from lmtrain.errors import RunDirError, ShardError, first_line
+from lmtrain.fsutil import TMP_MARKER, commit_tmp, describe_os_error, read_json, sha256_file, tmp_name
 from lmtrain.rundir import data_dir
 
 if TYPE_CHECKING:
@@ -327,9 +326,11 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.exists():
         raise ShardError(f"no shards at {directory} (no {MANIFEST_NAME}); run `lmtrain shard` first")
     try:
-        raw = json.loads(path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{path} is not valid JSON ({exc}); re-run `lmtrain shard --force`") from None
+        raw = read_json(path)
+    except ValueError as exc:
+        raise ShardError(f"{path} is not valid JSON ({first_line(exc, 80)}); re-run `lmtrain shard --force`") from None
+    except OSError as exc:
+        raise ShardError(f"cannot read {path}: {describe_os_error(exc)}") from None
     return Manifest.from_dict(raw, path)
 
 

@@ -111,7 +111,7 @@ def build_training(config: Config, vocab_size: int, device: torch.device, precis
     if base is not None:
         from lmtrain.lora import LoraSpec, adapt
 
-        adapt(model, LoraSpec.of(config.train), base, config.model.init_from)
+        adapt(model, LoraSpec.of(config.train), base, config.model.init_from, config.run_dir)
     if restore is not None:
         restore.weights(model)
     model.to(device)

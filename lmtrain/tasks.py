@@ -119,6 +119,8 @@ def _parse_item(line: str, where: str, number: int) -> Item:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: not JSON lmtrain reads (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "endings" in obj:  # HellaSwag's own format
@@ -138,8 +140,13 @@ def _parse_item(line: str, where: str, number: int) -> Item:
     for i, choice in enumerate(choices):
         if not choice:
             raise DataError(f"{where}: choice {i} is empty")
+    for what, text in [(context_key, context)] + [(f"choice {i}", c) for i, c in enumerate(choices)]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: JSON's \ud800 escapes allow one, no text has it
+            raise DataError(f"{where}: {what} is not valid text (it holds a lone surrogate)") from None
     label = obj.get("label")
-    if isinstance(label, str) and label.strip().isdigit():
+    if isinstance(label, str) and label.strip().isdecimal() and label.strip().isascii():
         label = int(label)  # the copy of HellaSwag on the Hugging Face hub writes "3"
     if isinstance(label, bool) or not isinstance(label, int):
         raise DataError(f"{where}: label must be the index of the right choice, got {_shown(label)}")
@@ -223,8 +230,11 @@ def encode_task(task: Task, tokenizer: "Tokenizer", eot_id: int, block_size: int
 
 def _lay_out(item: Item, pairs: list[tuple[list[int], list[int]]], block_size: int,
              where: str) -> EncodedItem:
-    """One row holding the context and every choice that fits after it whole; one row per choice
-    that does not, with its context cut from the left to fit (the harness cuts per choice too)."""
+    """Rows of at most ``block_size`` inputs: the context once, then as many choices as fit after
+    it whole (another row with the context again when the next does not fit); a choice that does
+    not fit even alone gets a row of its own, its context cut from the left (the harness cuts per
+    choice too). An item with thousands of choices makes many rows, never one that outgrows the
+    model: memory is bounded by the config, not by the task file."""
     shared = Row(pairs[0][0])
     rows, truncated = [shared], False
     for choice, (prefix, continuation) in enumerate(pairs):
@@ -234,6 +244,9 @@ def _lay_out(item: Item, pairs: list[tuple[list[int], list[int]]], block_size: i
             raise DataError(f"{where}: choice {choice} is {len(continuation)} tokens, more than the model's "
                             f"block_size ({block_size}); it cannot be scored")
         fits = len(prefix) + len(continuation) - 1 <= block_size
+        if fits and prefix == shared.prefix and shared.length + len(continuation) - 1 > block_size:
+            shared = Row(prefix)  # the shared row is full: the context again, for the choices after
+            rows.append(shared)
         if fits and prefix == shared.prefix:
             row = shared
         else:

@@ -18,13 +18,13 @@ would no longer be x. Training one (the tokenize stage) is ``lmtrain.prepare.tra
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmtrain.config import Config
-from lmtrain.errors import RunDirError, TokenizerError, first_line
+from lmtrain.errors import RunDirError, TokenizerError, first_line, quoted
+from lmtrain.fsutil import read_json
 from lmtrain.rundir import tokenizer_dir, tokenizer_path
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ def stale_tokenizer_reason(config: Config) -> str | None:
     """Why the run's tokenizer does not match ``config`` (None if it does, or cannot tell)."""
     stats_path = tokenizer_dir(config.run_dir) / "stats.json"
     try:
-        saved = json.loads(stats_path.read_text("utf-8")).get("settings")
-    except (OSError, ValueError):
+        saved = read_json(stats_path).get("settings")
+    except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(saved, dict):
         return None
@@ -121,7 +121,8 @@ def eot_id(tokenizer: "Tokenizer", special_tokens: list[str]) -> int:
 def check_specials_are_single_ids(tokenizer: "Tokenizer", specials: list[str]) -> None:
     for tok in specials:
         ids = tokenizer.encode(tok, add_special_tokens=False).ids
-        if len(ids) != 1:  # would be a bug in how we built the tokenizer
-            raise AssertionError(f"special token {tok!r} encodes to {len(ids)} ids")
+        if len(ids) != 1:  # a copied tokenizer that lacks it (a trained one always has its specials)
+            raise TokenizerError(f"tokenizer.special_tokens: {quoted(tok)} is not one token of the tokenizer "
+                                 f"(it encodes to {len(ids)} ids); remove it, or use a tokenizer that has it")
 
 

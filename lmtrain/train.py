@@ -218,6 +218,10 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         notes.append(_describe_lora(training, config))
     state = TrainState()
     if resume is not None:
+        if "teacher" in resume.state:  # (checkpoints from before teachers were recorded have no key)
+            from lmtrain.distill import check_same_teacher
+
+            check_same_teacher(resume.state["teacher"], teacher, resume.path)
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
         resume.restore_rng()
     val = data.manifest.splits["val"]
@@ -469,7 +473,8 @@ class Trainer:
                 "model_config": self.model.config.to_dict(), "tokenizer_sha256": self.tokenizer_sha256,
                 "config": self.config.to_dict(), "rng": rng_state(), "precision": self.precision,
                 "lora": self.training.lora.to_dict() if self.training.lora is not None else None,
-                "budget": self.keeper.state_dict(), "schedule": self.keeper.schedule.to_dict()}
+                "budget": self.keeper.state_dict(), "schedule": self.keeper.schedule.to_dict(),
+                "teacher": self.training.runner.teacher.record if self.training.runner.teacher is not None else None}
 
     def _result(self, already_done: bool = False, stopped_by: str = "max_steps") -> TrainResult:
         state, last = self.state, self.state.last_val or {}

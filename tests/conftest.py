@@ -114,11 +114,16 @@ def tiny_run(tmp_path, prepared_run):
     source_run, corpus = prepared_run
     run_dir = tmp_path / "run"
     fork_run(source_run, run_dir)
-    config = write_config(tmp_path / "config.yaml", run_dir, corpus, **TINY_TRAIN)
+    return tiny_config(tmp_path / "config.yaml", run_dir, corpus), run_dir
+
+
+def tiny_config(path: Path, run_dir: Path, corpus: Path) -> Path:
+    """The config of ``prepared_run``'s data and a tiny model, for ``run_dir``, written at ``path``."""
     import yaml
 
+    config = write_config(path, run_dir, corpus, **TINY_TRAIN)
     raw = yaml.safe_load(config.read_text())
     raw["data"]["val_fraction"] = 0.15
     raw["shard"] = {"shard_tokens": 8192}
     config.write_text(yaml.safe_dump(raw))
-    return config, run_dir
+    return config

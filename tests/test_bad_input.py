@@ -115,6 +115,39 @@ def no_complete_checkpoint(tmp, run):
         model.unlink()
 
 
+def llama_source(name="src", **changes):
+    """A Hugging Face llama directory (config, a stand-in weights file, the run's tokenizer) whose
+    config.json has ``changes``: resolving reads no weights, so the refusals come first."""
+    def setup(tmp, run):
+        src = tmp / name
+        src.mkdir()
+        fields = {"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 128,
+                  "num_hidden_layers": 2, "num_attention_heads": 2, "rms_norm_eps": 1e-6,
+                  "max_position_embeddings": 32, "eos_token_id": 0, **changes}
+        (src / "config.json").write_text(json.dumps(fields))
+        (src / "model.safetensors").write_bytes(b"x")
+        shutil.copyfile(run / "tokenizer" / "tokenizer.json", src / "tokenizer.json")
+    return setup
+
+
+def raw_source(text: str):
+    def setup(tmp, run):
+        (tmp / "src").mkdir()
+        (tmp / "src" / "config.json").write_text(text)
+    return setup
+
+
+def symlink(rel, target_in_tmp):
+    def setup(tmp, run):
+        (tmp / target_in_tmp).write_text("someone else's file")
+        (run / rel).unlink(missing_ok=True)
+        (run / rel).symlink_to(tmp / target_in_tmp)
+    return setup
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
 LATEST = "checkpoints/step-00000004"
 T = "tokenize --config {cfg}"
 TRAIN = "train --config {cfg}"
@@ -300,6 +333,65 @@ CASES = [
     Case("tasks-limit-without-tasks", "trained", "eval --run {run} --limit 5", "--limit counts task items"),
     Case("train-eval-tasks-missing", "sharded", TRAIN + " --set train.eval_tasks={tmp}/nope.jsonl",
          "train.eval_tasks: ", ),
+    # -- Reliability III: crafted sources, task files and paths; the eleven tracebacks ------------
+    Case("init-from-json-nested-deep", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "config.json is not readable JSON (nested too deeply)", raw_source(DEEP)),
+    Case("state-json-nested-deep", "trained", TRAIN + " --set train.max_steps=8",
+         "state.json is not valid JSON (nested too deeply)", write("run/" + LATEST + "/state.json", DEEP)),
+    Case("tasks-json-nested-deep", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:1: not JSON lmtrain reads (nested too deeply)", write("t.jsonl", DEEP + "\n")),
+    Case("init-from-zero-heads", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "config.json's num_attention_heads is 0, expected at least 1", llama_source(num_attention_heads=0)),
+    Case("tasks-label-superscript", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:1: label must be the index of the right choice, got '²'",
+         write("t.jsonl", '{"context": "a", "choices": ["b", "c"], "label": "\u00b2"}\n')),
+    Case("tasks-lone-surrogate", "trained", "eval --run {run} --tasks {tmp}/t.jsonl",
+         "t.jsonl:1: choice 1 is not valid text (it holds a lone surrogate)",
+         write("t.jsonl", '{"context": "a", "choices": ["b", "\\ud800"], "label": 0}\n')),
+    Case("init-from-extra-special-token", "trained",
+         T + " --set run.dir={tmp}/fresh --set model.init_from={run} --set tokenizer.special_tokens=[<|endoftext|>,<|im_start|>]",
+         "'<|im_start|>' is not a token of model.init_from"),
+    Case("plan-minutes-inf", "none", "plan --minutes inf --config {cfg}", "--minutes must be a number of minutes"),
+    Case("plan-out-onto-a-folder", "none", "plan --minutes 1 --config {cfg} --out {tmp}", "is a folder; the plan is one YAML file"),
+    Case("plan-out-in-a-missing-folder", "none", "plan --minutes 1 --config {cfg} --out {tmp}/nope/plan.yaml",
+         "nope does not exist"),
+    Case("export-out-dot-force", "trained", "export --run {run} --format hf --out . --force",
+         "has no readable lmtrain-export.json"),
+    # -- what --force may replace, and what a writer may take ---------------------------------------
+    Case("export-force-over-the-run", "trained", "export --run {run} --format hf --out {run} --force",
+         "is a run directory"),
+    Case("export-force-into-checkpoints", "trained", "export --run {run} --format hf --out {run}/checkpoints --force",
+         "inside the run's own checkpoints"),
+    Case("export-force-onto-a-pointer", "trained", "export --run {run} --format gguf --out {run}/checkpoints/latest --force",
+         "inside the run's own checkpoints"),
+    Case("export-force-over-a-users-folder", "trained", "export --run {run} --format hf --out {tmp}/folder --force",
+         "has no readable lmtrain-export.json", write("folder/thesis.tex", "three years of work")),
+    Case("run-name-escapes-runs", "none", T + " --set run.dir=null --set run.name=../../elsewhere",
+         "run.name: '../../elsewhere' must be a plain name"),
+    Case("run-dir-is-root", "none", T + " --set run.dir=/", "is the root directory"),
+    Case("run-dir-is-home", "none", T + " --set run.dir=~/", "is your home directory"),
+    Case("run-dir-holds-a-users-files", "none", T + " --set run.dir={tmp}/folder", "holds other files (thesis.tex)",
+         write("folder/thesis.tex", "three years of work")),
+    Case("train-log-is-a-link", "trained", TRAIN + " --set train.max_steps=8", "train.log is a symbolic link",
+         symlink("train.log", "elsewhere.txt")),
+    Case("pointer-is-a-link", "trained", "sample --run {run}", "latest is a symbolic link", symlink("checkpoints/latest", "p.txt")),
+    Case("pointer-holds-a-whole-file", "trained", "sample --run {run}", "names '" + "x" * 39 + "...",
+         write("run/checkpoints/latest", "x" * 300_000)),
+    Case("lora-without-init-from-before-any-stage", "none", T + " --set train.lora_rank=4", "needs model.init_from"),
+    Case("lora-with-muon-before-any-stage", "none", "run --config {cfg} --set train.lora_rank=4 --set model.init_from={tmp} "
+         "--set train.optimizer=muon", "LoRA's adapters train with adamw"),
+    Case("source-only-run-directories", "trained", T + " --set run.dir={tmp}/fresh --set data.source={run}",
+         "are inside lmtrain run directories"),
+    Case("init-from-vocab-below-tokenizer", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "config.json's vocab_size 10 is smaller than its tokenizer (300 tokens)", llama_source(vocab_size=10)),
+    Case("init-from-nan", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "config.json's rms_norm_eps is nan, expected a positive finite number", llama_source(rms_norm_eps=float("nan"))),
+    Case("init-from-fractional-width", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "config.json's hidden_size is 64.7, expected a whole number", llama_source(hidden_size=64.7)),
+    Case("init-from-index-escapes", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "names '../secret.safetensors', not a file of the source directory",
+         lambda tmp, run: (llama_source()(tmp, run), (tmp / "src" / "model.safetensors.index.json").write_text(
+             json.dumps({"weight_map": {"a": "../secret.safetensors"}})))),
 ]
 
 

@@ -72,6 +72,8 @@ def test_a_teacher_from_a_hf_directory_and_one_with_another_tokenizer(tiny_run, 
     raw["added_tokens"].append({"id": 300, "content": "<|other|>", "single_word": False, "lstrip": False,
                                 "rstrip": False, "normalized": False, "special": True})
     (hf / "tokenizer.json").write_text(json.dumps(raw))
+    hf_config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**hf_config, "vocab_size": 301}))  # a whole source, another tokenizer
     refused = run_cli("train", "--config", str(config), "--set", f"train.distill_from={hf}", "--set", "train.max_steps=4")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "its tokenizer differs from the run's" in refused.stderr and "train.distill_from" in refused.stderr

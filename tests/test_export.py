@@ -310,7 +310,9 @@ def test_init_from_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
     assert "rms_norm_eps 1e-05" in refused(source("eps", rms_norm_eps=1e-5))
     assert "intermediate_size 96" in refused(source("width", intermediate_size=96))
     good = source("good")
-    assert "model.n_layer: the config says 5, but model.init_from" in refused(good, "model.n_layer=5")
+    assert "model.n_layer: the config says 5, the source has 2" in refused(good, "model.n_layer=5")
+    both = refused(good, "model.n_layer=5", "model.n_embd=64")  # every reason at once, not one per attempt
+    assert "model.n_layer: the config says 5" in both and "model.n_embd: the config says 64" in both
     assert "lmtrain downloads nothing" in refused("model.init_from=openai-community/gpt2")
     (tmp_path / "good" / "config.json").write_text("{not json")
     assert "config.json is not readable JSON" in refused(good)

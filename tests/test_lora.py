@@ -188,7 +188,8 @@ def test_the_memory_estimate_counts_gradients_and_moments_of_the_adapters_only(t
 
     config, _ = tiny_run
     full = estimate(load_config(config, LLAMA), 300, None)
-    lora = estimate(load_config(config, LLAMA + ["train.lora_rank=2", "train.lora_targets=[q,v]"]), 300, None)
+    lora = estimate(load_config(config, LLAMA + ["train.lora_rank=2", "train.lora_targets=[q,v]",
+                                                 "model.init_from=base"]), 300, None)
     adapters = 2 * 2 * (2 * 32 + 2 * 32)  # layers x (q, v) x (A: 2 x 32, B: 32 x 2)
     assert lora.parameters == full.parameters + adapters
     assert lora.gradients == 4 * adapters and lora.optimizer == 8 * adapters

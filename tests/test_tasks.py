@@ -234,3 +234,25 @@ def test_the_harness_agrees_item_by_item(trained_models, tmp_path):
     for task in report.values():
         assert task["acc"] == task["harness_acc"] and task["acc_norm"] == task["harness_acc_bytes"]
         assert task["max_abs_loglikelihood_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_an_item_with_thousands_of_choices_is_cut_into_rows_the_model_holds(trained_models, tmp_path):
+    """Reliability III: one item of 10,000 short choices was packed into a single ~49,000-position
+    row (a T x T mask of 9.5 GB). Every row now holds at most block_size inputs, and the scores
+    are the plain forward pass's all the same."""
+    loaded = load_model(trained_models["gpt2"])
+    block = loaded.model.config.block_size
+    many = {"context": "for item in range(10):", "choices": [f" x{i}" for i in range(10_000)], "label": 3}
+    encoded = encode_task(read_task(write_jsonl(tmp_path / "many.jsonl", [many])), loaded.tokenizer, loaded.eot_id,
+                          block)
+    rows = encoded.items[0].rows
+    assert max(row.length for row in rows) <= block and len(rows) > 100
+    assert sorted(c for row in rows for c in row.choices) == list(range(10_000))
+    few = dict(many, choices=many["choices"][:40])
+    task = read_task(write_jsonl(tmp_path / "few.jsonl", [few]))
+    encoded = encode_task(task, loaded.tokenizer, loaded.eot_id, block)
+    assert len(encoded.items[0].rows) > 1  # 40 choices do not fit one row of 32
+    score = score_items(loaded.model, encoded.items, loaded.device, None, batch_size=3)[0]
+    refs = [reference_loglikelihood(loaded, few["context"], c)[0] for c in few["choices"]]
+    assert score.loglikelihoods == pytest.approx(refs, abs=1e-4)

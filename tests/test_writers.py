@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_TRAIN, make_text_corpus, run_cli, wait_for_line, write_config
+from conftest import REPO, TINY_TRAIN, make_text_corpus, run_cli, tiny_config, wait_for_line, write_config
 from lmtrain.config import load_config
 from lmtrain.rundir import fork_run
 from lmtrain.train import train
@@ -266,3 +266,238 @@ def test_a_best_that_names_a_lost_checkpoint_is_repointed(tiny_run):
     assert result.returncode == 0, result.stderr
     assert "names step-00000007, which is gone or incomplete: it now names step-000000" in result.stderr
     assert (run_dir / "checkpoints" / "best").read_text().strip() in {"step-00000010", "step-00000020", "step-00000021"}
+
+
+# -- Reliability III: nothing a user owns is ever deleted ----------------------------------------
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (a leftover's owner)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def exported_run(prepared_run, tmp_path_factory):
+    """A trained tiny run (llama-shaped, so every format exports) and where its exports may go."""
+    source_run, corpus = prepared_run
+    root = tmp_path_factory.mktemp("export")
+    run_dir = copy_prepared(source_run, root / "run")
+    config = tiny_config(root / "config.yaml", run_dir, corpus)
+    train(load_config(config, ["train.max_steps=2", "model.pos_embedding=rope", "model.norm=rmsnorm",
+                               "model.mlp=swiglu"]))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_export_force_replaces_only_an_earlier_export(exported_run, tmp_path):
+    from lmtrain.export import ExportError, export
+
+    run = exported_run
+    before = _tree(run)
+    user = tmp_path / "folder"
+    user.mkdir()
+    (user / "thesis.tex").write_text("three years of work")
+    refusals = {
+        "is a run directory": (run, "hf"),
+        "inside the run's own checkpoints": (run / "checkpoints", "hf"),
+        "inside the run's own checkpoints ": (run / "checkpoints" / "latest", "gguf"),
+        "inside the run's own data": (run / "data" / "new-export", "hf"),
+        "has no readable lmtrain-export.json": (user, "hf"),
+        "is a directory, and --format gguf writes a file": (user, "gguf"),
+    }
+    for expected, (out, fmt) in refusals.items():
+        with pytest.raises(ExportError, match=expected.strip()):
+            export(run, fmt, out, force=True)
+    assert (user / "thesis.tex").read_text() == "three years of work"
+    assert _tree(run) == before  # the run, its checkpoints and pointers untouched
+    # An earlier export is replaced; once another file is put into it, it is the user's folder.
+    out = tmp_path / "hf"
+    export(run, "hf", out)
+    export(run, "hf", out, force=True)
+    assert json.loads((out / "lmtrain-export.json").read_text())["format"] == "hf"
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(ExportError, match=r"holds files an export does not write \(notes.md\)"):
+        export(run, "hf", out, force=True)
+    assert (out / "notes.md").read_text() == "mine"
+    # GGUF: a file lmtrain wrote is replaced; any other file is not.
+    gguf = tmp_path / "m.gguf"
+    export(run, "gguf", gguf)
+    export(run, "gguf", gguf, force=True, quant="q8_0")
+    theirs = tmp_path / "theirs.gguf"
+    theirs.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(ExportError, match="is not a GGUF file lmtrain wrote"):
+        export(run, "gguf", theirs, force=True)
+    assert theirs.read_bytes() == b"GGUF" + b"\0" * 60
+    # A link is never written through.
+    link = tmp_path / "link"
+    link.symlink_to(user)
+    with pytest.raises(ExportError, match="is a symbolic link"):
+        export(run, "hf", link, force=True)
+
+
+@pytest.mark.slow
+def test_export_cleans_only_its_own_dead_leftovers(exported_run, tmp_path):
+    from lmtrain.export import export
+    from lmtrain.fsutil import STAGING_MARK
+
+    out = tmp_path / "model"
+    mine_dir, mine_file = tmp_path / "model.tmp-my-notes", tmp_path / "model.tmp-final"
+    mine_dir.mkdir()
+    (mine_dir / "n.txt").write_text("keep")
+    mine_file.write_text("keep")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"model.tmp-{sleeper.pid}"  # a concurrent export at work
+        live.mkdir()
+        (live / STAGING_MARK).write_text(str(sleeper.pid))
+        dead = _dead_pid()
+        crashed = tmp_path / f"model.tmp-{dead}"  # a killed export's staging: lmtrain's mark inside
+        crashed.mkdir()
+        (crashed / STAGING_MARK).write_text(str(dead))
+        unmarked = tmp_path / f"model.tmp-{_dead_pid()}"  # the same form, but nothing proves it lmtrain's
+        unmarked.mkdir()
+        (unmarked / "data.bin").write_text("keep")
+        export(exported_run, "hf", out)
+        assert not crashed.exists()
+        assert live.is_dir() and (mine_dir / "n.txt").read_text() == "keep" and mine_file.read_text() == "keep"
+        assert (unmarked / "data.bin").read_text() == "keep"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_force_export_keeps_the_earlier_one(exported_run, tmp_path):
+    """Killed after the earlier export was moved aside and before the new one took its place: the
+    next export puts the earlier one back rather than deleting it."""
+    from lmtrain.export import ExportError, export
+    from lmtrain.fsutil import STAGING_MARK
+
+    out = tmp_path / "model"
+    export(exported_run, "hf", out)
+    earlier = _tree(out)
+    aside = tmp_path / f"model.tmp-{_dead_pid()}.old"
+    out.rename(aside)
+    (aside / STAGING_MARK).write_text("gone")
+    with pytest.raises(ExportError, match="already exists"):  # restored, so without --force: refused
+        export(exported_run, "hf", out)
+    assert _tree(out) == earlier and not aside.exists()
+
+
+@pytest.mark.slow
+def test_export_reads_the_checkpoint_once_while_the_trainer_prunes(exported_run, tmp_path, monkeypatch):
+    """The model card used to re-read state.json after the weights: a checkpoint pruned in between
+    failed the export 1 time in 5. Now everything comes from the one load."""
+    import shutil
+
+    import lmtrain.export as export_module
+    from lmtrain.inference import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+
+    def load_then_prune(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        shutil.rmtree(loaded.checkpoint)  # the trainer's pruning, right after the export read it
+        return loaded
+
+    monkeypatch.setattr(export_module, "load_model", load_then_prune)
+    result = export_module.export(run, "hf", tmp_path / "out")
+    assert (tmp_path / "out" / "README.md").read_text().count("steps") >= 1 and result.step == 2
+
+
+@pytest.mark.slow
+def test_a_stage_cleans_only_provable_leftovers_in_the_run(tiny_run):
+    """Tokenize, shard and checkpoint staging: a leftover of a dead lmtrain process (its PID, its
+    mark) goes; a live one's, or one nothing proves lmtrain's, stays."""
+    from lmtrain.fsutil import STAGING_MARK
+
+    config, run_dir = tiny_run
+    dead = _dead_pid()
+    ours = run_dir / "checkpoints" / f"step-00000005.tmp-{dead}"
+    ours.mkdir(parents=True)
+    (ours / STAGING_MARK).write_text(str(dead))
+    not_ours = run_dir / "checkpoints" / f"step-00000006.tmp-{dead}"
+    not_ours.mkdir()
+    shard_staging = run_dir / f"data.tmp-{dead}"
+    shard_staging.mkdir()
+    (shard_staging / STAGING_MARK).write_text(str(dead))
+    train(load_config(config, ["train.max_steps=2", "train.checkpoint_every=1"]))
+    assert not ours.exists() and not_ours.is_dir()
+    from lmtrain.prepare import build_shards
+
+    build_shards(load_config(config, ["shard.shard_tokens=4096"]))
+    assert not shard_staging.exists()
+
+
+@pytest.mark.slow
+def test_a_distilled_run_refuses_to_resume_on_another_teacher(tiny_run, tmp_path):
+    from lmtrain.errors import CheckpointError
+
+    config, run_dir = tiny_run
+    teacher = copy_prepared(run_dir, tmp_path / "teacher")
+    train(load_config(config, [f"run.dir={teacher}", "train.max_steps=3"]))
+    sets = [f"train.distill_from={teacher}", "train.max_steps=4", "train.checkpoint_every=2"]
+    train(load_config(config, sets))
+    train(load_config(config, [f"run.dir={teacher}", "train.max_steps=6"]))  # the teacher trains on
+    with pytest.raises(CheckpointError, match="it was distilled from .* and the config now gives"):
+        train(load_config(config, sets[:1] + ["train.max_steps=8"]))
+
+
+@pytest.mark.slow
+def test_a_relative_source_with_dotdot_is_read_from_inside_a_run_directory(tmp_path, monkeypatch):
+    corpus = make_text_corpus(tmp_path / "corpus", n_docs=30)
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", run_dir, corpus)
+    assert run_cli("tokenize", "--config", str(config)).returncode == 0
+    monkeypatch.chdir(run_dir)
+    from lmtrain.corpus import resolve_local_files
+
+    found = resolve_local_files("../corpus")
+    assert len(found) == 30  # not skipped as "inside" the run directory the process stands in
+
+
+@pytest.mark.slow
+def test_a_lora_run_finds_its_base_after_the_project_folder_moves(prepared_run, tmp_path):
+    import shutil
+
+    from lmtrain.inference import load_model
+
+    source_run, corpus = prepared_run
+    project = tmp_path / "project"
+    base = copy_prepared(source_run, project / "base")
+    config = tiny_config(project / "config.yaml", base, corpus)
+    train(load_config(config, ["train.max_steps=2"]))
+    lora = copy_prepared(source_run, project / "lora")
+    train(load_config(config, [f"run.dir={lora}", f"model.init_from={base}", "train.lora_rank=2",
+                               "train.optimizer=adamw", "train.max_steps=2"]))
+    before = load_model(lora).model.state_dict()
+    moved = shutil.move(str(project), str(tmp_path / "moved"))
+    after = load_model(Path(moved) / "lora").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_sources_files_are_size_checked_before_they_are_loaded(tmp_path, monkeypatch):
+    """A 453 MB tokenizer.json of 10 M merges took 15 GB and 107 s to load: sizes are checked first."""
+    import lmtrain.pretrained as pretrained
+    from lmtrain.errors import ConfigError
+    from lmtrain.fsutil import read_json
+
+    (tmp_path / "big.json").write_text(json.dumps({"merges": ["a b"] * 1000}))
+    with pytest.raises(ValueError, match="bytes, more than the 1,000 lmtrain reads"):
+        read_json(tmp_path / "big.json", limit=1000)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 32, "rms_norm_eps": 1e-6, "eos_token_id": 0}))
+    (src / "model.safetensors").write_bytes(b"x")
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": ["a b"] * 1000}}))
+    monkeypatch.setattr(pretrained, "TOKENIZER_LIMIT", 1000)
+    with pytest.raises(ConfigError, match="tokenizer.json is not readable JSON .* more than the 1,000"):
+        pretrained.open_source(str(src))
