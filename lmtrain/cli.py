@@ -280,14 +280,20 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional
 
     if prompt is not None and prompt_file is not None:
         raise LmtrainError("give either --prompt or --prompt-file, not both")
+    limit = 16 << 20  # bytes: a prompt is cut to the model's context anyway; /dev/zero must not fill memory
     if prompt == "-" or (prompt_file is not None and str(prompt_file) == "-"):
-        return sys.stdin.read()
-    if prompt_file is not None:
+        text = sys.stdin.read(limit + 1)
+    elif prompt_file is not None:
         try:
-            return prompt_file.read_text(encoding="utf-8")
+            with open(prompt_file, "rb") as f:
+                text = f.read(limit + 1).decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise LmtrainError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
-    return prompt
+    else:
+        return prompt
+    if len(text) > limit:
+        raise LmtrainError(f"the prompt is longer than {limit >> 20} MB; lmtrain reads at most that much of it")
+    return text
 
 
 @app.command(name="eval")

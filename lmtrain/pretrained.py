@@ -96,7 +96,8 @@ def _hf_source(path: Path, where: str) -> Source:
                           f"({size} tokens): the ids past {fields['vocab_size'] - 1} would have no embedding")
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    eot = tokenizer.id_to_token(eos) if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
+    known = isinstance(eos, int) and not isinstance(eos, bool) and 0 <= eos < size
+    eot = tokenizer.id_to_token(eos) if known else None
     if eot is None:
         raise ConfigError(f"{where}: config.json names no end-of-text token (eos_token_id) in its tokenizer")
     return Source(path, "hf", fields, tokenizer_file, eot, weights, frozenset(tokenizer.get_vocab(True)))
@@ -187,8 +188,11 @@ def resolve(config: Config) -> Config:
     if missing:
         raise ConfigError(f"tokenizer.special_tokens: {', '.join(quoted(t) for t in missing)} is not a token of "
                           f"{where}'s tokenizer, which is copied as it is; remove it")
-    tokenizer = dataclasses.replace(config.tokenizer, vocab_size=int(source.fields["vocab_size"]),
-                                    special_tokens=[source.eot] + extra)
+    try:
+        tokenizer = check_section("tokenizer", {**dataclasses.asdict(config.tokenizer), "special_tokens": [source.eot] + extra,
+                                                "vocab_size": source.fields["vocab_size"]}, where)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: its configuration gives {exc}") from None
     return dataclasses.replace(config, model=model, tokenizer=tokenizer)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Fault injection: SIGKILL lmtrain at random moments, restart it, and check nothing was lost.
 
-    python scripts/chaos_train.py [--kills 25] [--stage train|shard|tokenize|all] [--seed 0] [--set train.optimizer=muon]
+    python scripts/chaos_train.py [--kills 25] [--stage train|shard|tokenize|export|plan|all] [--seed 0]
+                                  [--set train.optimizer=muon]
 
 train:    runs `lmtrain train` on a tiny config that checkpoints every step (so kills land inside
           checkpoint writes too), kills it at random moments, restarts it, and repeats until the
@@ -15,6 +16,12 @@ shard:    the same for `lmtrain shard --force` (many small shards): every rerun 
           byte-identical to a clean build.
 tokenize: the same for `lmtrain tokenize --force`: tokenizer.json is always absent or whole,
           and the final one is identical to a clean build.
+export:   `lmtrain export --force` of a trained run, to an hf directory and a GGUF file, killed at
+          random moments beside a user's files (`model.tmp-notes/`, `model.gguf.tmp-final`,
+          `thesis.tex`): after every kill the export is absent or whole and byte-identical to a
+          clean one, and the user's files are untouched; a final export cleans what the killed
+          ones left.
+plan:     `lmtrain plan --out PLAN --force`, killed the same way: PLAN is absent or a whole config.
 
 Prints a table and one JSON line; exits 1 if any check fails.
 """
@@ -260,18 +267,116 @@ def chaos_tokenize(workdir: Path, kills: int, rng: random.Random, documents: int
             "identical": identical, "problems": problems}
 
 
+# ---------------------------------------------------------------------------------------------
+# export and plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _user_files(root: Path) -> dict[str, bytes]:
+    """A user's files beside the outputs, under names that look like lmtrain's leftovers."""
+    files = {"model.tmp-notes/notes.md": b"mine", "model.gguf.tmp-final": b"mine too", "thesis.tex": b"years"}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def chaos_export(workdir: Path, kills: int, rng: random.Random) -> dict:
+    from lmtrain.config import load_config
+    from lmtrain.prepare import build_shards, train_tokenizer
+
+    run = workdir / "run"
+    sets = base_sets(run, 80, 1 << 16) + TRAIN_SETS + ["train.max_steps=6", "model.pos_embedding=rope",
+                                                       "model.norm=rmsnorm", "model.mlp=swiglu"]
+    cfg = load_config(None, sets)
+    train_tokenizer(cfg)
+    build_shards(cfg)
+    run_to_end("train", *sets_args(sets))
+    outputs = workdir / "outputs"
+    outputs.mkdir()
+    user = _user_files(outputs)
+    targets = {"hf": outputs / "model", "gguf": outputs / "model.gguf"}
+    reference = {}
+    for fmt, out in targets.items():  # a clean export of each, elsewhere: what a whole one holds
+        clean = workdir / f"clean-{out.name}"
+        run_to_end("export", "--run", str(run), "--format", fmt, "--out", str(clean))
+        reference[fmt] = _tree(clean) if fmt == "hf" else clean.read_bytes()
+        run_to_end("export", "--run", str(run), "--format", fmt, "--out", str(out))
+
+    def whole(fmt: str, out: Path) -> bool:
+        if not out.exists():
+            return True
+        return (_tree(out) if fmt == "hf" else out.read_bytes()) == reference[fmt]
+
+    survived, problems = 0, []
+    while survived < kills:
+        fmt = rng.choice(list(targets))
+        proc = lmtrain("export", "--run", str(run), "--format", fmt, "--out", str(targets[fmt]), "--force")
+        if not kill_after(proc, lambda: True, rng.uniform(0.3, 4.0)):
+            if proc.returncode != 0:
+                problems.append(f"an export failed: {proc.stderr.read()[-300:]}")
+            continue
+        survived += 1
+        if not whole(fmt, targets[fmt]):
+            problems.append(f"after kill {survived}: {targets[fmt].name} is there but not whole")
+        if any((outputs / name).read_bytes() != data for name, data in user.items()):
+            problems.append(f"after kill {survived}: the user's files changed")
+    for fmt, out in targets.items():
+        run_to_end("export", "--run", str(run), "--format", fmt, "--out", str(out), "--force")
+        if not out.exists() or not whole(fmt, out):
+            problems.append(f"the final {fmt} export is missing or differs from a clean one")
+    left = sorted(p.name for p in outputs.iterdir() if p.name not in {"model", "model.gguf", "model.tmp-notes",
+                                                                       "model.gguf.tmp-final", "thesis.tex"})
+    if left:
+        problems.append(f"leftovers after a complete export: {left}")
+    if any((outputs / name).read_bytes() != data for name, data in user.items()):
+        problems.append("the user's files changed")
+    return {"stage": "export", "kills": survived, "survived": survived if not problems else None,
+            "identical": not problems, "problems": problems}
+
+
+def chaos_plan(workdir: Path, kills: int, rng: random.Random) -> dict:
+    import yaml
+
+    config = workdir / "config.yaml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+                                      "train": {"batch_size": 4, "warmup_steps": 2, "eval_batches": 1}}))
+    user = _user_files(workdir)
+    out = workdir / "plan.yaml"
+    survived, problems = 0, []
+    while survived < kills:
+        proc = lmtrain("plan", "--minutes", "0.5", "--config", str(config), "--out", str(out), "--force")
+        if not kill_after(proc, lambda: True, rng.uniform(2.0, 12.0), timeout=300):
+            continue
+        survived += 1
+        if out.exists():
+            try:
+                yaml.safe_load(out.read_text())["model"]["n_layer"]
+            except Exception as exc:
+                problems.append(f"after kill {survived}: plan.yaml is there but not whole ({exc})")
+        if any((workdir / name).read_bytes() != data for name, data in user.items()):
+            problems.append(f"after kill {survived}: the user's files changed")
+    return {"stage": "plan", "kills": survived, "survived": survived if not problems else None,
+            "identical": not problems, "problems": problems}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=25)
-    parser.add_argument("--stage", choices=["train", "shard", "tokenize", "all"], default="all")
+    parser.add_argument("--stage", choices=["train", "shard", "tokenize", "export", "plan", "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="train stage: an extra config override, e.g. train.optimizer=muon")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    stages = ["train", "shard", "tokenize"] if args.stage == "all" else [args.stage]
+    stages = ["train", "shard", "tokenize", "export", "plan"] if args.stage == "all" else [args.stage]
     runners = {"train": lambda *a: chaos_train(*a, extra=tuple(args.sets)), "shard": chaos_shard,
-               "tokenize": chaos_tokenize}
+               "tokenize": chaos_tokenize, "export": chaos_export, "plan": chaos_plan}
     reports = []
     with tempfile.TemporaryDirectory(prefix="lmtrain-chaos-") as tmp:
         for stage in stages:

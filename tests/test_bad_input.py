@@ -388,6 +388,13 @@ CASES = [
          "config.json's rms_norm_eps is nan, expected a positive finite number", llama_source(rms_norm_eps=float("nan"))),
     Case("init-from-fractional-width", "sharded", TRAIN + " --set model.init_from={tmp}/src",
          "config.json's hidden_size is 64.7, expected a whole number", llama_source(hidden_size=64.7)),
+    # -- found by our own adversarial round --------------------------------------------------------
+    Case("init-from-eos-id-huge", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "names no end-of-text token (eos_token_id) in its tokenizer", llama_source(eos_token_id=10**30)),
+    Case("init-from-vocab-huge", "sharded", TRAIN + " --set model.init_from={tmp}/src",
+         "its configuration gives tokenizer.vocab_size: must be", llama_source(vocab_size=10**12)),
+    Case("prompt-file-without-end", "trained", "sample --run {run} --prompt-file /dev/zero",
+         "the prompt is longer than 16 MB"),
     Case("init-from-index-escapes", "sharded", TRAIN + " --set model.init_from={tmp}/src",
          "names '../secret.safetensors', not a file of the source directory",
          lambda tmp, run: (llama_source()(tmp, run), (tmp / "src" / "model.safetensors.index.json").write_text(

@@ -40,6 +40,12 @@ def test_chaos_shard_kills_leave_no_half_written_set(tmp_path):
     assert report["problems"] == [] and report["identical"]
 
 
+@pytest.mark.slow
+def test_chaos_export_kills_keep_the_export_whole_and_the_users_files(tmp_path):
+    report = load_chaos().chaos_export(tmp_path, kills=3, rng=random.Random(3))
+    assert report["problems"] == [] and report["kills"] == 3
+
+
 def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
