@@ -124,17 +124,39 @@ class ArchitectureConfig:
     qk_norm: bool = _opt(False, help="RMSNorm on each head's queries and keys (before RoPE)")
     logit_softcap: float = _opt(0.0, ge=0.0, help="cap * tanh(logits / cap) on the output logits; 0 is off")
     zero_init_proj: bool = _opt(False, help="the projections into the residual stream (and an untied head) start at zero")
+    # What real checkpoints need (Llama 3, Qwen2/3, SmolLM2, Mistral); each default computes what
+    # lmtrain always computed.
+    n_kv_head: int = _opt(0, ge=0, help="key/value heads (grouped-query attention; 1 is multi-query); 0 means model.n_head")
+    head_dim: int = _opt(0, ge=0, help="size of each attention head; 0 means model.n_embd / model.n_head")
+    mlp_hidden: int = _opt(0, ge=0, help="the MLP's inner width; 0 means 4 x n_embd (gelu, relu2) or SwiGLU's 8/3 x, rounded up to 64")
+    norm_eps: float = _opt(0.0, ge=0.0, lt=0.1, help="epsilon of the norms; 0 means 1e-6 for rmsnorm and qk_norm, 1e-5 for layernorm")
+    qkv_bias: bool = _opt(False, help="biases on the q, k and v projections only (Qwen2), beside model.bias")
+    rope_scaling: Literal["none", "llama3"] = _opt("none", help="rope frequency scaling: none, or llama3 (Llama 3.1/3.2), as transformers computes it")
+    rope_scaling_factor: float = _opt(8.0, gt=0.0, help="llama3 rope scaling: factor")
+    rope_low_freq_factor: float = _opt(1.0, gt=0.0, help="llama3 rope scaling: low_freq_factor")
+    rope_high_freq_factor: float = _opt(4.0, gt=0.0, help="llama3 rope scaling: high_freq_factor")
+    rope_original_context: int = _opt(8192, ge=1, help="llama3 rope scaling: original_max_position_embeddings")
+    hf_class: Optional[str] = _opt(None, help="the transformers class this model is (set from model.init_from); exports write it")
 
     def check(self) -> None:
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and not self.head_dim:
             raise ConfigError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
-        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head}): "
+                              "each key/value head serves the same number of query heads")
+        head = self.head_dim or self.n_embd // self.n_head
+        if self.pos_embedding == "rope" and head % 2:
             raise ConfigError(
                 f"model.pos_embedding: rope needs an even head size, but model.n_embd / model.n_head "
                 f"= {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}"
             )
+        if self.rope_scaling != "none" and self.pos_embedding != "rope":
+            raise ConfigError(f"model.rope_scaling {self.rope_scaling} scales rotary positions: it needs "
+                              "model.pos_embedding: rope")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError("model.rope_high_freq_factor must be above model.rope_low_freq_factor")
 
 
 @dataclass

@@ -23,7 +23,7 @@ class KVCache:
     """Preallocated keys and values of every layer, for ``batch`` sequences of ``length`` positions."""
 
     def __init__(self, config, batch: int, length: int, device, dtype, static: bool = False) -> None:
-        shape = (batch, config.n_head, length, config.head_dim)
+        shape = (batch, config.kv_heads, length, config.head_size)  # grouped-query: the key/value heads only
         self._attach([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
                      [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
                      torch.zeros((), dtype=torch.long, device=device) if static else None)

@@ -48,14 +48,31 @@ class GPTConfig(ArchitectureConfig):
         return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's inner width (SwiGLU: of each of its gate and up halves)."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return swiglu_hidden(self.n_embd) if self.mlp == "swiglu" else 4 * self.n_embd
+
+    @property
+    def eps(self) -> float:
+        """The norms' epsilon: ``model.norm_eps``, or lmtrain's defaults (RMSNorm 1e-6, LayerNorm 1e-5)."""
+        return self.norm_eps or (RMS_EPS if self.norm == "rmsnorm" else LAYERNORM_EPS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-RMS_EPS = 1e-6
+RMS_EPS = 1e-6  # lmtrain's RMSNorm (and qk_norm) epsilon when model.norm_eps is 0
+LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's layer_norm_epsilon
 
 
 def swiglu_hidden(n_embd: int) -> int:
@@ -66,8 +83,8 @@ def swiglu_hidden(n_embd: int) -> int:
 
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=RMS_EPS)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.eps)
+    return nn.LayerNorm(config.n_embd, eps=config.eps, bias=config.bias)
 
 
 class QKNorm(nn.Module):
@@ -75,12 +92,18 @@ class QKNorm(nn.Module):
     one for k (Qwen3's q_norm and k_norm): it bounds the attention logits, which lets a higher
     learning rate train stably. Applied to q and k together, as they come out of the fused qkv."""
 
-    def __init__(self, head_dim: int) -> None:
+    def __init__(self, head_dim: int, eps: float = RMS_EPS) -> None:
         super().__init__()
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(2, 1, head_dim))  # [q, k], broadcast over heads
 
     def forward(self, qk: torch.Tensor) -> torch.Tensor:  # (B, T, 2, n_head, head_dim)
-        return F.rms_norm(qk, (qk.size(-1),), eps=RMS_EPS) * self.weight
+        return F.rms_norm(qk, (qk.size(-1),), eps=self.eps) * self.weight
+
+    def one(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """Queries (``which`` 0) or keys (1) alone, (B, T, heads, head_dim): with grouped-query
+        attention they have different head counts and cannot be stacked."""
+        return F.rms_norm(x, (x.size(-1),), eps=self.eps) * self.weight[which]
 
 
 def make_dropout(config: GPTConfig) -> nn.Module:
@@ -93,11 +116,29 @@ def make_dropout(config: GPTConfig) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (length, head_dim // 2) for positions 0..length-1."""
+def rope_tables(head_dim: int, length: int, theta: float, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim // 2) for positions 0..length-1 (``config``: a
+    GPTConfig whose ``rope_scaling`` rescales the frequencies)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if config is not None and config.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, config)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, config) -> torch.Tensor:
+    """Llama 3.1's rope scaling, step for step as transformers computes it
+    (``_compute_llama3_parameters``): long wavelengths slowed by ``factor``, short ones kept,
+    the band between blended smoothly."""
+    factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_context = config.rope_original_context
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -117,31 +158,45 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.kv_heads, config.head_size
+        width = self.n_head * self.head_dim
+        # q, k and v as one matmul: q's rows, then k's, then v's (k and v have n_kv heads each).
+        self.qkv = nn.Linear(config.n_embd, width + 2 * self.n_kv * self.head_dim, bias=config.bias or config.qkv_bias)
+        self.proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = config.dropout
         self.resid_dropout = make_dropout(config)
         self.rope = config.pos_embedding == "rope"
-        self.qk_norm = QKNorm(config.head_dim) if config.qk_norm else None
+        self.qk_norm = QKNorm(self.head_dim, config.norm_eps or RMS_EPS) if config.qk_norm else None
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
-        qk = qkv[:, :, :2] if self.qk_norm is None else self.qk_norm(qkv[:, :, :2])
-        if self.rope:
-            qk = apply_rope(qk, *rope)  # q and k rotated in one go
-        q, k = qk.unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        if self.n_kv == self.n_head:
+            qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+            qk = qkv[:, :, :2] if self.qk_norm is None else self.qk_norm(qkv[:, :, :2])
+            if self.rope:
+                qk = apply_rope(qk, *rope)  # q and k rotated in one go
+            q, k = qk.unbind(2)
+            v = qkv[:, :, 2]
+        else:
+            q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv * self.head_dim,
+                                         self.n_kv * self.head_dim], dim=-1)
+            q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+            if self.qk_norm is not None:
+                q, k = self.qk_norm.one(q, 0), self.qk_norm.one(k, 1)
+            if self.rope:  # rope's tables broadcast over (q|k, heads): drop the q|k axis
+                cos, sin = (t.squeeze(-3) for t in rope)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask, causal = None, True
         if cache is not None:
             k, v, mask, causal = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
+            **({"enable_gqa": True} if self.n_kv != self.n_head else {}),
         )
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
 
@@ -149,13 +204,9 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        if self.swiglu:
-            hidden = swiglu_hidden(config.n_embd)
-            # Gate and up projections as one matmul: one call instead of two per token.
-            self.up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
-        else:  # gelu or relu2
-            hidden = 4 * config.n_embd
-            self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        hidden = config.mlp_width
+        # SwiGLU's gate and up projections as one matmul: one call instead of two per token.
+        self.up = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.relu2 = config.mlp == "relu2"
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
@@ -203,7 +254,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if config.pos_embedding == "rope":
-            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta, config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
