@@ -223,6 +223,20 @@ def train(
 
 
 RunOption = typer.Option(..., "--run", "-r", help="The run directory (run.dir of its config).")
+ReadRunOption = typer.Option(None, "--run", "-r", help="The run directory (run.dir of its config).")
+ModelOption = typer.Option(None, "--model", help="Instead of --run: a model as it is (a Hugging Face directory, "
+                           "an lmtrain run or checkpoint directory).")
+
+
+def _run_or_model(run: Optional[Path], model: Optional[Path]) -> Path:
+    """What a reader reads: ``--run`` or ``--model``, exactly one of them."""
+    from lmtrain.errors import LmtrainError
+
+    if (run is None) == (model is None):
+        raise LmtrainError("give --run DIR (a run's checkpoint) or --model PATH (a model as it is), one of them")
+    if model is not None and not model.exists():
+        raise LmtrainError(f"--model {model}: no such file or directory")
+    return run if run is not None else model
 CheckpointOption = typer.Option("latest", "--checkpoint", help="latest, best, or a step-XXXXXXXX directory name.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 
@@ -230,7 +244,8 @@ DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 @app.command()
 @user_errors
 def sample(
-    run: Path = RunOption,
+    run: Optional[Path] = ReadRunOption,
+    model: Optional[Path] = ModelOption,
     checkpoint: str = CheckpointOption,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue; '-' reads stdin."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file ('-' for stdin)."),
@@ -250,6 +265,7 @@ def sample(
     """Generate text from a checkpoint; text streams to stdout, statistics go to stderr."""
     from lmtrain.sample import SampleOptions, sample as run_sample
 
+    run = _run_or_model(run, model)
     text = _read_prompt(prompt, prompt_file)
     options = SampleOptions(checkpoint=checkpoint, prompt=text, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
@@ -299,7 +315,8 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional
 @app.command(name="eval")
 @user_errors
 def eval_(
-    run: Path = RunOption,
+    run: Optional[Path] = ReadRunOption,
+    model: Optional[Path] = ModelOption,
     checkpoint: str = CheckpointOption,
     data: Optional[str] = typer.Option(None, "--data", help="Score this corpus (data.source syntax) instead of the val split."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Multiple-choice task files (JSONL), comma-separated: report accuracy instead."),
@@ -316,6 +333,7 @@ def eval_(
 
     from lmtrain.errors import LmtrainError
 
+    run = _run_or_model(run, model)
     if tasks is not None:
         if data is not None or max_tokens is not None or gguf is not None:
             raise LmtrainError("--tasks scores task files; --data, --max-tokens and --gguf are for bits per byte")

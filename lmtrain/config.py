@@ -264,6 +264,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # The keys ("model.n_head", ...) that the user wrote, in a config file or with --set: not the
+    # embedded default's, nor a dataclass default. model.init_from compares only these with its source.
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def run_dir(self) -> Path:
@@ -271,13 +274,13 @@ class Config:
         return Path(self.run.dir)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Config).items() if k != "given"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,18 +300,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Raises ``ConfigError`` with a one-line message for every problem a user can make.
     """
+    given: set[str] = set()
     if path is None:
         raw = _parse_yaml(default_config_text(), "the embedded default config")
         origin = "the embedded default config"
     else:
         raw = _read_yaml_file(Path(path))
         origin = str(path)
+        given = {f"{name}.{key}" for name, values in (raw.items() if isinstance(raw, dict) else ())
+                 if isinstance(values, dict) for key in values}
     for override in overrides:
         _apply_override(raw, override)
-    return config_from_dict(raw, origin)
+        given.add(override.split("=", 1)[0].strip())
+    return config_from_dict(raw, origin, frozenset(given))
 
 
-def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+def config_from_dict(raw: dict[str, Any], origin: str = "config", given: frozenset | None = None) -> Config:
     """Validate a plain dict (as YAML gives it) into a ``Config``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: must be a mapping of sections (run, data, ...), got {_kind(raw)}")
@@ -321,7 +328,9 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"{origin}: section {name!r} must be a mapping of keys, got {_kind(value)}")
         sections[name] = _build_section(name, SECTIONS[name], value, origin)
-    config = Config(**sections)
+    if given is None:  # everything the dict holds was written by its author
+        given = frozenset(f"{name}.{key}" for name, values in raw.items() if isinstance(values, dict) for key in values)
+    config = Config(**sections, given=given)
     for name in SECTIONS:
         section = getattr(config, name)
         if hasattr(section, "check"):
@@ -337,7 +346,7 @@ def _check_across_sections(config: Config) -> None:
     if tc.lora_rank and config.model.init_from is None:
         problems.append("train.lora_rank: LoRA adapts trained weights and needs model.init_from (an lmtrain run or "
                         "checkpoint, or a Hugging Face directory); set it, or train.lora_rank: 0 to train every weight")
-    if tc.lora_rank and tc.optimizer == "muon":
+    if tc.lora_rank and tc.optimizer == "muon" and "train.optimizer" in config.given:
         problems.append("train.optimizer muon orthogonalises whole weight matrices; LoRA's adapters train with "
                         "adamw: set train.optimizer: adamw, or train.lora_rank: 0")
     if problems:

@@ -136,6 +136,10 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
              gguf: Path | None = None) -> EvalResult:
     """Score a checkpoint on the run's val split, or on ``data_source`` (any ``data.source``);
     with ``gguf``, the weights of that GGUF export of the run instead (dequantized)."""
+    if data_source is None and not (run_dir / "config.yaml").is_file():
+        from lmtrain.errors import LmtrainError
+
+        raise LmtrainError(f"{run_dir} is a model, not a run: it has no val split; give --data (your text) or --tasks")
     loaded = load_model(run_dir, checkpoint, device)
     if gguf is not None:
         from lmtrain.export import load_gguf_into

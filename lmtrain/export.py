@@ -36,16 +36,17 @@ import torch
 from lmtrain.errors import ConfigError, LmtrainError
 from lmtrain.fsutil import (STAGING_MARK, TMP_MARKER, atomic_dir, atomic_path, describe_os_error, fsync_dir,
                             remove_stale_tmp, seal_staging, stale_leftovers, staging_dir, write_json)
-from lmtrain.hf_format import GPT2, LLAMA, LAYERNORM_EPS, RMS_EPS, architecture_of, hf_config, to_hf
-from lmtrain.model import swiglu_hidden
+from lmtrain.hf_format import GPT2, LLAMA, MISTRAL, QWEN2, architecture_of, hf_config, to_hf
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import RUN_ARTIFACTS, is_run_dir, tokenizer_path
 
 FORMATS = ("hf", "gguf", "peft")
+GGUF_ARCHS = {LLAMA: "llama", MISTRAL: "llama", QWEN2: "qwen2", GPT2: "gpt2"}  # llama.cpp's name for each
 # GGUF tensor types for --quant: llama.cpp's names. Matrices take the type (those whose rows are
 # not a whole number of quantization blocks fall back to f16); 1-D tensors stay f32.
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-ARCH_NAMES = {"llama": "Llama", "gpt2": "GPT-2", "starcoder2": "Starcoder2", "stablelm": "StableLM", "qwen3": "Qwen3"}
+ARCH_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT-2",
+              "starcoder2": "Starcoder2", "stablelm": "StableLM"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPORT_MARK = "lmtrain-export.json"  # in every directory export: what lmtrain wrote, from which run
 GGUF_MARK = "lmtrain.export"  # the same, as a GGUF metadata key
@@ -89,13 +90,16 @@ def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype
     out = check_out(Path(out), fmt, force)
     loaded = load_model(run_dir, checkpoint, "cpu")
     arch = architecture_of(loaded.model.config)
-    if fmt == "gguf" and arch not in (LLAMA, GPT2):
-        raise ExportError(f"GGUF export writes the llama and gpt2 architectures; this model maps to {arch} "
-                          "in transformers: export it with --format hf instead")
+    if fmt == "gguf" and arch not in GGUF_ARCHS:
+        raise ExportError(f"GGUF export writes the llama (Llama, Mistral), qwen2 and gpt2 architectures; this model "
+                          f"maps to {arch} in transformers: export it with --format hf instead")
+    if fmt == "gguf" and loaded.model.config.rope_scaling != "none":
+        raise ExportError("GGUF export does not write llama3 rope scaling (llama.cpp reads it as a rope_freqs "
+                          "tensor lmtrain does not write); export it with --format hf instead")
     if fmt == "gguf" and loaded.model.config.mlp == "relu2":
         raise ExportError("llama.cpp's gpt2 architecture computes GELU, and this model has model.mlp: relu2; "
                           "export it with --format hf instead")
-    if fmt == "gguf" and arch == LLAMA and loaded.model.config.bias:
+    if fmt == "gguf" and arch in (LLAMA, MISTRAL) and loaded.model.config.bias:
         raise ExportError("llama.cpp's llama architecture has no MLP biases, and this model has model.bias: "
                           "true; export it with --format hf instead")
     state = {k: v for k, v in loaded.model.state_dict().items()}
@@ -376,11 +380,14 @@ _GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "a
 
 def gguf_names(config) -> dict[str, str]:
     """Hugging Face tensor name -> GGUF tensor name, for every tensor of the export."""
-    if architecture_of(config) == LLAMA:
+    arch = architecture_of(config)
+    if arch != GPT2:
         names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
         for i in range(config.n_layer):
             names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in _LLAMA_BLOCK.items()})
+            if arch == QWEN2:  # its q, k and v biases
+                names.update({f"model.layers.{i}.self_attn.{p}_proj.bias": f"blk.{i}.attn_{p}.bias" for p in "qkv"})
         return names
     names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
              "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
@@ -394,9 +401,13 @@ def gguf_names(config) -> dict[str, str]:
 def _gguf_layout(name: str, tensor: torch.Tensor, config, to_gguf: bool) -> torch.Tensor:
     """The layout change between a Hugging Face tensor and its GGUF twin (``to_gguf``, or back):
     llama.cpp's interleaved RoPE order for q and k; GPT-2's Conv1D (in, out) matrices as (out, in)."""
-    if architecture_of(config) == LLAMA:
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            return (_permute_for_llama_cpp if to_gguf else _unpermute_for_llama_cpp)(tensor, config.n_head)
+    arch = architecture_of(config)
+    if arch in (LLAMA, MISTRAL):  # (qwen2 rotates split halves in llama.cpp too: nothing to reorder)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # k's heads are the key/value heads
+            heads = config.n_head if name.endswith("q_proj.weight") else config.kv_heads
+            return (_permute_for_llama_cpp if to_gguf else _unpermute_for_llama_cpp)(tensor, heads)
+        return tensor
+    if arch == QWEN2:
         return tensor
     return tensor.t() if name.startswith("transformer.h.") and tensor.dim() == 2 else tensor
 
@@ -404,7 +415,7 @@ def _gguf_layout(name: str, tensor: torch.Tensor, config, to_gguf: bool) -> torc
 def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """GGUF tensor names and contents (``(out, in)`` weights) from the Hugging Face state dict; a
     tied head is written as ``output.weight`` too (llama.cpp expects it)."""
-    embed = "model.embed_tokens.weight" if architecture_of(config) == LLAMA else "transformer.wte.weight"
+    embed = "transformer.wte.weight" if architecture_of(config) == GPT2 else "model.embed_tokens.weight"
     return {g: _gguf_layout(h, tensors.get(h, tensors[embed]) if h == "lm_head.weight" else tensors[h], config, True)
             for h, g in gguf_names(config).items()}
 
@@ -429,22 +440,24 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
     file_type = gguf.LlamaFileType.ALL_F32 if quant == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}")
 
     def write_file(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer = gguf.GGUFWriter(str(tmp), GGUF_ARCHS[arch])
         writer.add_name(loaded.config.run.name)
         writer.add_context_length(config.block_size)
         writer.add_embedding_length(config.n_embd)
         writer.add_block_count(config.n_layer)
         writer.add_head_count(config.n_head)
-        if arch == LLAMA:
-            writer.add_feed_forward_length(swiglu_hidden(config.n_embd))
-            writer.add_head_count_kv(config.n_head)
-            writer.add_layer_norm_rms_eps(RMS_EPS)
+        writer.add_feed_forward_length(config.mlp_width)
+        if arch != GPT2:
+            writer.add_head_count_kv(config.kv_heads)
+            writer.add_layer_norm_rms_eps(config.eps)
             writer.add_rope_freq_base(config.rope_theta)
-            writer.add_rope_dimension_count(config.n_embd // config.n_head)
+            writer.add_rope_dimension_count(config.head_size)
+            if config.head_dim:  # a head size other than n_embd / n_head
+                writer.add_key_length(config.head_size)
+                writer.add_value_length(config.head_size)
             writer.add_vocab_size(config.vocab_size)
         else:
-            writer.add_feed_forward_length(4 * config.n_embd)
-            writer.add_layer_norm_eps(LAYERNORM_EPS)
+            writer.add_layer_norm_eps(config.eps)
         writer.add_file_type(file_type)
         writer.add_tokenizer_model("gpt2")  # byte-level BPE, in llama.cpp's words
         writer.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex: what tokenizers' ByteLevel uses

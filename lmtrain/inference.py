@@ -7,6 +7,7 @@ the training precision on a GPU, fp32 on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +53,12 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") -> LoadedModel:
+    """A checkpoint of the run at ``run_dir`` (``latest``, ``best`` or ``step-XXXXXXXX``), ready to
+    sample or score; or, when ``run_dir`` is a model rather than a run (a Hugging Face directory,
+    an lmtrain checkpoint directory: ``--model``), that model (``load_source_model``)."""
+    if not resolved_config_path(run_dir).exists() and ((run_dir / "config.json").is_file()
+                                                        or (run_dir / ckpt.MODEL_FILE).is_file()):
+        return load_source_model(run_dir, device)
     config = load_run_config(run_dir)
     directory = checkpoints_dir(run_dir)
     if not ckpt.list_checkpoints(directory):
@@ -80,6 +87,31 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
     return LoadedModel(model, tokenizer, config, path, torch_device, amp,
                        eot_id(tokenizer, config.tokenizer.special_tokens), int(loaded.state["step"]), loaded.state,
                        loaded.tensors if is_lora_checkpoint(loaded.state) else None)
+
+
+def load_source_model(path: Path, device: str = "auto") -> LoadedModel:
+    """A model that ``model.init_from`` could start from, as it is: its architecture, weights and
+    tokenizer, the sampling settings at their defaults. What ``--model PATH`` loads, so that a
+    model can be measured on one's own data before deciding to fine-tune it."""
+    from lmtrain.config import RunConfig
+    from lmtrain.pretrained import open_source
+    from lmtrain.restore import Pretrained
+    from lmtrain.tokenizer import load_tokenizer_file
+
+    source = open_source(str(path), "--model")
+    defaults = Config()
+    config = dataclasses.replace(
+        defaults, run=RunConfig(name=Path(path).name, dir=str(path)),
+        model=dataclasses.replace(defaults.model, **source.architecture(), init_from=str(path)),
+        tokenizer=dataclasses.replace(defaults.tokenizer, vocab_size=source.fields["vocab_size"],
+                                      special_tokens=[source.eot]))
+    model = GPT(GPTConfig(**source.fields))
+    Pretrained(source).weights(model)
+    torch_device = resolve_device(device, "--device")
+    model.to(torch_device).eval()
+    tokenizer = load_tokenizer_file(source.tokenizer_file)
+    return LoadedModel(model, tokenizer, config, Path(path), torch_device, inference_amp_dtype("bf16", torch_device),
+                       eot_id(tokenizer, [source.eot]), 0, {})
 
 
 def _check_against_run_config(model_config: GPTConfig, config: Config, path: Path) -> None:

@@ -122,24 +122,24 @@ def is_lora_checkpoint(state: dict[str, Any]) -> bool:
 
 def target_rows(config, target: str) -> tuple[str, int, int]:
     """Where ``target`` lives in a block of a model of ``config`` (a ``GPTConfig``): the linear
-    layer (relative to the block) and the rows [start, stop) of its output that are the target."""
+    layer (relative to the block) and the rows [start, stop) of its output that are the target.
+    The fused qkv holds q's rows (n_head heads), then k's and v's (the key/value heads each)."""
     C = config.n_embd
+    q_rows, kv_rows = config.n_head * config.head_size, config.kv_heads * config.head_size
     if target in ("q", "k", "v"):
-        i = "qkv".index(target)
-        return "attn.qkv", i * C, (i + 1) * C
+        start = {"q": 0, "k": q_rows, "v": q_rows + kv_rows}[target]
+        return "attn.qkv", start, start + (q_rows if target == "q" else kv_rows)
     if target == "o":
         return "attn.proj", 0, C
     if target == "down":
         return "mlp.proj", 0, C
+    H = config.mlp_width
     if config.mlp == "swiglu":
-        from lmtrain.model import swiglu_hidden
-
-        H = swiglu_hidden(C)
         return ("mlp.up", 0, H) if target == "gate" else ("mlp.up", H, 2 * H)
     if target == "gate":
         raise ConfigError(f"train.lora_targets: gate is SwiGLU's gate projection, and this model has "
                           f"model.mlp {config.mlp} (no gate); use up and down for its MLP")
-    return "mlp.up", 0, 4 * C
+    return "mlp.up", 0, H
 
 
 def check_config(config, sharded: bool) -> None:

@@ -353,11 +353,11 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention.
 
         N excludes the embedding tables but includes the LM head (a real matmul even when tied);
-        attention adds 12 * n_layer * n_embd * T (PaLM, appendix B).
+        attention adds 12 * n_layer * (n_head * head size) * T (PaLM, appendix B).
         """
         c = self.config
         T = seq_len or c.block_size
         n = self.num_params(embeddings=False)
         if c.tie_embeddings:
             n += self.lm_head.weight.numel()
-        return 6 * n + 12 * c.n_layer * c.n_embd * T
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_size * T

@@ -1,11 +1,13 @@
 """``model.init_from``: start a run from someone else's weights (fine-tuning).
 
-A source is a Hugging Face model directory on disk (``config.json`` + safetensors, Llama or GPT-2
-architecture: for example one ``lmtrain export`` wrote) or an lmtrain run directory or checkpoint.
-Nothing is ever downloaded. From the source come:
+A source is a Hugging Face model directory on disk (``config.json`` + safetensors, sharded or not,
+of ``LlamaForCausalLM`` (SmolLM2, TinyLlama, Llama 3.x), ``MistralForCausalLM``,
+``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` or ``GPT2LMHeadModel``) or an lmtrain run directory or
+checkpoint. Nothing is ever downloaded. From the source come:
 
-- the architecture: ``resolve(config)`` fills the ``model`` section from it, and refuses a
-  ``model.*`` key the config sets to something else (naming both values);
+- the architecture: ``resolve(config)`` fills the ``model`` section from it (grouped-query
+  attention, head size, MLP width, norm epsilon, q/k/v biases, llama3 rope scaling and the class
+  included), and refuses a ``model.*`` key the user set to something else (naming both values);
 - the tokenizer: ``lmtrain tokenize`` copies the source's instead of training one (it must be a
   byte-level BPE), and its end-of-text token becomes ``tokenizer.special_tokens[0]``;
 - the weights: ``lmtrain train`` loads them into the new model (the vocabulary padded as usual)
@@ -14,25 +16,28 @@ Nothing is ever downloaded. From the source come:
 
 This module reads a source's configuration only, never its weights.
 
-What lmtrain cannot compute exactly (grouped-query attention, rope scaling, other activations or
-norm epsilons, other widths) is refused with one line and the reason, never approximated.
+What lmtrain cannot compute exactly (other rope scalings, activations, a sliding window shorter
+than the context) is refused with one line and the reason, never approximated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmtrain import checkpoint as ckpt
-from lmtrain.config import ArchitectureConfig, Config, check_section
+from lmtrain.config import Config, check_section
 from lmtrain.errors import CheckpointError, ConfigError, first_line, quoted
 from lmtrain.fsutil import read_json
 from lmtrain.hf_format import model_fields_from_hf
 from lmtrain.rundir import checkpoints_dir, tokenizer_path
+
+log = logging.getLogger("lmtrain.train")
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CONFIG_LIMIT = 1 << 20  # bytes: a config.json or index is kilobytes
@@ -163,26 +168,37 @@ def _lmtrain_source(path: Path, where: str) -> Source:
     return Source(checkpoint, "lmtrain", fields, tokenizer_file, specials[0], [checkpoint / ckpt.MODEL_FILE], tokens)
 
 
+FINE_TUNING_LR = 5e-5  # AdamW's peak rate for a whole model started from trained weights
+LORA_LR = 2e-4  # ... and for LoRA adapters, which start at zero and are few
+
+
 def resolve(config: Config) -> Config:
     """``config`` with the model section and the tokenizer settings that ``model.init_from``
-    implies; unchanged without it. A ``model.*`` key set to something else than the source's
-    (and not just left at its default) is refused, naming both values."""
+    implies; unchanged without it.
+
+    The architecture is the source's. Only the ``model.*`` keys the user wrote (``config.given``:
+    their config file and ``--set``, not the embedded default's) are compared with it, and a
+    different value is refused, naming both, every such key at once; ``model.block_size`` may be
+    shorter than a rotary source's context (the training windows). Unless the user chose them,
+    fine-tuning trains with AdamW at a fine-tuning rate (``FINE_TUNING_LR``, ``LORA_LR``)."""
     if config.model.init_from is None:
         return config
     where = f"model.init_from {config.model.init_from}"
     source = open_source(config.model.init_from)
-    defaults = ArchitectureConfig()
     wanted = source.architecture()
     try:  # the source's values within the config's bounds, as if the user had written them
         check_section("model", wanted, where)
     except ConfigError as exc:
         raise ConfigError(f"{where}: its configuration gives {exc}") from None
-    clashes = [f"model.{name}: the config says {getattr(config.model, name)!r}, the source has {value!r}"
-               for name, value in wanted.items()
-               if getattr(config.model, name) not in (value, getattr(defaults, name))]
+    mine = {name: getattr(config.model, name) for name in wanted if f"model.{name}" in config.given}
+    if "block_size" in mine and wanted["pos_embedding"] == "rope" and mine["block_size"] <= wanted["block_size"]:
+        wanted["block_size"] = mine["block_size"]  # shorter windows; the source's context stays in its exports
+    clashes = [f"model.{name}: the config says {value!r}, the source has {wanted[name]!r}"
+               for name, value in mine.items() if value != wanted[name]]
     if clashes:
         raise ConfigError(f"{where}: {'; '.join(clashes)}; remove those keys or make them the source's")
     model = dataclasses.replace(config.model, **wanted)
+    train = _fine_tuning_defaults(config)
     extra = [t for t in config.tokenizer.special_tokens[1:] if t != source.eot]
     missing = [t for t in extra if t not in source.tokens]
     if missing:
@@ -193,6 +209,31 @@ def resolve(config: Config) -> Config:
                                                 "vocab_size": source.fields["vocab_size"]}, where)
     except ConfigError as exc:
         raise ConfigError(f"{where}: its configuration gives {exc}") from None
-    return dataclasses.replace(config, model=model, tokenizer=tokenizer)
+    return dataclasses.replace(config, model=model, tokenizer=tokenizer, train=train)
+
+
+_said: set[str] = set()  # runs whose fine-tuning choices were logged (resolve runs once per stage)
+
+
+def _fine_tuning_defaults(config: Config):
+    """The ``train`` section for fine-tuning: AdamW at a fine-tuning rate where the user chose no
+    optimizer or rate (the embedded default's Muon at 2e-2 is for training from scratch, and
+    LoRA's adapters train with AdamW), and says so once."""
+    tc, given, changes = config.train, config.given, {}
+    if "train.optimizer" not in given and tc.optimizer != "adamw":
+        changes["optimizer"] = "adamw"
+    if "train.lr" not in given:
+        changes["lr"] = LORA_LR if tc.lora_rank else FINE_TUNING_LR
+        if "train.min_lr" not in given:
+            changes["min_lr"] = changes["lr"] / 10
+    if not changes:
+        return tc
+    train = dataclasses.replace(tc, **changes)
+    train.check()
+    if str(config.run_dir) not in _said:
+        _said.add(str(config.run_dir))
+        log.info("model.init_from: fine-tuning with %s (set train.optimizer / train.lr to choose otherwise)",
+                 ", ".join(f"train.{k} {v:g}" if isinstance(v, float) else f"train.{k} {v}" for k, v in changes.items()))
+    return train
 
 

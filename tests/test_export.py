@@ -303,12 +303,15 @@ def test_init_from_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
             resolve(load_config(config, list(sets)))
         return str(info.value)
 
-    gqa = source("gqa", num_key_value_heads=1)
-    result = run_cli("train", "--config", str(config), "--set", gqa)  # through the CLI once: one line, exit 2
+    # Grouped-query attention, other epsilons and MLP widths are exact now (tests/test_real_models.py);
+    # what lmtrain would still only approximate is refused.
+    dynamic = source("dynamic", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    result = run_cli("train", "--config", str(config), "--set", dynamic)  # through the CLI once: one line, exit 2
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "grouped-query attention (1 key/value heads for 2 heads)" in result.stderr
-    assert "rms_norm_eps 1e-05" in refused(source("eps", rms_norm_eps=1e-5))
-    assert "intermediate_size 96" in refused(source("width", intermediate_size=96))
+    assert "rope scaling of type 'dynamic'" in result.stderr
+    assert "hidden_act 'gelu'" in refused(source("act", hidden_act="gelu"))
+    assert "not a multiple of num_key_value_heads 3" in refused(source("ratio", num_key_value_heads=3, num_attention_heads=4,
+                                                                        hidden_size=32))
     good = source("good")
     assert "model.n_layer: the config says 5, the source has 2" in refused(good, "model.n_layer=5")
     both = refused(good, "model.n_layer=5", "model.n_embd=64")  # every reason at once, not one per attempt
@@ -325,7 +328,7 @@ def test_what_cannot_be_exported_or_loaded_is_one_line_and_writes_nothing(tiny_r
                                "train.max_steps=2"]))
     result = run_cli("export", "--run", str(run_dir), "--format", "hf", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "learned+rmsnorm+swiglu has no exact counterpart" in result.stderr
-    assert ("supported: rope+rmsnorm+swiglu (Llama; with qk_norm and no biases, Qwen3), "
+    assert ("supported: rope+rmsnorm+swiglu (Llama, Mistral; with model.qkv_bias, Qwen2; with qk_norm, Qwen3), "
             "learned+layernorm+gelu|relu2 (GPT-2)") in result.stderr
     assert not (tmp_path / "out").exists()
     # A Hugging Face directory whose weights are not safetensors.
@@ -354,6 +357,6 @@ def test_stablelm_with_biases_and_gguf_of_other_shapes_are_refused(tiny_run, tmp
     with pytest.raises(LmtrainError, match="rope\\+layernorm\\+swiglu has no exact counterpart"):
         export(run_dir, "hf", tmp_path / "hf")
     train(load_config(config, ARCHS["starcoder2"] + ["train.max_steps=2"]), restart=True)
-    with pytest.raises(LmtrainError, match="GGUF export writes the llama and gpt2 architectures"):
+    with pytest.raises(LmtrainError, match="GGUF export writes the llama \\(Llama, Mistral\\), qwen2 and gpt2 architectures"):
         export(run_dir, "gguf", tmp_path / "m.gguf")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()

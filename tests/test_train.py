@@ -52,8 +52,8 @@ def interrupted_at(stop_step, cfg, monkeypatch):
 
     real_run = StepRunner.run
 
-    def step_then_signal(self, step, batches, timings=None):
-        out = real_run(self, step, batches, timings)
+    def step_then_signal(self, step, batches, lr, timings=None):
+        out = real_run(self, step, batches, lr, timings)
         if step + 1 == stop_step:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
