@@ -171,7 +171,8 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
 
 
 def _tokenize_source(loaded: LoadedModel, source: str, max_tokens: int | None) -> tuple[np.ndarray, int]:
-    """All documents of ``source``, each followed by end-of-text, as one stream; and their bytes."""
+    """All documents of ``source``, each after the tokenizer's BOS (where it has one) and followed
+    by end-of-text, as one stream (the shards' layout); and their bytes."""
     from lmtrain.config import DataConfig
     from lmtrain.corpus import check_sources, iter_documents
     from lmtrain.errors import DataError
@@ -185,7 +186,7 @@ def _tokenize_source(loaded: LoadedModel, source: str, max_tokens: int | None) -
         for batch in _chunks(iter_documents(source, data), 256):
             for doc, enc in zip(batch, loaded.tokenizer.encode_batch_fast([d.text for d in batch],
                                                                           add_special_tokens=False)):
-                pieces.append(np.asarray(enc.ids + [loaded.eot_id], dtype=np.int64))
+                pieces.append(np.asarray(loaded.bos + enc.ids + [loaded.eot_id], dtype=np.int64))
                 n_bytes += len(doc.text.encode("utf-8", "surrogatepass"))
                 count += len(pieces[-1])
             bar.update(len(batch))

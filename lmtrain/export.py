@@ -39,6 +39,7 @@ from lmtrain.fsutil import (STAGING_MARK, TMP_MARKER, atomic_dir, atomic_path, d
 from lmtrain.hf_format import GPT2, LLAMA, MISTRAL, QWEN2, architecture_of, hf_config, to_hf
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import RUN_ARTIFACTS, is_run_dir, tokenizer_path
+from lmtrain.tokenizer import SOURCE_TOKENIZER_FILES
 
 FORMATS = ("hf", "gguf", "peft")
 GGUF_ARCHS = {LLAMA: "llama", MISTRAL: "llama", QWEN2: "qwen2", GPT2: "gpt2"}  # llama.cpp's name for each
@@ -52,7 +53,7 @@ EXPORT_MARK = "lmtrain-export.json"  # in every directory export: what lmtrain w
 GGUF_MARK = "lmtrain.export"  # the same, as a GGUF metadata key
 EXPORT_FILES = {  # what a directory export holds: --force replaces a folder holding nothing else
     "hf": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-           "README.md", EXPORT_MARK},
+           "special_tokens_map.json", "chat_template.jinja", "README.md", EXPORT_MARK},
     "peft": {"adapter_model.safetensors", "adapter_config.json", "README.md", EXPORT_MARK},
 }
 
@@ -249,8 +250,12 @@ def _write_hf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, 
         save_file(cast, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf)
         write_json(tmp / "generation_config.json", generation)
-        shutil.copyfile(tokenizer_path(run_dir), tmp / "tokenizer.json")
         write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        # A run started from a model keeps its tokenizer's files (BOS/EOS settings, the chat
+        # template, the generation config with every EOS id): they go back as they came.
+        for name in ("tokenizer.json", *SOURCE_TOKENIZER_FILES):
+            if (tokenizer_path(run_dir).parent / name).is_file():
+                shutil.copyfile(tokenizer_path(run_dir).parent / name, tmp / name)
         (tmp / "README.md").write_text(model_card(loaded, run_dir, architecture_of(config)), encoding="utf-8")
         (tmp / EXPORT_MARK).write_text(_export_mark(loaded, "hf", run_dir) + "\n", encoding="utf-8")
 
@@ -428,7 +433,7 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
     config = loaded.model.config
     arch = architecture_of(config)
     raw = json.loads(tokenizer_path(run_dir).read_text("utf-8"))
-    if raw["model"].get("type") != "BPE":
+    if raw["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):
         raise ExportError(f"GGUF holds byte-level BPE tokenizers (llama.cpp's gpt2 type); this run's is "
                           f"{raw['model'].get('type')} (tokenizer.model: unigram): export it with --format hf "
                           "instead, or train the run with tokenizer.model: bpe")

@@ -19,11 +19,11 @@ from lmtrain.config import Config, load_config, resolved_config_path
 from lmtrain.device import inference_amp_dtype, resolve_device
 from lmtrain.errors import CheckpointError, RunDirError
 from lmtrain.model import GPT, GPTConfig
-from lmtrain.fsutil import sha256_file
+from lmtrain.fsutil import read_json, sha256_file
 from lmtrain.lora import is_lora_checkpoint
 from lmtrain.restore import load_model_weights
 from lmtrain.rundir import checkpoints_dir, tokenizer_path
-from lmtrain.tokenizer import eot_id, load_tokenizer
+from lmtrain.tokenizer import bos_ids, eot_id, load_tokenizer, run_bos_ids
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -41,6 +41,19 @@ class LoadedModel:
     step: int
     state: dict  # the checkpoint's state.json, read with its weights (once: the trainer may prune it)
     adapters: dict | None = None  # a LoRA checkpoint's own tensors (its adapters), else None
+    bos: list = dataclasses.field(default_factory=list)  # ids before every text (a source tokenizer's BOS)
+    stop_ids: frozenset = frozenset()  # generation ends at these too: every EOS id of a source's generation_config
+
+
+def stop_ids(directory: Path) -> frozenset:
+    """Every ``eos_token_id`` of ``directory``'s generation_config.json (Llama 3 lists several)."""
+    file = directory / "generation_config.json"
+    try:
+        eos = read_json(file, 1 << 20).get("eos_token_id") if file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return frozenset()
+    eos = eos if isinstance(eos, list) else [eos]
+    return frozenset(i for i in eos if isinstance(i, int) and not isinstance(i, bool))
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -86,7 +99,8 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
     amp = inference_amp_dtype(loaded.state.get("precision", "fp32"), torch_device)
     return LoadedModel(model, tokenizer, config, path, torch_device, amp,
                        eot_id(tokenizer, config.tokenizer.special_tokens), int(loaded.state["step"]), loaded.state,
-                       loaded.tensors if is_lora_checkpoint(loaded.state) else None)
+                       loaded.tensors if is_lora_checkpoint(loaded.state) else None, run_bos_ids(run_dir, tokenizer),
+                       stop_ids(tokenizer_path(run_dir).parent))
 
 
 def load_source_model(path: Path, device: str = "auto") -> LoadedModel:
@@ -110,8 +124,10 @@ def load_source_model(path: Path, device: str = "auto") -> LoadedModel:
     torch_device = resolve_device(device, "--device")
     model.to(torch_device).eval()
     tokenizer = load_tokenizer_file(source.tokenizer_file)
+    settings = source.tokenizer_file.parent / "tokenizer_config.json"
+    bos = bos_ids(tokenizer, read_json(settings, 16 << 20) if settings.is_file() else None)
     return LoadedModel(model, tokenizer, config, Path(path), torch_device, inference_amp_dtype("bf16", torch_device),
-                       eot_id(tokenizer, [source.eot]), 0, {})
+                       eot_id(tokenizer, [source.eot]), 0, {}, None, bos, stop_ids(source.tokenizer_file.parent))
 
 
 def _check_against_run_config(model_config: GPTConfig, config: Config, path: Path) -> None:

@@ -31,9 +31,9 @@ from lmtrain.rundir import (checkpoints_dir, data_dir, hold_run_dir, move_aside,
                             tokenizer_dir, tokenizer_path)
 from lmtrain.shards import (HEADER_BYTES, MANIFEST_NAME, SPLITS, Manifest, ShardWriter, SplitTotals, make_manifest,
                             old_name, read_manifest, recover_interrupted_swap, shard_fingerprint)
-from lmtrain.tokenizer import (build_tokenizer, bytes_per_token, check_specials_are_single_ids,
-                               check_tokenizer_agrees, eot_id, load_tokenizer, load_tokenizer_file,
-                               tokenizer_settings)
+from lmtrain.tokenizer import (SOURCE_TOKENIZER_FILES, build_tokenizer, bytes_per_token,
+                               check_specials_are_single_ids, check_tokenizer_agrees, eot_id, load_tokenizer,
+                               load_tokenizer_file, run_bos_ids, tokenizer_settings)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -135,13 +135,13 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         settings=tokenizer_settings(config),
         moved_aside=[],
     )
-    _install(config, lambda target: tokenizer.save(str(target)), stats)
+    _install(config, lambda directory: tokenizer.save(str(directory / "tokenizer.json")), stats)
     log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)
     return stats
 
 
 def _install(config: Config, write_tokenizer, stats: TokenizerStats) -> None:
-    """Put a new ``tokenizer/`` (``write_tokenizer(path)`` writes tokenizer.json) and its stats in
+    """Put a new ``tokenizer/`` (``write_tokenizer(directory)`` writes tokenizer.json) and its stats in
     place. Only now does anything touch the run directory. The directory is filled beside the old
     one and swapped in whole, so a full disk leaves the old tokenizer (and what was made with it)
     exactly where it was; a new tokenizer makes the run's shards and checkpoints meaningless, so
@@ -151,7 +151,7 @@ def _install(config: Config, write_tokenizer, stats: TokenizerStats) -> None:
     remove_stale_tmp(run_dir)
     try:
         with atomic_dir(out_dir) as staging:
-            write_tokenizer(staging / "tokenizer.json")
+            write_tokenizer(staging)
             stats.sha256 = sha256_file(staging / "tokenizer.json")
             write_json(staging / "stats.json", {k: v for k, v in asdict(stats).items() if k != "moved_aside"})
             for old in (out_dir, data_dir(run_dir), checkpoints_dir(run_dir), tb_dir(run_dir)):
@@ -174,7 +174,12 @@ def _copy_from_source(config: Config) -> TokenizerStats:
                            documents=0, utf8_bytes=0, train_seconds=0.0, bytes_per_token=None, measured_on="none",
                            sha256="", path=str(tokenizer_path(config.run_dir)), settings=tokenizer_settings(config),
                            moved_aside=[], copied_from=str(source.tokenizer_file))
-    _install(config, lambda target: shutil.copyfile(source.tokenizer_file, target), stats)
+    def copy(directory: Path) -> None:
+        for name in ("tokenizer.json", *SOURCE_TOKENIZER_FILES):
+            if (source.tokenizer_file.parent / name).is_file():
+                shutil.copyfile(source.tokenizer_file.parent / name, directory / name)
+
+    _install(config, copy, stats)
     return stats
 
 
@@ -257,9 +262,10 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
     tokenizer = load_tokenizer(run_dir)
     tok_sha = sha256_file(tokenizer_path(run_dir))
     eot = eot_id(tokenizer, config.tokenizer.special_tokens)
+    bos = run_bos_ids(run_dir, tokenizer)  # a source's BOS starts every document, as in its pretraining
     vocab_size = tokenizer.get_vocab_size()
     out = data_dir(run_dir)
-    fingerprint = shard_fingerprint(config, tok_sha)
+    fingerprint = shard_fingerprint(config, tok_sha, bos)
 
     recover_interrupted_swap(out)
     if not force and _is_up_to_date(out, fingerprint):
@@ -290,10 +296,10 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
             for batch in _batches(iter_both_splits(config.data)):
                 pending.append((batch, pool.submit(_encode, tokenizer, batch)))
                 if len(pending) > ENCODE_AHEAD:
-                    total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), eot,
+                    total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), bos, eot,
                                                               bar, total_tokens, total_docs)
             while pending:
-                total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), eot,
+                total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), bos, eot,
                                                           bar, total_tokens, total_docs)
         records = [r for split in SPLITS for r in writers[split].close()]
         seconds = time.perf_counter() - start
@@ -320,12 +326,12 @@ def _encode(tokenizer, batch: list[tuple[Split, Document]]):
     return tokenizer.encode_batch_fast([doc.text for _, doc in batch], add_special_tokens=False)
 
 
-def _write_encoded(writers, batch, future, eot: int, bar, total_tokens, total_docs):
+def _write_encoded(writers, batch, future, bos: list[int], eot: int, bar, total_tokens, total_docs):
     import numpy as np
 
     batch_tokens = 0
     for (split, doc), enc in zip(batch, future.result()):
-        ids = enc.ids  # a fresh list each access: take it once
+        ids = bos + enc.ids  # (enc.ids is a fresh list each access: take it once)
         ids.append(eot)
         writer = writers[split]
         raw = doc.text.encode("utf-8", "surrogatepass")

@@ -23,7 +23,6 @@ than the context) is refused with one line and the reason, never approximated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -93,7 +92,9 @@ def _hf_source(path: Path, where: str) -> Source:
     weights = _safetensors_files(path, where)
     tokenizer_file = path / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise ConfigError(f"{where}: no tokenizer.json (a fast, byte-level BPE tokenizer is needed)")
+        hint = (" (only a SentencePiece tokenizer.model: `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)` in "
+                "transformers writes the tokenizer.json lmtrain reads)") if (path / "tokenizer.model").is_file() else ""
+        raise ConfigError(f"{where}: no tokenizer.json{hint}")
     tokenizer = _read_tokenizer(tokenizer_file, where)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > fields["vocab_size"]:
@@ -131,15 +132,17 @@ def _safetensors_files(path: Path, where: str) -> list[Path]:
 
 
 def _read_tokenizer(tokenizer_file: Path, where: str):
-    """A source's tokenizer, its size checked before it is loaded (a tokenizer.json of 10 M merges
-    took 15 GB to load), and its kind: lmtrain reproduces byte-level BPE and Unigram exactly."""
+    """A source's tokenizer as it ships, its size checked before it is loaded (a tokenizer.json of
+    10 M merges took 15 GB to load): byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM), SentencePiece-
+    style BPE with byte fallback (TinyLlama, Mistral, Llama 2), or Unigram."""
     from tokenizers import Tokenizer
 
     raw = _source_json(tokenizer_file, where, TOKENIZER_LIMIT)
     model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict) or model.get("type") not in ("BPE", "Unigram") \
-            or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):
-        raise ConfigError(f"{where}: its tokenizer is not a byte-level BPE or Unigram (lmtrain's kinds); it cannot be used")
+    if not isinstance(model, dict) or model.get("type") not in ("BPE", "Unigram"):
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise ConfigError(f"{where}: its tokenizer is a {quoted(kind)} model; lmtrain reads BPE (byte-level or "
+                          "with byte fallback) and Unigram tokenizers")
     try:
         return Tokenizer.from_file(str(tokenizer_file))
     except Exception as exc:  # tokenizers raises its own exception type for a malformed file

@@ -117,10 +117,11 @@ def resolve_options(section: SampleConfig, options: SampleOptions) -> SampleConf
 
 
 def prompt_tokens(loaded: LoadedModel, text: str) -> list[int]:
-    """The prompt's ids; an empty prompt starts from the end-of-text token."""
+    """The prompt's ids, after the tokenizer's BOS where it has one; an empty prompt starts from
+    the BOS, or from the end-of-text token."""
     if not text:
-        return [loaded.eot_id]
-    ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+        return list(loaded.bos) or [loaded.eot_id]
+    ids = list(loaded.bos) + loaded.tokenizer.encode(text, add_special_tokens=False).ids
     block = loaded.model.config.block_size
     if len(ids) >= block and loaded.model.config.pos_embedding == "learned":
         raise LmtrainError(
@@ -144,7 +145,7 @@ def _one_sample(loaded: LoadedModel, prompt_ids: list[int], max_new: int, params
     for token in tokens:
         token_id = int(token[0, 0])
         produced += 1
-        if token_id == loaded.eot_id or stream.add(token_id):
+        if token_id == loaded.eot_id or token_id in loaded.stop_ids or stream.add(token_id):
             break
     return stream.finish(), produced
 

@@ -211,15 +211,19 @@ class ShardWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_fingerprint(config: Config, tokenizer_sha256: str) -> dict[str, Any]:
-    """Everything the shards' content depends on: when it is unchanged, they are up to date."""
-    return {
+def shard_fingerprint(config: Config, tokenizer_sha256: str, bos: list[int] | None = None) -> dict[str, Any]:
+    """Everything the shards' content depends on: when it is unchanged, they are up to date.
+    ``bos``: the ids before every document (a source tokenizer's BOS; none for lmtrain's own)."""
+    fingerprint = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tokenizer_sha256,
         "special_tokens": list(config.tokenizer.special_tokens),
         "data": asdict(config.data),
         "shard_tokens": config.shard.shard_tokens,
     }
+    if bos:
+        fingerprint["bos"] = list(bos)
+    return fingerprint
 
 
 @dataclass
@@ -456,7 +460,8 @@ def check_shards_agree(config: Config, tokenizer_sha256: str) -> None:
     if manifest.tokenizer_sha256 != tokenizer_sha256:
         raise RunDirError(f"the shards in {directory} were made with another tokenizer than the run's "
                           "tokenizer.json; rebuild them with `lmtrain shard` before training")
-    differences = fingerprint_differences(manifest.fingerprint, shard_fingerprint(config, tokenizer_sha256))
+    differences = fingerprint_differences(manifest.fingerprint, shard_fingerprint(
+        config, tokenizer_sha256, manifest.fingerprint.get("bos") if isinstance(manifest.fingerprint, dict) else None))
     if differences:
         raise RunDirError(f"the shards in {directory} were built with {differences[0]}; rebuild them "
                           "with `lmtrain shard` before training")

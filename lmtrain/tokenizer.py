@@ -67,6 +67,41 @@ def check_tokenizer_agrees(config: Config) -> None:
                           "the old tokenizer, shards and checkpoints aside)")
 
 
+# A source's tokenizer files beside tokenizer.json, copied into the run as they are: transformers
+# reads BOS/EOS and the chat template from them, and every export writes them back.
+SOURCE_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                          "generation_config.json")
+
+
+def bos_ids(tokenizer: "Tokenizer", tokenizer_config: dict | None = None) -> list[int]:
+    """The ids transformers' tokenizer puts before every text (its BOS): what the tokenizer's
+    post-processor adds in front, as ``tokenizer_config.json``'s ``add_bos_token`` sets it (Llama
+    2/3 and TinyLlama add one, SmolLM2 and Qwen none, lmtrain's own tokenizers none)."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    prefix = full[:at]
+    add = (tokenizer_config or {}).get("add_bos_token")
+    if add is False:
+        return []
+    if add is True and not prefix:
+        token = (tokenizer_config or {}).get("bos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        bos = tokenizer.token_to_id(token) if isinstance(token, str) else None
+        return [bos] if bos is not None else []
+    return prefix
+
+
+def run_bos_ids(run_dir: Path, tokenizer: "Tokenizer | None" = None) -> list[int]:
+    """``bos_ids`` of the run's tokenizer, with the tokenizer_config.json copied beside it."""
+    config_file = tokenizer_dir(run_dir) / "tokenizer_config.json"
+    try:
+        tokenizer_config = read_json(config_file, 16 << 20) if config_file.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"{config_file} is not readable JSON ({first_line(exc, 80)})") from None
+    return bos_ids(tokenizer or load_tokenizer(run_dir), tokenizer_config if isinstance(tokenizer_config, dict) else None)
+
+
 def build_tokenizer(model: str = "bpe") -> "Tokenizer":
     """An untrained byte-level tokenizer (model, pre-tokenizer, decoder): ``bpe`` or ``unigram``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -224,3 +224,64 @@ def test_sample_and_eval_read_a_model_as_it_is(family, prepared_run, tmp_path, m
     assert scored["tokens"] == count and scored["loss"] == pytest.approx(total / count, abs=1e-5)
     refused = runner.invoke(app, ["eval", "--model", str(tmp_path / "src")])
     assert refused.exit_code == 2 and "has no val split; give --data" in refused.stderr
+
+
+def sentencepiece_style_tokenizer(corpus: Path, path: Path) -> None:
+    """A TinyLlama/Mistral-style tokenizer.json: BPE over '▁'-joined text with byte fallback,
+    <unk> <s> </s>, and a post-processor that puts <s> before every text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    tokenizer.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save(str(path))
+
+
+@pytest.mark.slow
+def test_a_byte_fallback_tokenizer_with_bos_is_used_as_it_ships(prepared_run, tmp_path):
+    """TinyLlama-style: the source's tokenizer as it is (SentencePiece-style BPE, byte fallback),
+    with its BOS before every document in the shards, every prompt, every scored text, as
+    transformers' tokenizer applies it; its files go back with the export."""
+    from tokenizers import Tokenizer
+    from typer.testing import CliRunner
+
+    import torch.nn.functional as F
+    from lmtrain.cli import app
+    from lmtrain.prepare import build_shards, train_tokenizer
+    from lmtrain.shards import open_split
+
+    source_run, corpus = prepared_run
+    src = tmp_path / "src"
+    make_source(src, "tinyllama", source_run / "tokenizer" / "tokenizer.json", vocab=600)
+    sentencepiece_style_tokenizer(corpus, src / "tokenizer.json")
+    hf_config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": 2, "bos_token_id": 1}))
+    (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>",
+                                                           "eos_token": "</s>", "chat_template": "{{ messages }}"}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    text = tmp_path / "t.txt"
+    text.write_text("for item in range(10):\n    print(item, 'é ✓')\n")
+    ids = tokenizer.encode(text.read_text()).ids + [2]  # <s> ... </s>, as transformers gives them
+    assert ids[0] == 1
+    result = CliRunner().invoke(app, ["eval", "--model", str(src), "--data", str(text), "--json"])
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        logits = theirs(torch.tensor([ids[:-1]])).logits[0]
+    expected = F.cross_entropy(logits.double(), torch.tensor(ids[1:])).item()
+    assert json.loads(result.stdout)["loss"] == pytest.approx(expected, abs=1e-5)
+    # A fine-tuning run's shards: every document starts with <s> and ends with </s>.
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"model.init_from={src}", f"data.source={corpus}",
+                             "data.val_fraction=0.15", "model.block_size=32"])
+    train_tokenizer(cfg)
+    build_shards(cfg)
+    stream = open_split(tmp_path / "run" / "data", "train")[0]
+    starts = [i + 1 for i in range(len(stream) - 1) if stream[i] == 2]
+    assert stream[0] == 1 and all(stream[i] == 1 for i in starts)
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer_config.json").is_file()
