@@ -104,9 +104,12 @@ class Decoder:
     """
 
     def __init__(self, model: GPT, batch: int, amp_dtype: torch.dtype | None = None,
-                 cuda_graph: bool | None = None, compile: bool = False) -> None:
+                 cuda_graph: bool | None = None, compile: bool = False, length: int | None = None) -> None:
         device = next(model.parameters()).device
-        self.block = model.config.block_size
+        # The positions the cache holds: the context, or fewer when a generation needs fewer (a real
+        # model's context is 8k-128k tokens; a static cache that long costs memory and, since a
+        # static step attends to the whole buffer, time). Past it, generation slides as at the context.
+        self.block = min(model.config.block_size, length or model.config.block_size)
         if cuda_graph is None:
             cuda_graph = device.type == "cuda" and not compile
         if cuda_graph and compile:
@@ -251,8 +254,8 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, params: Samp
     ``decoder`` may be passed to reuse one (and its captured graph) across calls; it must have
     been built for this model, batch size and ``amp_dtype``.
     """
-    block = model.config.block_size
     decoder = decoder or Decoder(model, prompt.size(0), amp_dtype)
+    block = decoder.block
     context = prompt[:, -block:]
     logits = decoder.prefill(context)
     for _ in range(max_new_tokens):

@@ -74,7 +74,8 @@ def sample(run_dir: Path, options: SampleOptions,
     # once per run, before the clock starts: tokens/s is the generation's. On CUDA a compiled
     # step compiles on its first use, inside it.
     # The decoder's own default picks a CUDA graph on CUDA unless compiling; the flag only opts out.
-    decoder = _decoder(loaded, options) if options.use_cache else None
+    # The cache holds what a sample needs (prompt and new tokens), not a long context it never fills.
+    decoder = _decoder(loaded, options, len(prompt_ids) + max_new + 1) if options.use_cache else None
     generator = torch.Generator().manual_seed(seed)
     texts, total_tokens = [], 0
     start = time.perf_counter()
@@ -88,10 +89,10 @@ def sample(run_dir: Path, options: SampleOptions,
     return SampleStats(texts, total_tokens, seconds, loaded.checkpoint, str(loaded.device))
 
 
-def _decoder(loaded: LoadedModel, options: SampleOptions) -> Decoder:
+def _decoder(loaded: LoadedModel, options: SampleOptions, length: int) -> Decoder:
     try:
         return Decoder(loaded.model, 1, loaded.amp_dtype, cuda_graph=None if options.cuda_graph else False,
-                       compile=options.compile)
+                       compile=options.compile, length=length)
     except Exception as error:
         if not options.compile:
             raise
