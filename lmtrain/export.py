@@ -36,13 +36,14 @@ import torch
 from lmtrain.errors import ConfigError, LmtrainError
 from lmtrain.fsutil import (STAGING_MARK, TMP_MARKER, atomic_dir, atomic_path, describe_os_error, fsync_dir,
                             remove_stale_tmp, seal_staging, stale_leftovers, staging_dir, write_json)
-from lmtrain.hf_format import GPT2, LLAMA, MISTRAL, QWEN2, architecture_of, hf_config, to_hf
+from lmtrain.gguf_format import ARCHS, gguf_layout, gguf_names, read_tensors
+from lmtrain.hf_format import GPT2, LLAMA, MISTRAL, QWEN3, architecture_of, hf_config, to_hf
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import RUN_ARTIFACTS, is_run_dir, tokenizer_path
 from lmtrain.tokenizer import SOURCE_TOKENIZER_FILES
 
 FORMATS = ("hf", "gguf", "peft")
-GGUF_ARCHS = {LLAMA: "llama", MISTRAL: "llama", QWEN2: "qwen2", GPT2: "gpt2"}  # llama.cpp's name for each
+GGUF_ARCHS = {arch: name for arch, name in ARCHS.items() if arch != QWEN3}  # what the export writes (llama.cpp's names)
 # GGUF tensor types for --quant: llama.cpp's names. Matrices take the type (those whose rows are
 # not a whole number of quantization blocks fall back to f16); 1-D tensors stay f32.
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -369,59 +370,11 @@ tokenizer = AutoTokenizer.from_pretrained(PATH)
 # --------------------------------------------------------------------------------------------
 
 
-def _permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's llama architecture rotates interleaved pairs; lmtrain (like HF) rotates split
-    halves. The same reordering llama.cpp's own HF converter applies to q and k."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# One table per architecture, used both ways (export and read-back): HF block tensor -> GGUF's.
-_LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-
-
-def gguf_names(config) -> dict[str, str]:
-    """Hugging Face tensor name -> GGUF tensor name, for every tensor of the export."""
-    arch = architecture_of(config)
-    if arch != GPT2:
-        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
-        for i in range(config.n_layer):
-            names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in _LLAMA_BLOCK.items()})
-            if arch == QWEN2:  # its q, k and v biases
-                names.update({f"model.layers.{i}.self_attn.{p}_proj.bias": f"blk.{i}.attn_{p}.bias" for p in "qkv"})
-        return names
-    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
-             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
-             "lm_head.weight": "output.weight"}
-    for i in range(config.n_layer):
-        for h, g in _GPT2_BLOCK.items():
-            names.update({f"transformer.h.{i}.{h}.{kind}": f"blk.{i}.{g}.{kind}" for kind in ("weight", "bias")})
-    return names
-
-
-def _gguf_layout(name: str, tensor: torch.Tensor, config, to_gguf: bool) -> torch.Tensor:
-    """The layout change between a Hugging Face tensor and its GGUF twin (``to_gguf``, or back):
-    llama.cpp's interleaved RoPE order for q and k; GPT-2's Conv1D (in, out) matrices as (out, in)."""
-    arch = architecture_of(config)
-    if arch in (LLAMA, MISTRAL):  # (qwen2 rotates split halves in llama.cpp too: nothing to reorder)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):  # k's heads are the key/value heads
-            heads = config.n_head if name.endswith("q_proj.weight") else config.kv_heads
-            return (_permute_for_llama_cpp if to_gguf else _unpermute_for_llama_cpp)(tensor, heads)
-        return tensor
-    if arch == QWEN2:
-        return tensor
-    return tensor.t() if name.startswith("transformer.h.") and tensor.dim() == 2 else tensor
-
-
 def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """GGUF tensor names and contents (``(out, in)`` weights) from the Hugging Face state dict; a
     tied head is written as ``output.weight`` too (llama.cpp expects it)."""
     embed = "transformer.wte.weight" if architecture_of(config) == GPT2 else "model.embed_tokens.weight"
-    return {g: _gguf_layout(h, tensors.get(h, tensors[embed]) if h == "lm_head.weight" else tensors[h], config, True)
+    return {g: gguf_layout(h, tensors.get(h, tensors[embed]) if h == "lm_head.weight" else tensors[h], config, True)
             for h, g in gguf_names(config).items()}
 
 
@@ -497,11 +450,6 @@ def _gguf_data(gguf, tensor: torch.Tensor, quant: str) -> tuple[Any, ...]:
     return (quantized, quantized.shape, kind)  # the writer takes the byte shape and works out the rest
 
 
-def _unpermute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The inverse of ``_permute_for_llama_cpp``."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def read_gguf(path: Path, config) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A GGUF file this module wrote, read back: lmtrain's state dict (every tensor dequantized to
     fp32; the vocabulary unpadded, as ``hf_format.from_hf`` returns it) and the token list.
@@ -511,18 +459,14 @@ def read_gguf(path: Path, config) -> tuple[dict[str, torch.Tensor], list[str]]:
     from lmtrain.hf_format import from_hf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        tensors = read_tensors(path, config)
+        field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
     except (OSError, ValueError) as exc:
         raise ExportError(f"{path} is not a readable GGUF file ({exc})") from None
-    raw = {}
-    for t in reader.tensors:
-        # GGUF lists dimensions fastest-first; numpy's (and torch's) order is the reverse.
-        shape = tuple(int(d) for d in reversed(t.shape))
-        raw[t.name] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype("float32"))
-    field = reader.fields["tokenizer.ggml.tokens"]
     tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-    hf = {h: _gguf_layout(h, raw[g], config, False) for h, g in gguf_names(config).items()}
-    return from_hf(hf, config), tokens
+    if not config.tie_embeddings and "lm_head.weight" not in tensors:
+        raise KeyError("output.weight")
+    return from_hf(tensors, config), tokens
 
 
 def load_gguf_into(loaded: LoadedModel, path: Path) -> None:

@@ -69,7 +69,7 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
     """A checkpoint of the run at ``run_dir`` (``latest``, ``best`` or ``step-XXXXXXXX``), ready to
     sample or score; or, when ``run_dir`` is a model rather than a run (a Hugging Face directory,
     an lmtrain checkpoint directory: ``--model``), that model (``load_source_model``)."""
-    if not resolved_config_path(run_dir).exists() and ((run_dir / "config.json").is_file()
+    if not resolved_config_path(run_dir).exists() and ((run_dir / "config.json").is_file() or run_dir.suffix == ".gguf"
                                                         or (run_dir / ckpt.MODEL_FILE).is_file()):
         return load_source_model(run_dir, device)
     config = load_run_config(run_dir)

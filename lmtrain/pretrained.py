@@ -48,7 +48,7 @@ class Source:
     """A resolved ``model.init_from``."""
 
     path: Path
-    kind: str  # "hf" or "lmtrain"
+    kind: str  # "hf", "gguf" or "lmtrain"
     fields: dict[str, Any]  # architecture fields and vocab_size
     tokenizer_file: Path
     eot: str  # the source's end-of-text token
@@ -72,6 +72,8 @@ def open_source(init_from: str, key: str = "model.init_from") -> Source:
         raise ConfigError(f"{where}: no such file or directory")
     if (path / "config.json").is_file():
         return _hf_source(path, where)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_source(path, where)
     return _lmtrain_source(path, where)
 
 
@@ -147,6 +149,88 @@ def _read_tokenizer(tokenizer_file: Path, where: str):
         return Tokenizer.from_file(str(tokenizer_file))
     except Exception as exc:  # tokenizers raises its own exception type for a malformed file
         raise ConfigError(f"{where}: tokenizer.json is not a valid tokenizer ({first_line(exc)})") from None
+
+
+# A GGUF file's metadata (llama.cpp's keys, under its architecture's name) -> config.json's keys.
+_GGUF_KEYS = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+              "feed_forward_length": "intermediate_size", "attention.head_count": "num_attention_heads",
+              "attention.head_count_kv": "num_key_value_heads", "attention.key_length": "head_dim",
+              "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta",
+              "context_length": "max_position_embeddings"}
+_GGUF_GPT2_KEYS = {"block_count": "n_layer", "embedding_length": "n_embd", "attention.head_count": "n_head",
+                   "attention.layer_norm_epsilon": "layer_norm_epsilon", "context_length": "n_positions"}
+_GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+_gguf_tokenizers: dict[str, Path] = {}  # a GGUF file -> the tokenizer directory rebuilt from it
+
+
+def _gguf_source(path: Path, where: str) -> Source:
+    """A GGUF file (llama.cpp's format) of the llama, qwen2, qwen3 or gpt2 architecture, in any
+    type gguf-py dequantizes: its configuration from the file's metadata, its tokenizer (and chat
+    template) rebuilt by transformers' GGUF loader (the ``hf`` extra), its weights dequantized
+    when training starts (``restore.Pretrained``)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError(f"{where}: reading GGUF needs the gguf package: pip install 'lmtrain[hf]'") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # gguf-py raises assorted errors for what is not a GGUF file
+        raise ConfigError(f"{where}: not a readable GGUF file ({first_line(exc, 80)})") from None
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = value("general.architecture")
+    if arch not in _GGUF_MODEL_TYPES:
+        raise ConfigError(f"{where}: a GGUF of architecture {quoted(arch)}; lmtrain reads llama, qwen2, qwen3 and "
+                          "gpt2 GGUF files")
+    if value(f"{arch}.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise ConfigError(f"{where}: rope scaling in a GGUF file (lmtrain reads it from Hugging Face directories only); "
+                          "lmtrain would only approximate this model, so it refuses it")
+    keys = _GGUF_GPT2_KEYS if arch == "gpt2" else _GGUF_KEYS
+    hf = {theirs: value(f"{arch}.{ours}") for ours, theirs in keys.items() if value(f"{arch}.{ours}") is not None}
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ConfigError(f"{where}: the GGUF file has no token_embd.weight")
+    hf.update(model_type=_GGUF_MODEL_TYPES[arch], vocab_size=int(embedding.shape[-1]),
+              tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+              eos_token_id=value("tokenizer.ggml.eos_token_id"))
+    if arch == "qwen2":
+        hf["use_sliding_window"] = False
+    fields = model_fields_from_hf(hf, where)
+    tokenizer_dir = _gguf_tokenizer(path, where)
+    tokenizer = _read_tokenizer(tokenizer_dir / "tokenizer.json", where)
+    eos = hf["eos_token_id"]
+    eot = tokenizer.id_to_token(eos) if isinstance(eos, int) and 0 <= eos < tokenizer.get_vocab_size(True) else None
+    if eot is None:
+        raise ConfigError(f"{where}: the GGUF file names no end-of-text token (tokenizer.ggml.eos_token_id)")
+    return Source(path, "gguf", fields, tokenizer_dir / "tokenizer.json", eot, [path],
+                  frozenset(tokenizer.get_vocab(True)))
+
+
+def _gguf_tokenizer(path: Path, where: str) -> Path:
+    """The tokenizer of a GGUF file as transformers rebuilds it (tokenizer.json, tokenizer_config.json
+    with the chat template), in a temporary directory removed when the process ends."""
+    key = str(path.resolve())
+    if key not in _gguf_tokenizers:
+        import atexit
+        import shutil
+        import tempfile
+
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ConfigError(f"{where}: rebuilding a GGUF file's tokenizer needs transformers: "
+                              "pip install 'lmtrain[hf]'") from None
+        directory = Path(tempfile.mkdtemp(prefix="lmtrain-gguf-tokenizer-"))
+        atexit.register(shutil.rmtree, directory, True)
+        try:
+            AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(directory))
+        except Exception as exc:  # transformers' GGUF converter raises whatever its parts raise
+            raise ConfigError(f"{where}: transformers cannot rebuild its tokenizer ({first_line(exc, 120)})") from None
+        _gguf_tokenizers[key] = directory
+    return _gguf_tokenizers[key]
 
 
 def _lmtrain_source(path: Path, where: str) -> Source:

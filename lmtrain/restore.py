@@ -26,6 +26,7 @@ from lmtrain.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, LoadedCh
                                 load_checkpoint, load_optimizer_state, load_weights_into, model_config_diffs,
                                 read_weights, set_rng_state)
 from lmtrain.errors import CheckpointError, ConfigError, first_line
+from lmtrain.gguf_format import read_tensors
 from lmtrain.hf_format import from_hf
 from lmtrain.lora import (LoraRecord, LoraSpec, add_adapters, check_same_base, fingerprint, is_lora_checkpoint,
                           load_trainable, merge_adapters, record_of)
@@ -178,7 +179,14 @@ class Pretrained:
             load_model_weights(model, load_checkpoint(self.source.path))
             return
         tensors: dict[str, torch.Tensor] = {}
-        for file in self.source.weights:
+        if self.source.kind == "gguf":
+            try:
+                tensors = read_tensors(self.source.path, model.config)  # dequantized, in HF's layout
+            except ValueError as exc:
+                raise CheckpointError(f"{self.source.path}: {first_line(exc)}") from None
+            except KeyError as exc:
+                raise CheckpointError(f"{self.source.path}: the GGUF file lacks the tensor {exc.args[0]}") from None
+        for file in self.source.weights if self.source.kind == "hf" else []:
             tensors.update(read_weights(file)[0])  # a CheckpointError naming the file if unreadable
         try:
             state = from_hf(tensors, model.config)

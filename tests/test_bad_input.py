@@ -145,6 +145,20 @@ def symlink(rel, target_in_tmp):
     return setup
 
 
+def gguf_of(arch: str):
+    def setup(tmp, run):
+        import gguf
+        import numpy as np
+
+        writer = gguf.GGUFWriter(str(tmp / "m.gguf"), arch)
+        writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return setup
+
+
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
@@ -411,6 +425,10 @@ CASES = [
          (tmp / "src" / "tokenizer.json").rename(tmp / "src" / "tokenizer.model"))),
     Case("init-from-contradicted", "sharded", TRAIN + " --set model.init_from={tmp}/src --set model.n_head=4",
          "model.n_head: the config says 4, the source has 2", llama_source()),
+    Case("init-from-gguf-of-another-architecture", "sharded", TRAIN + " --set model.init_from={tmp}/m.gguf",
+         "a GGUF of architecture 'gemma'; lmtrain reads llama, qwen2, qwen3 and gpt2", gguf_of("gemma")),
+    Case("init-from-gguf-not-gguf", "sharded", TRAIN + " --set model.init_from={tmp}/m.gguf",
+         "not a readable GGUF file", write("m.gguf", b"GGUF but not really")),
     Case("init-from-index-escapes", "sharded", TRAIN + " --set model.init_from={tmp}/src",
          "names '../secret.safetensors', not a file of the source directory",
          lambda tmp, run: (llama_source()(tmp, run), (tmp / "src" / "model.safetensors.index.json").write_text(

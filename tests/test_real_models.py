@@ -184,6 +184,17 @@ def test_a_fine_tune_of_a_real_shape_resumes_exactly_and_exports(family, prepare
     state, _ = read_gguf(tmp_path / "m.gguf", loaded.model.config)
     full = loaded.model.state_dict()
     assert all(torch.equal(value, full[key][: value.shape[0]]) for key, value in state.items())
+    # The GGUF file as a source: its config from the metadata, its tokenizer rebuilt, the same logits.
+    from_gguf = lmtrain_model(tmp_path / "m.gguf")
+    assert from_gguf.config.hf_class == (CLASSES[family] if family != "smollm2" else "LlamaForCausalLM")
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(ids)[0], loaded.model(ids)[0], atol=1e-4, rtol=0)
+    source = open_source(str(tmp_path / "m.gguf"))
+    from tokenizers import Tokenizer
+
+    text = "def alpha(beta):\n    return beta + 1\n"
+    assert (Tokenizer.from_file(str(source.tokenizer_file)).encode(text).ids
+            == Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json")).encode(text).ids)
 
 
 @pytest.mark.parametrize("family", ["smollm2", "qwen3"])
