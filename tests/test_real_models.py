@@ -139,8 +139,8 @@ def test_what_a_source_holds_is_refused_in_one_line_when_lmtrain_would_approxima
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2.5", "smollm2"])
-def test_a_fine_tune_of_a_real_shape_resumes_exactly_and_exports(family, prepared_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, lora", [("qwen2.5", False), ("smollm2", False), ("smollm2", True)])
+def test_a_fine_tune_of_a_real_shape_resumes_exactly_and_exports(family, lora, prepared_run, tmp_path, monkeypatch):
     """From the embedded default config plus the keys a user gives: the architecture is the
     source's, AdamW at a fine-tuning rate is chosen; a SIGTERM and resume end bit-identical to an
     uninterrupted run; the export is the source's class with transformers' logits; GGUF keeps
@@ -156,7 +156,7 @@ def test_a_fine_tune_of_a_real_shape_resumes_exactly_and_exports(family, prepare
     make_source(tmp_path / "src", family, source_run / "tokenizer" / "tokenizer.json", vocab=300)
     sets = [f"model.init_from={tmp_path / 'src'}", f"data.source={corpus}", "data.val_fraction=0.15",
             "model.block_size=32", "train.max_steps=6", "train.batch_size=4", "train.checkpoint_every=3",
-            "train.eval_every=3", "train.eval_batches=1", "train.warmup_steps=2"]
+            "train.eval_every=3", "train.eval_batches=1", "train.warmup_steps=2"] + (["train.lora_rank=4"] if lora else [])
     run = tmp_path / "run"
     cfg = load_config(None, sets + [f"run.dir={run}"])
     train_tokenizer(cfg)
@@ -168,7 +168,8 @@ def test_a_fine_tune_of_a_real_shape_resumes_exactly_and_exports(family, prepare
     ours, plain = load_file(str(resumed.checkpoint / "model.safetensors")), load_file(str(straight.checkpoint / "model.safetensors"))
     assert all(torch.equal(ours[k], plain[k]) for k in plain)
     saved = json.loads((resumed.checkpoint / "state.json").read_text())["config"]
-    assert saved["train"]["optimizer"] == "adamw" and saved["train"]["lr"] == 5e-5  # chosen, not the default's Muon
+    assert saved["train"]["optimizer"] == "adamw"  # chosen, not the default's Muon
+    assert saved["train"]["lr"] == (2e-4 if lora else 5e-5)
     assert saved["model"]["hf_class"] == CLASSES[family] and saved["model"]["block_size"] == 32
     export(run, "hf", tmp_path / "hf")
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
