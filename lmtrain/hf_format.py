@@ -1,15 +1,19 @@
 """lmtrain's GPT in Hugging Face's layouts: which transformers architecture computes the same
 function, and the weight maps in both directions (export, and ``model.init_from``).
 
-    rope + rmsnorm + swiglu     -> LlamaForCausalLM  (fused qkv and gate/up split; RoPE needs no
-                                   permutation: lmtrain rotates split halves, as HF's rotate_half)
+    rope + rmsnorm + swiglu     -> LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (with
+                                   model.qkv_bias) or Qwen3ForCausalLM (with model.qk_norm): one
+                                   layout, q/k/v and gate/up split from lmtrain's fused matrices
+                                   (k and v with the key/value heads of grouped-query attention);
+                                   RoPE needs no permutation (lmtrain rotates split halves, as HF's
+                                   rotate_half). A model started from a source keeps its class
+                                   (model.hf_class).
     learned + layernorm + gelu  -> GPT2LMHeadModel   (Linear weights transposed to Conv1D; zero
                                    biases where model.bias is false: GPT-2 always has them)
     rope + layernorm + gelu     -> Starcoder2ForCausalLM (sequential blocks, biases everywhere:
                                    zeros where model.bias is false)
     rope + layernorm + swiglu   -> StableLmForCausalLM (full rotary, sequential residual; exact only
                                    without biases: its MLP and output projection have none)
-    rope + rmsnorm + swiglu + qk_norm, no biases -> Qwen3ForCausalLM (Llama with q_norm/k_norm)
     mlp relu2 (squared ReLU) in place of gelu: GPT-2 (activation_function relu2) and Starcoder2
                                    (hidden_act relu2)
 
