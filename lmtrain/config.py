@@ -137,6 +137,7 @@ class ArchitectureConfig:
     rope_high_freq_factor: float = _opt(4.0, gt=0.0, help="llama3 rope scaling: high_freq_factor")
     rope_original_context: int = _opt(8192, ge=1, help="llama3 rope scaling: original_max_position_embeddings")
     hf_class: Optional[str] = _opt(None, help="the transformers class this model is (set from model.init_from); exports write it")
+    hf_context: int = _opt(0, ge=0, help="a rotary source's own context when model.block_size is shorter; exports write it (0: block_size)")
 
     def check(self) -> None:
         if self.n_embd % self.n_head and not self.head_dim:

@@ -400,7 +400,7 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
     def write_file(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), GGUF_ARCHS[arch])
         writer.add_name(loaded.config.run.name)
-        writer.add_context_length(config.block_size)
+        writer.add_context_length(config.hf_context or config.block_size)
         writer.add_embedding_length(config.n_embd)
         writer.add_block_count(config.n_layer)
         writer.add_head_count(config.n_head)

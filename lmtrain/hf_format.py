@@ -199,7 +199,7 @@ def hf_config(config, eot_id: int) -> dict[str, Any]:
                            "high_freq_factor": config.rope_high_freq_factor,
                            "original_max_position_embeddings": config.rope_original_context}
     rope = {"hidden_size": config.n_embd, "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-            "num_key_value_heads": config.kv_heads, "max_position_embeddings": config.block_size,
+            "num_key_value_heads": config.kv_heads, "max_position_embeddings": config.hf_context or config.block_size,
             # Both spellings: transformers 5.x reads rope_parameters, 4.x rope_theta and rope_scaling.
             "rope_theta": config.rope_theta, "rope_parameters": rope_parameters,
             "rope_scaling": rope_parameters if config.rope_scaling != "none" else None, "attention_dropout": 0.0}

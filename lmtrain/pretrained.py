@@ -278,8 +278,9 @@ def resolve(config: Config) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{where}: its configuration gives {exc}") from None
     mine = {name: getattr(config.model, name) for name in wanted if f"model.{name}" in config.given}
-    if "block_size" in mine and wanted["pos_embedding"] == "rope" and mine["block_size"] <= wanted["block_size"]:
-        wanted["block_size"] = mine["block_size"]  # shorter windows; the source's context stays in its exports
+    if "block_size" in mine and wanted["pos_embedding"] == "rope" and mine["block_size"] < wanted["block_size"]:
+        # Shorter training windows; the source's context stays in its exports.
+        wanted["hf_context"], wanted["block_size"] = wanted["block_size"], mine["block_size"]
     clashes = [f"model.{name}: the config says {value!r}, the source has {wanted[name]!r}"
                for name, value in mine.items() if value != wanted[name]]
     if clashes:

@@ -174,6 +174,7 @@ def test_a_fine_tune_of_a_real_shape_resumes_exactly_and_exports(family, lora, p
     export(run, "hf", tmp_path / "hf")
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert exported["architectures"] == [CLASSES[family]]
+    assert exported["max_position_embeddings"] == 64  # the source's context, not the 32-token training windows
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     from lmtrain.inference import load_model
 
@@ -181,6 +182,13 @@ def test_a_fine_tune_of_a_real_shape_resumes_exactly_and_exports(family, lora, p
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids)[0], hf(ids).logits, atol=1e-5, rtol=0)
+    if lora:  # the adapters as peft loads them on the source itself
+        peft = pytest.importorskip("peft")
+        export(run, "peft", tmp_path / "adapter")
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(adapted(ids).logits, loaded.model(ids)[0], atol=1e-5, rtol=0)
     export(run, "gguf", tmp_path / "m.gguf")
     state, _ = read_gguf(tmp_path / "m.gguf", loaded.model.config)
     full = loaded.model.state_dict()
@@ -297,3 +305,28 @@ def test_a_byte_fallback_tokenizer_with_bos_is_used_as_it_ships(prepared_run, tm
     starts = [i + 1 for i in range(len(stream) - 1) if stream[i] == 2]
     assert stream[0] == 1 and all(stream[i] == 1 for i in starts)
     assert (tmp_path / "run" / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_a_large_vocabulary_stays_out_of_muon_and_out_of_the_cpu_logits():
+    """Real vocabularies are 49k-152k tokens: the embedding and head train with AdamW (Muon takes
+    only the blocks' matrices), and on a CPU the chunked loss never holds the logits (the memory
+    estimate counts them only where they are materialised)."""
+    import torch.nn.functional as F
+
+    from lmtrain.loss import chunked_cross_entropy
+    from lmtrain.memory import estimate
+    from lmtrain.optim import muon_matrices
+
+    config = load_config(None, ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2",
+                                "model.block_size=64", "train.optimizer=muon", "train.batch_size=2"])
+    model = GPT(GPTConfig.of(config.model, 49152))
+    muon = {id(p) for p in muon_matrices(model)}
+    assert id(model.wte.weight) not in muon and id(model.lm_head.weight) not in muon
+    assert all(id(p) in muon for block in model.blocks for p in block.parameters() if p.dim() == 2)
+    x = torch.randint(0, 49152, (2, 64))
+    hidden = model.hidden_states(x)
+    expected = F.cross_entropy(model.logits(hidden).reshape(-1, 49152).float(), x.reshape(-1))
+    chunked = chunked_cross_entropy(hidden.reshape(-1, 64), model.lm_head.weight, x.reshape(-1), 49152, 0.0)
+    torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=1e-5)
+    whole, pieces = estimate(config, 49152, None), estimate(config, 49152, None, chunked_loss=True)
+    assert whole.activations - pieces.activations == 2 * 64 * model.config.padded_vocab_size * 12
