@@ -23,7 +23,7 @@ from lmtrain.fsutil import read_json, sha256_file
 from lmtrain.lora import is_lora_checkpoint
 from lmtrain.restore import load_model_weights
 from lmtrain.rundir import checkpoints_dir, tokenizer_path
-from lmtrain.tokenizer import bos_ids, eot_id, load_tokenizer, run_bos_ids
+from lmtrain.tokenizer import bos_ids_in, eot_id, load_tokenizer, run_bos_ids
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -124,8 +124,7 @@ def load_source_model(path: Path, device: str = "auto") -> LoadedModel:
     torch_device = resolve_device(device, "--device")
     model.to(torch_device).eval()
     tokenizer = load_tokenizer_file(source.tokenizer_file)
-    settings = source.tokenizer_file.parent / "tokenizer_config.json"
-    bos = bos_ids(tokenizer, read_json(settings, 16 << 20) if settings.is_file() else None)
+    bos = bos_ids_in(source.tokenizer_file.parent, tokenizer)
     return LoadedModel(model, tokenizer, config, Path(path), torch_device, inference_amp_dtype("bf16", torch_device),
                        eot_id(tokenizer, [source.eot]), 0, {}, None, bos, stop_ids(source.tokenizer_file.parent))
 

@@ -104,8 +104,7 @@ def _hf_source(path: Path, where: str) -> Source:
                           f"({size} tokens): the ids past {fields['vocab_size'] - 1} would have no embedding")
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    known = isinstance(eos, int) and not isinstance(eos, bool) and 0 <= eos < size
-    eot = tokenizer.id_to_token(eos) if known else None
+    eot = _token(tokenizer, eos)
     if eot is None:
         raise ConfigError(f"{where}: config.json names no end-of-text token (eos_token_id) in its tokenizer")
     return Source(path, "hf", fields, tokenizer_file, eot, weights, frozenset(tokenizer.get_vocab(True)))
@@ -131,6 +130,13 @@ def _safetensors_files(path: Path, where: str) -> list[Path]:
         hint = " (only safetensors weights are read; pytorch_model.bin is a pickle)" if (path / "pytorch_model.bin").exists() else ""
         raise ConfigError(f"{where}: missing {', '.join(missing)}{hint}")
     return files
+
+
+def _token(tokenizer, token_id: Any) -> str | None:
+    """The token of ``token_id`` (a source's eos_token_id) in ``tokenizer``, or None when it is not
+    one of its ids (not a whole number, or out of range: tokenizers overflows on a huge one)."""
+    known = isinstance(token_id, int) and not isinstance(token_id, bool)
+    return tokenizer.id_to_token(token_id) if known and 0 <= token_id < tokenizer.get_vocab_size(True) else None
 
 
 def _read_tokenizer(tokenizer_file: Path, where: str):
@@ -202,7 +208,7 @@ def _gguf_source(path: Path, where: str) -> Source:
     tokenizer_dir = _gguf_tokenizer(path, where)
     tokenizer = _read_tokenizer(tokenizer_dir / "tokenizer.json", where)
     eos = hf["eos_token_id"]
-    eot = tokenizer.id_to_token(eos) if isinstance(eos, int) and 0 <= eos < tokenizer.get_vocab_size(True) else None
+    eot = _token(tokenizer, eos)
     if eot is None:
         raise ConfigError(f"{where}: the GGUF file names no end-of-text token (tokenizer.ggml.eos_token_id)")
     return Source(path, "gguf", fields, tokenizer_dir / "tokenizer.json", eot, [path],

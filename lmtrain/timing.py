@@ -76,7 +76,7 @@ class Measurer:
         return dist_util.max_over_ranks(values, self.info, self.device)
 
     def any_rank(self, flag: bool) -> bool:
-        return dist_util.any_rank(flag, self.info, self.device) if self.info.enabled else flag
+        return dist_util.any_rank(flag, self.info, self.device)
 
     def measure(self, step_seconds: list[float]) -> tuple[Costs, float]:
         """The costs from the run's own timed steps (the first, which pays for compilation, left

@@ -94,12 +94,17 @@ def bos_ids(tokenizer: "Tokenizer", tokenizer_config: dict | None = None) -> lis
 
 def run_bos_ids(run_dir: Path, tokenizer: "Tokenizer | None" = None) -> list[int]:
     """``bos_ids`` of the run's tokenizer, with the tokenizer_config.json copied beside it."""
-    config_file = tokenizer_dir(run_dir) / "tokenizer_config.json"
+    return bos_ids_in(tokenizer_dir(run_dir), tokenizer or load_tokenizer(run_dir))
+
+
+def bos_ids_in(directory: Path, tokenizer: "Tokenizer") -> list[int]:
+    """``bos_ids`` of ``tokenizer`` as the tokenizer_config.json in ``directory`` (if any) sets it."""
+    config_file = directory / "tokenizer_config.json"
     try:
         tokenizer_config = read_json(config_file, 16 << 20) if config_file.is_file() else None
     except (OSError, ValueError) as exc:
         raise TokenizerError(f"{config_file} is not readable JSON ({first_line(exc, 80)})") from None
-    return bos_ids(tokenizer or load_tokenizer(run_dir), tokenizer_config if isinstance(tokenizer_config, dict) else None)
+    return bos_ids(tokenizer, tokenizer_config if isinstance(tokenizer_config, dict) else None)
 
 
 def build_tokenizer(model: str = "bpe") -> "Tokenizer":
