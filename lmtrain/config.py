@@ -66,6 +66,14 @@ class DataConfig:
     val_fraction: float = _opt(0.005, ge=0.0, lt=1.0, help="share of documents held out for validation")
     val_source: Optional[str] = _opt(None, help="a separate validation corpus (then nothing is held out)")
     max_documents: Optional[int] = _opt(None, gt=0, help="read at most this many documents of data.source")
+    format: Literal["text", "chat"] = _opt(
+        "text", help="text, or chat: conversation records (messages, ShareGPT, Alpaca, prompt/completion)")
+    bad_records: Literal["error", "skip"] = _opt(
+        "error", help="chat: a malformed record stops the shard stage (error) or is counted and left out (skip)")
+    packing: Literal["pack", "pad"] = _opt(
+        "pack", help="chat: whole conversations packed into each row, each seeing only itself (pack), or one per row (pad)")
+    too_long: Literal["cut", "skip"] = _opt(
+        "cut", help="chat: a conversation longer than model.block_size is cut to it, or left out (skip); counted")
 
     def check(self) -> None:
         if not self.source.strip():
@@ -84,6 +92,9 @@ class TokenizerConfig:
     special_tokens: list[str] = _opt(
         ["<|endoftext|>"], help="special tokens; the first is the end-of-text token"
     )
+    chat_template: Optional[str] = _opt(
+        None, help="chat: the Jinja chat template; null means the source model's, or lmtrain's ChatML "
+                   "(whose <|im_start|> and <|im_end|> are then added as special tokens)")
 
     def check(self) -> None:
         if not self.special_tokens:
@@ -224,6 +235,8 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _opt(
         "default", help="torch.compile mode; reduce-overhead replays CUDA graphs")
     peak_tflops: Optional[float] = _opt(None, gt=0.0, help="device peak for MFU; overrides the table")
+    loss_on: Literal["assistant", "all"] = _opt(
+        "assistant", help="chat: the loss covers the assistant's messages and their end-of-turn tokens, or all tokens")
 
     def check(self) -> None:
         if self.lora_rank:

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 from urllib.parse import urlparse
@@ -56,6 +56,10 @@ BUILTINS = ("pystdlib",)
 class Document:
     text: str
     origin: str  # file (or dataset) it came from, for error messages and logs
+    # data.format chat: the conversation (text is then its canonical JSON, what the split hashes);
+    # with data.bad_records skip, a record that is not one comes through with ``bad`` saying why.
+    messages: list | None = field(default=None, compare=False)
+    bad: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +129,10 @@ def iter_documents(source: str, data: DataConfig) -> Iterator[Document]:
     would only add end-of-text tokens.
     """
     count = 0
-    for doc in _iter_raw(source, data):
+    for doc in (_iter_conversations(source, data) if data.format == "chat" else _iter_raw(source, data)):
+        if doc.bad is not None:
+            yield doc  # counted by whoever reads the split, never a document
+            continue
         if not doc.text.strip():
             continue
         yield doc
@@ -147,6 +154,91 @@ def _iter_raw(source: str, data: DataConfig) -> Iterator[Document]:
         files = [p for p in resolve_local_files(source) if p.stat().st_size > 0]
         for loader, group in itertools.groupby(files, key=_loader_for):
             yield from _iter_local_files(list(group), loader, data)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversations (data.format: chat)
+# --------------------------------------------------------------------------------------------
+
+MAX_RECORD_BYTES = 64 << 20  # one JSONL line: memory stays bounded whatever the file holds
+CHAT_FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet")
+
+
+def _iter_conversations(source: str, data: DataConfig) -> Iterator[Document]:
+    """Conversation records of ``source`` as documents, each checked (``conversations.to_messages``);
+    a bad record is a ``DataError`` naming ``file:line``, or with ``data.bad_records: skip`` a
+    document carrying ``bad``."""
+    from lmtrain.conversations import BadRecord, canonical_text, to_messages
+
+    for origin, row in _iter_records(source, data):
+        try:
+            messages = to_messages(row)
+        except BadRecord as exc:
+            if data.bad_records == "error":
+                raise DataError(f"{origin}: {exc} (data.bad_records: skip leaves such records out)") from None
+            yield Document("", origin, None, str(exc))
+            continue
+        yield Document(canonical_text(messages), origin, messages)
+
+
+def _iter_records(source: str, data: DataConfig) -> Iterator[tuple[str, object]]:
+    if source.startswith(BUILTIN_PREFIX):
+        raise DataError(f"data.source {source}: a text corpus; data.format chat needs conversation records "
+                        "(JSONL, JSON, Parquet or hf:)")
+    if source.startswith(HUB_PREFIX):
+        name = _hub_name(source)
+        _check_hub_reachable(name)
+        load_dataset = _datasets_loader()
+        try:
+            for n, row in enumerate(load_dataset(name, data.hf_config, split=data.hf_split, streaming=True), 1):
+                yield f"hf:{name} record {n}", row
+        except Exception as exc:
+            raise DataError(f"hf:{name}: cannot stream the dataset: {first_line(exc)}") from None
+        return
+    for path in resolve_local_files(source):
+        suffix = path.suffix.lower()
+        if suffix not in CHAT_FILE_TYPES:
+            raise DataError(f"{path}: data.format chat reads conversation records from "
+                            f"{', '.join(CHAT_FILE_TYPES)} files, not {suffix or 'a file without a suffix'}")
+        if path.stat().st_size == 0:
+            continue
+        if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and _first_byte(path) != b"["):
+            yield from _iter_jsonl_records(path)
+        else:
+            for n, row in enumerate(_iter_loaded_rows(path, LOADERS[suffix]), 1):
+                yield f"{path} record {n}", row
+
+
+def _first_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip()[:1]
+
+
+def _iter_jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    """One record per non-blank line, each parsed on its own so an error names its line."""
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), 1):
+                if len(raw) > MAX_RECORD_BYTES:
+                    raise DataError(f"{path}:{number}: a record of over {MAX_RECORD_BYTES >> 20} MB")
+                if not raw.strip():
+                    continue
+                try:
+                    yield f"{path}:{number}", json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{number}: not valid UTF-8") from None
+                except ValueError as exc:
+                    raise DataError(f"{path}:{number}: not valid JSON ({first_line(exc, 80)})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _iter_loaded_rows(path: Path, loader: str) -> Iterator[dict]:
+    load_dataset = _datasets_loader()
+    try:
+        yield from load_dataset(loader, data_files=[str(path)], split="train", streaming=True)
+    except Exception as exc:
+        raise DataError(_explain_load_error(path, loader, exc)) from None
 
 
 def _builtin_name(source: str) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from lmtrain.errors import LmtrainError, ShardError
 from lmtrain.fsutil import sha256_file
+from lmtrain.packing import ConversationBatches, Conversations
 from lmtrain.rundir import data_dir, tokenizer_path
 from lmtrain.shards import Manifest, check_shards_agree, open_split, out_of_vocabulary, read_manifest
 from lmtrain.tokenizer import check_tokenizer_agrees
@@ -128,12 +129,14 @@ def val_positions(windows: TokenWindows, count: int) -> np.ndarray:
 class RunData:
     """What training reads from the run directory, checked before anything is written: the
     tokenizer's hash, the shards' manifest, and the train and val splits as windows of
-    ``model.block_size + 1`` tokens."""
+    ``model.block_size + 1`` tokens, or (chat shards) as conversations (``lmtrain.packing``)."""
 
     tokenizer_sha256: str
     manifest: Manifest
-    train: TokenWindows
-    val: TokenWindows
+    train: "TokenWindows | Conversations"
+    val: "TokenWindows | Conversations"
+    packing: str = "pack"
+    grad_accum: int = 1
 
     @classmethod
     def open(cls, config) -> "RunData":
@@ -147,9 +150,23 @@ class RunData:
         manifest = read_manifest(directory)
         # TokenWindows (open_split) refuses shards made with another tokenizer.
         window = config.model.block_size + 1
+        if manifest.masked != (config.data.format == "chat"):
+            raise ShardError(f"{directory}: the shards hold {'conversations' if manifest.masked else 'text'} but "
+                             f"data.format is {config.data.format}; re-run `lmtrain shard --force`")
+        if manifest.masked:
+            return cls(sha, manifest, Conversations(directory, "train", window, config.data.too_long, sha),
+                       Conversations(directory, "val", window, "cut", sha), config.data.packing,
+                       config.train.grad_accum)
         return cls(sha, manifest, TokenWindows(directory, "train", window, sha),
                    TokenWindows(directory, "val", window, sha))
 
+    @property
+    def chat(self) -> bool:
+        return isinstance(self.train, Conversations)
+
     def train_batches(self, seed: int, batch_size: int, rank: int, world_size: int,
-                      device: torch.device) -> TrainBatches:
+                      device: torch.device) -> "TrainBatches | ConversationBatches":
+        if self.chat:
+            return ConversationBatches(self.train, seed, batch_size, self.grad_accum, rank, world_size,
+                                       self.packing, device)
         return TrainBatches(self.train, seed, batch_size, rank, world_size, device)

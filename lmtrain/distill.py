@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.lora import fingerprint
+from lmtrain.loss import IGNORE_INDEX
 
 
 class Teacher:
@@ -35,8 +36,8 @@ class Teacher:
         self.model, self.record = model, record
 
     @torch.no_grad()
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.model(idx)
+    def logits(self, idx: torch.Tensor, layout=None) -> torch.Tensor:
+        logits, _ = self.model(idx) if layout is None else self.model(idx, layout=layout)
         return logits
 
 
@@ -93,6 +94,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     loss = F.cross_entropy(student, targets.reshape(-1)) if alpha < 1 else student.new_zeros(())
     if alpha > 0:
         teacher = teacher_logits.float().reshape(-1, vocab)
+        flat = targets.reshape(-1)
+        if bool((flat == IGNORE_INDEX).any()):  # chat: the KL covers the trained positions only, like the CE
+            keep = flat != IGNORE_INDEX
+            student, teacher = student[keep], teacher[keep]
         kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
                       log_target=True, reduction="batchmean")  # batchmean over rows: per position
         loss = (1 - alpha) * loss + alpha * temperature ** 2 * kl

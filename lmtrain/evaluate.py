@@ -21,7 +21,7 @@ from lmtrain import distributed as dist_util
 from lmtrain.data import TokenWindows, to_device, val_positions
 from lmtrain.device import autocast
 from lmtrain.inference import LoadedModel, load_model
-from lmtrain.loss import eval_loss_fn
+from lmtrain.loss import IGNORE_INDEX, eval_loss_fn
 from lmtrain.rundir import data_dir
 from lmtrain.shards import open_split, out_of_vocabulary, read_manifest
 
@@ -65,6 +65,34 @@ def val_loss(model: torch.nn.Module, windows: TokenWindows, positions: np.ndarra
     return (total / count).item()
 
 
+@torch.no_grad()
+def conversation_val_loss(model: torch.nn.Module, conversations, rows: list, batch_size: int, packing: str,
+                          device: torch.device, amp_dtype: torch.dtype | None,
+                          info: dist_util.DistInfo | None = None) -> float:
+    """Mean loss per trained token of ``model`` over the packed conversation ``rows``."""
+    from lmtrain.packing import build_row, to_batch
+
+    info = info or dist_util.DistInfo()
+    mine = rows[info.rank :: info.world_size]
+    loss_fn = eval_loss_fn(device)
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for i in range(0, len(mine), batch_size):
+        x, y, layout = to_batch([build_row(conversations, members) for members in mine[i:i + batch_size]],
+                                packing, device)
+        with autocast(device, amp_dtype):
+            _, loss = model(x, y, loss_fn=loss_fn, layout=layout)
+        n = (y != IGNORE_INDEX).sum()
+        total += loss.float() * n
+        count += n
+    model.train()
+    if info.enabled:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    return (total / count.clamp(min=1)).item()
+
+
 class Validator:
     """The evaluation the training loop runs, every ``train.eval_every`` steps and at every
     checkpoint (``due``): the val loss over a fixed set of windows spread over the val split (the
@@ -72,14 +100,22 @@ class Validator:
     per byte, and the multiple-choice ``tasks`` of ``train.eval_tasks`` (encoded ``lmtrain.tasks``
     tasks). Under torchrun each rank scores its share."""
 
-    def __init__(self, model: torch.nn.Module, windows: TokenWindows, tokens: int, utf8_bytes: int, tc,
+    def __init__(self, model: torch.nn.Module, windows, tokens: int, utf8_bytes: int, tc,
                  device: torch.device, amp_dtype: torch.dtype | None, info: dist_util.DistInfo,
-                 tasks: list | None = None) -> None:
+                 tasks: list | None = None, packing: str | None = None) -> None:
+        """``windows``: the val split's ``TokenWindows``, or with ``packing`` its ``Conversations``
+        (``tokens`` and ``utf8_bytes`` then count the trained tokens and their text only)."""
         self.model, self.windows, self.tokens, self.utf8_bytes = model, windows, tokens, utf8_bytes
         self.every, self.batch_size = tc.eval_every, tc.batch_size
         self.device, self.amp_dtype, self.info = device, amp_dtype, info
         self.tasks = tasks or []
-        self.positions = val_positions(windows, tc.eval_batches * tc.batch_size)
+        self.packing = packing
+        if packing is None:
+            self.positions = val_positions(windows, tc.eval_batches * tc.batch_size)
+        else:
+            from lmtrain.packing import val_rows
+
+            self.positions = val_rows(windows, tc.eval_batches * tc.batch_size, packing)
 
     @property
     def micro_batches(self) -> int:
@@ -92,9 +128,13 @@ class Validator:
 
     def run(self) -> tuple[dict[str, float], list]:
         """The val metrics (val_loss, val_ppl, val_bpb) and each task's ``TaskScore``."""
-        loss = val_loss(self.model, self.windows, self.positions, self.batch_size, self.device, self.amp_dtype,
-                        self.info)
-        return val_metrics(loss, self.tokens, self.utf8_bytes), self._score_tasks()
+        return val_metrics(self._loss(self.positions), self.tokens, self.utf8_bytes), self._score_tasks()
+
+    def _loss(self, positions) -> float:
+        if self.packing is not None:
+            return conversation_val_loss(self.model, self.windows, positions, self.batch_size, self.packing,
+                                         self.device, self.amp_dtype, self.info)
+        return val_loss(self.model, self.windows, positions, self.batch_size, self.device, self.amp_dtype, self.info)
 
     def quietly(self, micro_batches: int | None = None) -> None:
         """An evaluation as the loop runs it, for timing it (lmtrain.timing); with ``micro_batches``,
@@ -102,7 +142,7 @@ class Validator:
         positions = self.positions
         if micro_batches is not None:
             positions = positions[: micro_batches * self.batch_size * self.info.world_size]
-        val_loss(self.model, self.windows, positions, self.batch_size, self.device, self.amp_dtype, self.info)
+        self._loss(positions)
         if micro_batches is None:
             self._score_tasks()
 

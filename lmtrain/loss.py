@@ -40,7 +40,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size, softcap=0.0):
-        n = h.size(0)
+        valid = ignored_targets(targets)
+        if valid is not None:  # some targets are IGNORE: they add nothing, and the mean is over the rest
+            targets = targets.clamp(min=0)
+        n = h.size(0) if valid is None else max(int(valid.sum()), 1)
         chunk = _rows_per_chunk(vocab_size)
         w = weight[:vocab_size]
         grad_h = torch.empty_like(h)
@@ -53,10 +56,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 capped = torch.tanh(logits.div_(softcap))  # d(cap * tanh(z / cap))/dz = 1 - tanh^2
                 logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse - logits.gather(1, t_c)).sum()
+            if valid is None:
+                total += (lse - logits.gather(1, t_c)).sum()
+            else:
+                keep = valid[start:start + chunk, None]
+                total += ((lse - logits.gather(1, t_c)) * keep).sum()
             probs = logits.sub_(lse).exp_()  # softmax, in place
             probs.scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=probs.dtype))
             probs.div_(n)
+            if valid is not None:
+                probs.mul_(keep)
             if softcap:
                 probs.mul_(1 - capped.square_())
             g = probs.to(h.dtype)
@@ -84,6 +93,9 @@ def chunked_eval_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     the gradients, so a chunk costs one matmul and its log-softmax, in cache (15-35% faster than
     the standard path's logits and log-probabilities on a CPU, default model)."""
     n = h.size(0)
+    valid = ignored_targets(targets)
+    if valid is not None:
+        targets = targets.clamp(min=0)
     chunk = _rows_per_chunk(vocab_size)
     w = weight[:vocab_size]
     total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -92,8 +104,20 @@ def chunked_eval_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         picked = logits.gather(1, targets[start:start + chunk, None]).squeeze(1)
-        total += (torch.logsumexp(logits, dim=-1) - picked).sum()
-    return total / n
+        nll = torch.logsumexp(logits, dim=-1) - picked
+        total += (nll if valid is None else nll * valid[start:start + chunk]).sum()
+    return total / (n if valid is None else max(int(valid.sum()), 1))
+
+
+IGNORE_INDEX = -100  # targets that add nothing to a loss: PyTorch's default, and transformers'
+
+
+def ignored_targets(targets: torch.Tensor) -> torch.Tensor | None:
+    """None when every target counts (text: the common case, on the exact path it always took);
+    else a float mask of the targets that count."""
+    if not bool((targets == IGNORE_INDEX).any()):
+        return None
+    return (targets != IGNORE_INDEX).to(torch.float32)
 
 
 def eval_loss_fn(device: torch.device) -> LossFn | None:

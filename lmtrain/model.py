@@ -278,15 +278,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, loss_fn=None):
-        """Logits over the real vocabulary for every position, and the mean loss if ``targets``.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, loss_fn=None,
+                layout=None):
+        """Logits over the real vocabulary for every position, and the mean loss if ``targets``
+        (over the targets that are not -100, the ignore index).
 
         ``cache`` (an ``lmtrain.kvcache.KVCache``) holds earlier positions' keys and values: the
-        pass then covers only the new positions and returns the last one's logits. ``loss_fn``
-        (see ``lmtrain.loss``) computes the loss from the final hidden states without logits;
-        the logits then come back as None.
+        pass then covers only the new positions and returns the last one's logits. ``layout``
+        (``lmtrain.packing.PackedLayout``) gives several sequences packed in a row their own
+        positions and attention. ``loss_fn`` (see ``lmtrain.loss``) computes the loss from the
+        final hidden states without logits; the logits then come back as None.
         """
-        x = self.hidden_states(idx, cache)
+        x = self.hidden_states(idx, cache if cache is not None else layout)
         if targets is not None and loss_fn is not None:
             return None, loss_fn(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                  self.config.vocab_size, self.config.logit_softcap)

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from lmtrain.chat_template import (CHATML, CHATML_TOKENS, TEMPLATE_FILE, ChatTemplate, load_template, read_template,
+                                   special_tokens_of)
 from lmtrain.config import Config
 from lmtrain.corpus import Document, Split, check_sources, iter_both_splits, iter_split
 from lmtrain.errors import DataError, RunDirError, ShardError, TokenizerError, first_line
@@ -29,8 +31,8 @@ from lmtrain.fsutil import (atomic_dir, atomic_write_json, describe_os_error, fs
 from lmtrain.pretrained import open_source, resolve
 from lmtrain.rundir import (checkpoints_dir, data_dir, hold_run_dir, move_aside, prepare_run_dir, tb_dir,
                             tokenizer_dir, tokenizer_path)
-from lmtrain.shards import (HEADER_BYTES, MANIFEST_NAME, SPLITS, Manifest, ShardWriter, SplitTotals, make_manifest,
-                            old_name, read_manifest, recover_interrupted_swap, shard_fingerprint)
+from lmtrain.shards import (MANIFEST_NAME, SPLITS, Manifest, ShardWriter, SplitTotals, make_manifest,
+                            old_name, read_manifest, recover_interrupted_swap, shard_file_bytes, shard_fingerprint)
 from lmtrain.tokenizer import (SOURCE_TOKENIZER_FILES, build_tokenizer, bytes_per_token,
                                check_specials_are_single_ids, check_tokenizer_agrees, eot_id, load_tokenizer,
                                load_tokenizer_file, run_bos_ids, tokenizer_settings)
@@ -92,12 +94,13 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         return _copy_from_source(config)
     check_sources(config.data)
     tok_cfg = config.tokenizer
+    specials = trained_special_tokens(config)
     tokenizer = build_tokenizer(tok_cfg.model)
     if tok_cfg.model == "bpe":
         trainer = trainers.BpeTrainer(
             vocab_size=tok_cfg.vocab_size,
             min_frequency=tok_cfg.min_frequency,
-            special_tokens=list(tok_cfg.special_tokens),
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,  # our own tqdm bar counts documents instead
         )
@@ -106,25 +109,25 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         # token is needed (unk_token None): every input has a segmentation into known pieces.
         trainer = trainers.UnigramTrainer(
             vocab_size=tok_cfg.vocab_size,
-            special_tokens=list(tok_cfg.special_tokens),
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             unk_token=None,
             show_progress=False,
         )
-    counter = _DocumentCounter(iter_split(config.data, "train"))
+    counter = _DocumentCounter(_texts_of(config, "train"))
     start = time.perf_counter()
     with tqdm(desc="tokenize: reading documents", unit="doc", leave=False) as bar:
         tokenizer.train_from_iterator(_progress(counter, bar), trainer=trainer)
     train_seconds = time.perf_counter() - start
     if counter.documents == 0:
         raise DataError(f"data.source {config.data.source!r}: the training split has no non-empty documents")
-    check_specials_are_single_ids(tokenizer, tok_cfg.special_tokens)
+    check_specials_are_single_ids(tokenizer, specials)
 
     bpt, measured_on = measure_bytes_per_token(tokenizer, config)
 
     stats = TokenizerStats(
         vocab_size=tokenizer.get_vocab_size(),
-        special_tokens=list(tok_cfg.special_tokens),
+        special_tokens=specials,
         documents=counter.documents,
         utf8_bytes=counter.utf8_bytes,
         train_seconds=round(train_seconds, 3),
@@ -135,7 +138,12 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         settings=tokenizer_settings(config),
         moved_aside=[],
     )
-    _install(config, lambda directory: tokenizer.save(str(directory / "tokenizer.json")), stats)
+    def write(directory: Path) -> None:
+        tokenizer.save(str(directory / "tokenizer.json"))
+        if config.data.format == "chat":  # the template the shards are rendered with, kept beside it
+            (directory / TEMPLATE_FILE).write_text(config.tokenizer.chat_template or CHATML, encoding="utf-8")
+
+    _install(config, write, stats)
     log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)
     return stats
 
@@ -170,6 +178,11 @@ def _copy_from_source(config: Config) -> TokenizerStats:
     source = open_source(config.model.init_from)
     tokenizer = load_tokenizer_file(source.tokenizer_file)
     check_specials_are_single_ids(tokenizer, config.tokenizer.special_tokens)
+    own_template = config.tokenizer.chat_template
+    if config.data.format == "chat" and own_template is None and read_template(source.tokenizer_file.parent) is None:
+        raise TokenizerError(f"model.init_from {config.model.init_from}: the model ships no chat template, and "
+                             "data.format chat needs one: set tokenizer.chat_template (a Jinja template written "
+                             "with the model's own special tokens)")
     stats = TokenizerStats(vocab_size=tokenizer.get_vocab_size(), special_tokens=list(config.tokenizer.special_tokens),
                            documents=0, utf8_bytes=0, train_seconds=0.0, bytes_per_token=None, measured_on="none",
                            sha256="", path=str(tokenizer_path(config.run_dir)), settings=tokenizer_settings(config),
@@ -178,15 +191,40 @@ def _copy_from_source(config: Config) -> TokenizerStats:
         for name in ("tokenizer.json", *SOURCE_TOKENIZER_FILES):
             if (source.tokenizer_file.parent / name).is_file():
                 shutil.copyfile(source.tokenizer_file.parent / name, directory / name)
+        if own_template is not None:  # the config's template replaces the source's in this run
+            (directory / TEMPLATE_FILE).write_text(own_template, encoding="utf-8")
 
     _install(config, copy, stats)
     return stats
 
 
+def trained_special_tokens(config: Config) -> list[str]:
+    """``tokenizer.special_tokens``, and for chat data under lmtrain's ChatML template its
+    ``<|im_start|>`` and ``<|im_end|>``: each must be one token."""
+    specials = list(config.tokenizer.special_tokens)
+    if config.data.format == "chat" and config.tokenizer.chat_template is None:
+        specials += [t for t in CHATML_TOKENS if t not in specials]
+    return specials
+
+
+def _texts_of(config: Config, split: Split) -> Iterator[Document]:
+    """The split's documents as the tokenizer sees them: conversations rendered with the run's
+    template (so its merges are learned on the text the shards will hold), records left out by
+    data.bad_records skip dropped."""
+    docs = iter_split(config.data, split)
+    if config.data.format != "chat":
+        yield from docs
+        return
+    template = ChatTemplate(config.tokenizer.chat_template or CHATML)
+    for doc in docs:
+        if doc.bad is None:
+            yield Document(template.render(doc.messages), doc.origin)
+
+
 def measure_bytes_per_token(tokenizer: "Tokenizer", config: Config) -> tuple[float | None, str]:
     """UTF-8 bytes per token on the val split (or the train split if val is empty)."""
     for split in ("val", "train"):
-        texts = _take_bytes(iter_split(config.data, split), MEASURE_BYTES_LIMIT)
+        texts = _take_bytes(_texts_of(config, split), MEASURE_BYTES_LIMIT)
         if texts:
             return round(bytes_per_token(tokenizer, texts), 4), split
     return None, "none"
@@ -262,10 +300,13 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
     tokenizer = load_tokenizer(run_dir)
     tok_sha = sha256_file(tokenizer_path(run_dir))
     eot = eot_id(tokenizer, config.tokenizer.special_tokens)
-    bos = run_bos_ids(run_dir, tokenizer)  # a source's BOS starts every document, as in its pretraining
+    chat = config.data.format == "chat"
+    # A source's BOS starts every document, as in its pretraining; a chat template writes its own.
+    bos = [] if chat else run_bos_ids(run_dir, tokenizer)
     vocab_size = tokenizer.get_vocab_size()
     out = data_dir(run_dir)
-    fingerprint = shard_fingerprint(config, tok_sha, bos)
+    template = load_template(tokenizer_dir(run_dir), config.tokenizer.special_tokens[0]) if chat else None
+    fingerprint = shard_fingerprint(config, tok_sha, bos, template.source if chat else None)
 
     recover_interrupted_swap(out)
     if not force and _is_up_to_date(out, fingerprint):
@@ -281,8 +322,12 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
     remove_stale_tmp(run_dir, out.name)
     staging = staging_dir(out)
 
-    writers = {split: ShardWriter(staging, split, config.shard.shard_tokens, vocab_size, eot, tok_sha)
+    writers = {split: ShardWriter(staging, split, config.shard.shard_tokens, vocab_size, eot, tok_sha, masked=chat)
                for split in SPLITS}
+    encode, write = _encode, _write_encoded
+    if chat:
+        encoder = _ConversationEncoder(tokenizer, template, config.train.loss_on)
+        encode, write = encoder.encode, encoder.write
     start = time.perf_counter()
     total_tokens = total_docs = 0
     try:
@@ -294,17 +339,21 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
             # a batch waiting for its slowest document.
             pending: deque = deque()
             for batch in _batches(iter_both_splits(config.data)):
-                pending.append((batch, pool.submit(_encode, tokenizer, batch)))
+                pending.append((batch, pool.submit(encode, tokenizer, batch)))
                 if len(pending) > ENCODE_AHEAD:
-                    total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), bos, eot,
-                                                              bar, total_tokens, total_docs)
+                    total_tokens, total_docs = write(writers, *pending.popleft(), bos, eot,
+                                                     bar, total_tokens, total_docs)
             while pending:
-                total_tokens, total_docs = _write_encoded(writers, *pending.popleft(), bos, eot,
-                                                          bar, total_tokens, total_docs)
+                total_tokens, total_docs = write(writers, *pending.popleft(), bos, eot,
+                                                 bar, total_tokens, total_docs)
         records = [r for split in SPLITS for r in writers[split].close()]
         seconds = time.perf_counter() - start
+        conversations = None
+        if chat:
+            conversations = {split: {"trained_tokens": writers[split].trained_tokens,
+                                     "skipped_records": encoder.skipped[split]} for split in SPLITS}
         manifest = make_manifest(fingerprint, records, vocab_size, eot, tok_sha,
-                                 {split: writers[split].byte_counts.tolist() for split in SPLITS})
+                                 {split: writers[split].byte_counts.tolist() for split in SPLITS}, conversations)
         for split in SPLITS:
             if manifest.splits[split].tokens == 0:
                 raise ShardError(_empty_split_message(split, config))
@@ -341,6 +390,53 @@ def _write_encoded(writers, batch, future, bos: list[int], eot: int, bar, total_
     bar.update(batch_tokens)
     bar.set_postfix(docs=total_docs + len(batch), refresh=False)
     return total_tokens + batch_tokens, total_docs + len(batch)
+
+
+class _ConversationEncoder:
+    """The shard stage's encode and write for ``data.format: chat``: each conversation rendered
+    with the run's template, its ids and loss mask (``conversations.encode``); bits per byte count
+    the bytes of what is trained (the assistant's contents, or everything with loss_on all)."""
+
+    def __init__(self, tokenizer, template: ChatTemplate, loss_on: str) -> None:
+        self.template, self.loss_on = template, loss_on
+        self.specials = special_tokens_of(tokenizer)
+        self.skipped = {split: 0 for split in SPLITS}
+
+    def encode(self, tokenizer, batch: list[tuple[Split, Document]]):
+        from lmtrain.conversations import encode
+
+        out = []
+        for _, doc in batch:
+            if doc.bad is not None:
+                out.append(None)
+                continue
+            try:
+                ids, mask = encode(tokenizer, self.template, doc.messages, self.specials, self.loss_on)
+            except DataError as exc:
+                raise DataError(f"{doc.origin}: {exc}") from None
+            if self.loss_on == "all":
+                trained = self.template.render(doc.messages)
+            else:
+                trained = "".join(m["content"] for m in doc.messages if m["role"] == "assistant")
+            out.append((ids, mask, trained.encode("utf-8", "surrogatepass")))
+        return out
+
+    def write(self, writers, batch, future, bos, eot, bar, total_tokens, total_docs):
+        import numpy as np
+
+        batch_tokens = written = 0
+        for (split, doc), encoded in zip(batch, future.result()):
+            if encoded is None:
+                self.skipped[split] += 1
+                log.info("shard: skipped %s: %s", doc.origin, doc.bad)
+                continue
+            ids, mask, trained = encoded
+            writer = writers[split]
+            batch_tokens += writer.write_conversation(ids, mask, len(trained))
+            writer.byte_counts += np.bincount(np.frombuffer(trained, dtype=np.uint8), minlength=256)
+            written += 1
+        bar.update(batch_tokens)
+        return total_tokens + batch_tokens, total_docs + written
 
 
 def _batches(docs: Iterable[tuple[Split, Document]]) -> Iterator[list[tuple[Split, Document]]]:
@@ -390,6 +486,7 @@ def _is_up_to_date(out: Path, fingerprint: dict) -> bool:
         return False
     for entry in manifest.shards:
         path = out / entry.file
-        if not path.is_file() or path.stat().st_size != HEADER_BYTES + entry.tokens * manifest.itemsize:
+        if not path.is_file() or path.stat().st_size != shard_file_bytes(entry.tokens, manifest.itemsize,
+                                                                         manifest.masked):
             return False
     return True

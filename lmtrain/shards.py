@@ -15,6 +15,13 @@ A shard is a file of token ids behind a fixed 256-byte header:
     32      32    sha256 of the tokenizer.json that produced it (raw bytes)
     64      192   reserved, zero
     256     ...   token ids, little-endian
+    ...     ...   version 2 only: one flag byte per token id (the loss mask, below)
+
+Version 1 shards (plain text) hold ids only and read as if every token were trained on. Version 2
+(``data.format: chat``) adds the loss mask after the ids: per token, bit 0 says the loss covers it
+as a target (an assistant's content or the end-of-turn token closing it) and bit 1 marks the
+first token of a conversation. A conversation never straddles two shards (a shard ends early
+rather than split one), so a conversation is one slice of one file.
 
 All integers are little-endian. ``uint16`` is used whenever every id fits (vocab <= 65536).
 Each document's ids are followed by the end-of-text id and documents are concatenated, one
@@ -27,7 +34,9 @@ and its sha256. It is written last: a data directory without a manifest is incom
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import shutil
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +46,7 @@ from lmtrain.config import Config
 from lmtrain.corpus import Split
 from lmtrain.errors import RunDirError, ShardError, first_line
 from lmtrain.fsutil import TMP_MARKER, commit_tmp, describe_os_error, read_json, sha256_file, tmp_name
-from lmtrain.rundir import data_dir
+from lmtrain.rundir import data_dir, tokenizer_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,7 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAGIC = b"LMTSHARD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # plain text: ids only
+MASKED_VERSION = 2  # conversations: ids, then one flag byte per id
+READABLE_VERSIONS = (FORMAT_VERSION, MASKED_VERSION)
+TRAINED, CONVERSATION_START = 1, 2  # the flag bits of a version-2 shard's mask
 HEADER_BYTES = 256
 _HEADER = struct.Struct("<8sIIQII32s")
 MANIFEST_NAME = "manifest.json"
@@ -79,8 +91,9 @@ class ShardHeader:
         magic, version, itemsize, tokens, vocab, eot, sha = _HEADER.unpack_from(raw)
         if magic != MAGIC:
             raise ShardError(f"{path}: not an lmtrain shard (wrong magic {magic!r}, expected {MAGIC!r})")
-        if version != FORMAT_VERSION:
-            raise ShardError(f"{path}: shard format version {version}, this lmtrain reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise ShardError(f"{path}: shard format version {version}, this lmtrain reads "
+                             f"{' and '.join(map(str, READABLE_VERSIONS))}")
         if itemsize not in (2, 4):
             raise ShardError(f"{path}: invalid token width {itemsize} bytes in the header")
         return cls("uint16" if itemsize == 2 else "uint32", tokens, vocab, eot, sha.hex(), version)
@@ -90,8 +103,16 @@ class ShardHeader:
         return 2 if self.dtype == "uint16" else 4
 
     @property
+    def masked(self) -> bool:
+        return self.version == MASKED_VERSION
+
+    @property
     def file_bytes(self) -> int:
-        return HEADER_BYTES + self.tokens * self.itemsize
+        return shard_file_bytes(self.tokens, self.itemsize, self.masked)
+
+
+def shard_file_bytes(tokens: int, itemsize: int, masked: bool) -> int:
+    return HEADER_BYTES + tokens * itemsize + (tokens if masked else 0)
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -130,14 +151,17 @@ class ShardWriter:
     """
 
     def __init__(self, directory: Path, split: str, shard_tokens: int, vocab_size: int,
-                 eot: int, tokenizer_sha256: str) -> None:
+                 eot: int, tokenizer_sha256: str, masked: bool = False) -> None:
         import numpy as np
 
+        self.masked = masked
+        self._mask_file = None
         self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
         self.vocab_size, self.eot, self.tokenizer_sha256 = vocab_size, eot, tokenizer_sha256
         self.dtype = dtype_for_vocab(vocab_size)
         self._np_dtype = np.dtype(self.dtype).newbyteorder("<")
         self.records: list[ShardRecord] = []
+        self.trained_tokens = 0  # masked: ids the loss covers
         # How often each byte value occurs in the split's text: the unigram byte baseline.
         self.byte_counts = np.zeros(256, dtype=np.int64)
         self._file = None
@@ -149,6 +173,7 @@ class ShardWriter:
 
         Its document and byte counts go to the shard where it ends.
         """
+        assert not self.masked, "a masked writer takes conversations (write_conversation)"
         start = 0
         while start < len(ids):
             if self._file is None:
@@ -162,6 +187,29 @@ class ShardWriter:
                 self._bytes += utf8_bytes
             if self._tokens == self.shard_tokens:
                 self._finish()
+
+    def write_conversation(self, ids: "np.ndarray", mask: "np.ndarray", utf8_bytes: int) -> int:
+        """Append one conversation's ids and flags (bit 0 of ``mask``: trained) whole, in one shard:
+        the shard ends early when it would not fit. One longer than a shard is cut to it. Returns
+        the ids written."""
+        import numpy as np
+
+        if self._file is not None and self._tokens + len(ids) > self.shard_tokens:
+            self._finish()
+        ids, mask = ids[: self.shard_tokens], mask[: self.shard_tokens]
+        if self._file is None:
+            self._open()
+        flags = (mask & TRAINED).astype(np.uint8)
+        flags[:1] |= CONVERSATION_START
+        self._file.write(ids.astype(self._np_dtype, copy=False).tobytes())
+        self._mask_file.write(flags.tobytes())
+        self._tokens += len(ids)
+        self._documents += 1
+        self._bytes += utf8_bytes
+        self.trained_tokens += int((flags & TRAINED).sum())
+        if self._tokens == self.shard_tokens:
+            self._finish()
+        return len(ids)
 
     def close(self) -> list[ShardRecord]:
         if self._file is not None:
@@ -178,6 +226,11 @@ class ShardWriter:
             if self._tmp is not None:
                 with contextlib.suppress(OSError):
                     self._tmp.unlink(missing_ok=True)
+        if self._mask_file is not None:
+            with contextlib.suppress(OSError):
+                self._mask_file.close()
+                Path(self._mask_file.name).unlink(missing_ok=True)
+            self._mask_file = None
 
     def _path(self, index: int) -> Path:
         return self.directory / f"{self.split}-{index:05d}.bin"
@@ -186,10 +239,19 @@ class ShardWriter:
         self._tmp = tmp_name(self._path(len(self.records)))
         self._file = open(self._tmp, "wb")
         self._file.write(b"\0" * HEADER_BYTES)  # the real header goes in once the count is known
+        if self.masked:  # the flags go to a file of their own until the ids are complete
+            self._mask_file = open(tmp_name(self._path(len(self.records)).with_suffix(".mask")), "w+b")
         self._tokens = self._documents = self._bytes = 0
 
     def _finish(self) -> None:
-        header = ShardHeader(self.dtype, self._tokens, self.vocab_size, self.eot, self.tokenizer_sha256)
+        header = ShardHeader(self.dtype, self._tokens, self.vocab_size, self.eot, self.tokenizer_sha256,
+                             MASKED_VERSION if self.masked else FORMAT_VERSION)
+        if self._mask_file is not None:
+            self._mask_file.seek(0)
+            shutil.copyfileobj(self._mask_file, self._file)
+            self._mask_file.close()
+            Path(self._mask_file.name).unlink()
+            self._mask_file = None
         self._file.seek(0)
         self._file.write(header.pack())
         self._file.close()
@@ -211,19 +273,34 @@ class ShardWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_fingerprint(config: Config, tokenizer_sha256: str, bos: list[int] | None = None) -> dict[str, Any]:
+def shard_fingerprint(config: Config, tokenizer_sha256: str, bos: list[int] | None = None,
+                      chat_template: str | None = None) -> dict[str, Any]:
     """Everything the shards' content depends on: when it is unchanged, they are up to date.
-    ``bos``: the ids before every document (a source tokenizer's BOS; none for lmtrain's own)."""
+    ``bos``: the ids before every document (a source tokenizer's BOS; none for lmtrain's own).
+    Conversations also depend on the chat template and on what the loss covers (the mask)."""
+    chat = config.data.format == "chat"
+    data = asdict(config.data)
+    # How batches are cut from conversations changes nothing in the shards; text shards do not
+    # depend on the chat-only keys at all (and shards made before they existed stay current).
+    for key in BATCH_DATA_KEYS + (() if chat else CHAT_DATA_KEYS):
+        data.pop(key, None)
     fingerprint = {
-        "format_version": FORMAT_VERSION,
+        "format_version": MASKED_VERSION if chat else FORMAT_VERSION,
         "tokenizer_sha256": tokenizer_sha256,
         "special_tokens": list(config.tokenizer.special_tokens),
-        "data": asdict(config.data),
+        "data": data,
         "shard_tokens": config.shard.shard_tokens,
     }
     if bos:
         fingerprint["bos"] = list(bos)
+    if chat:
+        fingerprint["loss_on"] = config.train.loss_on
+        fingerprint["chat_template_sha256"] = hashlib.sha256((chat_template or "").encode()).hexdigest()
     return fingerprint
+
+
+CHAT_DATA_KEYS = ("format", "bad_records")
+BATCH_DATA_KEYS = ("packing", "too_long")
 
 
 @dataclass
@@ -236,12 +313,14 @@ class SplitTotals:
     documents: int
     utf8_bytes: int
     byte_counts: list[int] | None = None
+    # Conversations: the ids the loss covers; ``utf8_bytes`` then counts the assistant's text only,
+    # so bits per byte are per byte of what is trained.
+    trained_tokens: int | None = None
+    skipped_records: int | None = None  # data.bad_records: skip
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if self.byte_counts is None:
-            del out["byte_counts"]
-        return out
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("byte_counts", "trained_tokens", "skipped_records")}
 
 
 @dataclass
@@ -262,6 +341,10 @@ class Manifest:
     def itemsize(self) -> int:
         return 2 if self.dtype == "uint16" else 4
 
+    @property
+    def masked(self) -> bool:
+        return self.format_version == MASKED_VERSION
+
     def entries(self, split: str) -> list[ShardRecord]:
         return [entry for entry in self.shards if entry.split == split]
 
@@ -277,8 +360,9 @@ class Manifest:
         missing = [k for k in _MANIFEST_KEYS if not isinstance(raw, dict) or k not in raw]
         if missing:
             raise ShardError(f"{path} is missing {', '.join(missing)}; re-run `lmtrain shard --force`")
-        if raw["format_version"] != FORMAT_VERSION:
-            raise ShardError(f"{path}: format version {raw['format_version']}, this lmtrain reads {FORMAT_VERSION}")
+        if raw["format_version"] not in READABLE_VERSIONS:
+            raise ShardError(f"{path}: format version {raw['format_version']}, this lmtrain reads "
+                             f"{' and '.join(map(str, READABLE_VERSIONS))}")
         try:
             splits = {name: SplitTotals(**totals) for name, totals in raw["splits"].items()}
             shards = [ShardRecord(**entry) for entry in raw["shards"]]
@@ -309,16 +393,19 @@ class Manifest:
 
 
 def make_manifest(fingerprint: dict, records: list[ShardRecord], vocab_size: int, eot: int,
-                  tokenizer_sha256: str, byte_counts: dict[str, list[int]] | None = None) -> Manifest:
+                  tokenizer_sha256: str, byte_counts: dict[str, list[int]] | None = None,
+                  conversations: dict[str, dict[str, int]] | None = None) -> Manifest:
+    """``conversations``: per split, ``trained_tokens`` and ``skipped_records`` (chat shards)."""
     splits = {}
     for split in SPLITS:
         mine = [r for r in records if r.split == split]
         splits[split] = SplitTotals(shards=len(mine), tokens=sum(r.tokens for r in mine),
                                     documents=sum(r.documents for r in mine),
                                     utf8_bytes=sum(r.utf8_bytes for r in mine),
-                                    byte_counts=byte_counts[split] if byte_counts is not None else None)
-    return Manifest(FORMAT_VERSION, tokenizer_sha256, vocab_size, dtype_for_vocab(vocab_size), eot,
-                    HEADER_BYTES, fingerprint, splits, list(records))
+                                    byte_counts=byte_counts[split] if byte_counts is not None else None,
+                                    **(conversations or {}).get(split, {}))
+    return Manifest(fingerprint.get("format_version", FORMAT_VERSION), tokenizer_sha256, vocab_size,
+                    dtype_for_vocab(vocab_size), eot, HEADER_BYTES, fingerprint, splits, list(records))
 
 
 _MANIFEST_KEYS = ("format_version", "tokenizer_sha256", "vocab_size", "dtype", "eot_id", "splits", "shards")
@@ -360,6 +447,7 @@ def _check_shard(path: Path, entry: ShardRecord, manifest: Manifest) -> ShardHea
     expected = {
         "dtype": manifest.dtype, "tokens": entry.tokens, "vocab_size": manifest.vocab_size,
         "eot_id": manifest.eot_id, "tokenizer_sha256": manifest.tokenizer_sha256,
+        "version": manifest.format_version,
     }
     for key, want in expected.items():
         got = getattr(header, key)
@@ -405,6 +493,24 @@ def open_split(directory: Path, split: str, tokenizer_sha256: str | None = None)
     if not arrays:
         raise ShardError(f"{directory}: the manifest lists no {split} tokens; re-run `lmtrain shard --force`")
     return arrays
+
+
+def open_masks(directory: Path, split: str) -> list["np.memmap"] | None:
+    """The flag bytes (``TRAINED``, ``CONVERSATION_START``) of each of the split's shards, in
+    ``open_split``'s order, or None for text shards (every token trained on)."""
+    import numpy as np
+
+    manifest = read_manifest(directory)
+    if not manifest.masked:
+        return None
+    masks = []
+    for entry in manifest.entries(split):
+        path = directory / entry.file
+        header = _check_shard(path, entry, manifest)
+        if header.tokens:
+            masks.append(np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES + header.tokens * header.itemsize,
+                                   shape=(header.tokens,)))
+    return masks
 
 
 @dataclass
@@ -460,8 +566,14 @@ def check_shards_agree(config: Config, tokenizer_sha256: str) -> None:
     if manifest.tokenizer_sha256 != tokenizer_sha256:
         raise RunDirError(f"the shards in {directory} were made with another tokenizer than the run's "
                           "tokenizer.json; rebuild them with `lmtrain shard` before training")
+    template = None
+    if config.data.format == "chat":
+        from lmtrain.chat_template import load_template
+
+        template = load_template(tokenizer_dir(config.run_dir), config.tokenizer.special_tokens[0]).source
     differences = fingerprint_differences(manifest.fingerprint, shard_fingerprint(
-        config, tokenizer_sha256, manifest.fingerprint.get("bos") if isinstance(manifest.fingerprint, dict) else None))
+        config, tokenizer_sha256, manifest.fingerprint.get("bos") if isinstance(manifest.fingerprint, dict) else None,
+        template))
     if differences:
         raise RunDirError(f"the shards in {directory} were built with {differences[0]}; rebuild them "
                           "with `lmtrain shard` before training")

@@ -157,7 +157,8 @@ class StepRunner:
         total = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum):
             clock.start()
-            x, y = batches.get(step, micro)
+            x, y, *layout = batches.get(step, micro)  # chat batches add their attention layout
+            layout = layout[0] if layout else None
             clock.stop("data")
             last = micro == tc.grad_accum - 1
             # DDP: synchronise gradients on the last micro-step only. FSDP reduce-scatters every
@@ -170,9 +171,10 @@ class StepRunner:
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast(self.device, self.amp_dtype):
                     if self.teacher is None:
-                        _, loss = self.forward_model(x, y, loss_fn=self.loss_fn)
+                        _, loss = self.forward_model(x, y, loss_fn=self.loss_fn,
+                                                     **({"layout": layout} if layout is not None else {}))
                     else:
-                        loss = self._distillation_loss(x, y)
+                        loss = self._distillation_loss(x, y, layout)
                 self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.detach() / tc.grad_accum
             clock.stop("forward_backward")
@@ -186,12 +188,17 @@ class StepRunner:
         clock.stop("optimizer")
         return total, norm, good
 
-    def _distillation_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _distillation_loss(self, x: torch.Tensor, y: torch.Tensor, layout=None) -> torch.Tensor:
         """``train.distill_from``: the data's CE mixed with the KL to the teacher (lmtrain.distill)."""
         from lmtrain.distill import distillation_loss
 
-        logits, _ = self.forward_model(x)
-        return distillation_loss(logits, self.teacher.logits(x), y, self.tc.distill_alpha, self.tc.distill_temperature)
+        if layout is None:
+            logits, _ = self.forward_model(x)
+            teacher = self.teacher.logits(x)
+        else:
+            logits, _ = self.forward_model(x, layout=layout)
+            teacher = self.teacher.logits(x, layout)
+        return distillation_loss(logits, teacher, y, self.tc.distill_alpha, self.tc.distill_temperature)
 
     def _apply(self, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         """Apply the update unless the loss or gradient is non-finite (one host sync a step)."""

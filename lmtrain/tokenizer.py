@@ -35,7 +35,8 @@ ENCODE_BATCH_DOCS = 256
 
 def tokenizer_settings(config: Config) -> dict:
     """What a trained tokenizer depends on: if these change, it is stale."""
-    return {"tokenizer": asdict(config.tokenizer), "data": asdict(config.data)}
+    data = {k: v for k, v in asdict(config.data).items() if k not in ("packing", "too_long")}  # batching only
+    return {"tokenizer": asdict(config.tokenizer), "data": data}
 
 
 def stale_tokenizer_reason(config: Config) -> str | None:

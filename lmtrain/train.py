@@ -225,8 +225,11 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         state = TrainState.from_checkpoint(resume.state, resume.path / STATE_FILE)
         resume.restore_rng()
     val = data.manifest.splits["val"]
-    validator = Validator(training.model, data.val, val.tokens, val.utf8_bytes, tc, device, AMP_DTYPES[precision],
-                          info, tasks)
+    val_tokens = val.trained_tokens if data.chat else val.tokens  # chat: bits per byte of the trained text
+    validator = Validator(training.model, data.val, val_tokens, val.utf8_bytes, tc, device, AMP_DTYPES[precision],
+                          info, tasks, data.packing if data.chat else None)
+    if data.chat:
+        notes.append(_describe_conversations(data, tc))
     keeper = BudgetKeeper(tc, Measurer(training, validator, checkpointer.directory, info, device),
                           resume.state.get("budget") if resume is not None else None, state.step,
                           state.train_seconds, info.is_main, str(resume.path / STATE_FILE) if resume else "")
@@ -244,6 +247,22 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     return Trainer(config, info, device, precision, training, checkpointer, state,
                    resume.path.name if resume is not None else None, batches, validator, keeper,
                    data.manifest, data.tokenizer_sha256, notes)
+
+
+def _describe_conversations(data: RunData, tc) -> str:
+    """What a chat run trains on: conversations, rows, epochs, and what was cut or left out."""
+    train = data.train
+    rows = train.packed_rows(data.packing)
+    per_step = tc.batch_size * tc.grad_accum
+    trained = data.manifest.splits["train"].trained_tokens or 0
+    text = (f"conversations: {len(train):,} to train on, {data.packing}ed into {rows:,} rows of "
+            f"{train.window - 1} tokens ({rows / per_step:.1f} steps per epoch, {trained:,} trained tokens); "
+            f"{tc.max_steps * per_step / max(rows, 1):.1f} epochs at train.max_steps {tc.max_steps}")
+    if train.too_long:
+        text += f"; {train.too_long} longer than model.block_size + 1 ({train.too_long_policy} by data.too_long)"
+    if train.untrained:
+        text += f"; {train.untrained} left out (no trained token within the window)"
+    return text
 
 
 def _describe_lora(training: Training, config: Config) -> str:
