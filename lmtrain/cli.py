@@ -312,6 +312,51 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional
     return text
 
 
+@app.command()
+@user_errors
+def chat(
+    run: Optional[Path] = ReadRunOption,
+    model: Optional[Path] = ModelOption,
+    checkpoint: str = CheckpointOption,
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt; kept when old turns are dropped."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens per reply."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Softmax temperature (0: greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same replies (default: the config's)."),
+    device: str = DeviceOption,
+) -> None:
+    """Talk to a model in its own chat template; the conversation (and its cache) is kept.
+    In a terminal: /reset, /exit. Piped: one message per input line, one reply per output line."""
+    from lmtrain.chat import COMMANDS, ChatOptions, chat_loop, open_session
+
+    run = _run_or_model(run, model)
+    session = open_session(run, ChatOptions(checkpoint, system, max_new_tokens, temperature, top_k, top_p,
+                                            greedy, seed, device))
+    interactive = sys.stdin.isatty()
+
+    def read() -> Optional[str]:
+        if interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        line = sys.stdin.readline(1 << 20)
+        return line or None
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def note(text: str) -> None:
+        typer.echo(text, err=True)
+
+    if interactive:
+        note(f"chatting with {run} ({', '.join(f'{k}: {v}' for k, v in COMMANDS.items())})")
+    chat_loop(session, read, write, note, interactive)
+
+
 @app.command(name="eval")
 @user_errors
 def eval_(

@@ -43,6 +43,7 @@ class LoadedModel:
     adapters: dict | None = None  # a LoRA checkpoint's own tensors (its adapters), else None
     bos: list = dataclasses.field(default_factory=list)  # ids before every text (a source tokenizer's BOS)
     stop_ids: frozenset = frozenset()  # generation ends at these too: every EOS id of a source's generation_config
+    tokenizer_dir: Path | None = None  # where its tokenizer files are (the chat template among them)
 
 
 def stop_ids(directory: Path) -> frozenset:
@@ -100,7 +101,7 @@ def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") 
     return LoadedModel(model, tokenizer, config, path, torch_device, amp,
                        eot_id(tokenizer, config.tokenizer.special_tokens), int(loaded.state["step"]), loaded.state,
                        loaded.tensors if is_lora_checkpoint(loaded.state) else None, run_bos_ids(run_dir, tokenizer),
-                       stop_ids(tokenizer_path(run_dir).parent))
+                       stop_ids(tokenizer_path(run_dir).parent), tokenizer_path(run_dir).parent)
 
 
 def load_source_model(path: Path, device: str = "auto") -> LoadedModel:
@@ -126,7 +127,8 @@ def load_source_model(path: Path, device: str = "auto") -> LoadedModel:
     tokenizer = load_tokenizer_file(source.tokenizer_file)
     bos = bos_ids_in(source.tokenizer_file.parent, tokenizer)
     return LoadedModel(model, tokenizer, config, Path(path), torch_device, inference_amp_dtype("bf16", torch_device),
-                       eot_id(tokenizer, [source.eot]), 0, {}, None, bos, stop_ids(source.tokenizer_file.parent))
+                       eot_id(tokenizer, [source.eot]), 0, {}, None, bos, stop_ids(source.tokenizer_file.parent),
+                       source.tokenizer_file.parent)
 
 
 def _check_against_run_config(model_config: GPTConfig, config: Config, path: Path) -> None:
