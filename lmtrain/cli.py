@@ -357,6 +357,41 @@ def chat(
     chat_loop(session, read, write, note, interactive)
 
 
+@app.command()
+@user_errors
+def serve(
+    run: Optional[Path] = ReadRunOption,
+    model: Optional[Path] = ModelOption,
+    checkpoint: str = CheckpointOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMTRAIN_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (or set LMTRAIN_API_KEY)."),
+    slots: int = typer.Option(8, "--batch", min=1, max=256, help="Requests decoded together, at most."),
+    queue: int = typer.Option(32, "--queue", min=0, max=100000, help="Requests waiting for a slot, at most (then 503)."),
+    context: Optional[int] = typer.Option(None, "--context", min=2, help="Tokens per request, prompt and reply (default: the model's, at most 4096)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The model's name in the API (default: the directory's)."),
+    device: str = DeviceOption,
+) -> None:
+    """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat
+    page at /, decoding concurrent requests together."""
+    from lmtrain.errors import LmtrainError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LmtrainError("lmtrain serve needs FastAPI and uvicorn: pip install 'lmtrain[serve]'") from None
+    from lmtrain.server import open_server, serve as run_server
+
+    run = _run_or_model(run, model)
+    server = open_server(run, checkpoint, device, api_key, slots, queue, context or 4096, name)
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    typer.echo(f"serving {server.model_name} ({server.engine.context}-token context, up to {slots} requests at "
+               f"once) at {where}/v1 and the chat page at {where}/", err=True)
+    run_server(server, host, port)
+
+
 @app.command(name="eval")
 @user_errors
 def eval_(

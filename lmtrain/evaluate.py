@@ -185,6 +185,8 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
         from lmtrain.export import load_gguf_into
 
         load_gguf_into(loaded, gguf)
+    if loaded.config.data.format == "chat" and loaded.tokenizer_dir is not None:
+        return _evaluate_conversations(loaded, data_source, batch_size, max_tokens)
     unigram = None
     if data_source is None:
         manifest = read_manifest(data_dir(run_dir))
@@ -208,6 +210,66 @@ def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None 
                       step=loaded.step, loss=loss,
                       ppl=perplexity(loss), bpb=bits_per_byte(nll, max(n_bytes, 1)),
                       tokens=scored, bytes=n_bytes, unigram_bpb=unigram)
+
+
+def _evaluate_conversations(loaded: LoadedModel, data_source: str | None, batch_size: int,
+                            max_tokens: int | None) -> EvalResult:
+    """A chat run: the mean loss over the trained tokens only (the assistant's, as training saw
+    them), each conversation scored on its own; bits per byte of the trained text."""
+    from lmtrain.chat_template import load_template, special_tokens_of
+    from lmtrain.config import DataConfig
+    from lmtrain.conversations import encode
+    from lmtrain.corpus import check_sources, iter_documents
+    from lmtrain.errors import DataError
+    from lmtrain.shards import TRAINED
+
+    window = loaded.model.config.block_size + 1
+    pieces, n_bytes = [], 0
+    if data_source is None:
+        from lmtrain.packing import Conversations
+
+        directory = data_dir(loaded.checkpoint.parent.parent)
+        split = Conversations(directory, "val", window, "cut", read_manifest(directory).tokenizer_sha256)
+        pieces = [split.read(i) for i in range(len(split))]
+        n_bytes = read_manifest(directory).splits["val"].utf8_bytes
+        source = "val split"
+    else:
+        data = DataConfig(**{**vars(loaded.config.data), "source": data_source, "val_source": None})
+        check_sources(data)
+        template = load_template(loaded.tokenizer_dir, loaded.tokenizer.id_to_token(loaded.eot_id))
+        specials = special_tokens_of(loaded.tokenizer)
+        loss_on = loaded.config.train.loss_on
+        for doc in iter_documents(data_source, data):
+            if doc.bad is not None:
+                continue
+            ids, mask = encode(loaded.tokenizer, template, doc.messages, specials, loss_on)
+            pieces.append((ids[:window], mask[:window]))
+            if loss_on == "assistant":
+                trained = "".join(m["content"] for m in doc.messages if m["role"] == "assistant")
+            else:
+                trained = template.render(doc.messages)
+            n_bytes += len(trained.encode("utf-8", "surrogatepass"))
+        if not pieces:
+            raise DataError(f"--data {data_source}: no conversations")
+        source = data_source
+    total, scored = 0.0, 0
+    model, device = loaded.model, loaded.device
+    with torch.no_grad():
+        for ids, flags in pieces:
+            if max_tokens is not None and scored >= max_tokens:
+                break
+            x = torch.from_numpy(np.asarray(ids[:-1], dtype=np.int64))[None].to(device)
+            targets = np.where((np.asarray(flags[1:]) & TRAINED) > 0, ids[1:], IGNORE_INDEX)
+            y = torch.from_numpy(targets.astype(np.int64))[None].to(device)
+            if not (y != IGNORE_INDEX).any():
+                continue
+            with autocast(device, loaded.amp_dtype):
+                logits, _ = model(x)
+            total += float(torch.nn.functional.cross_entropy(logits.float()[0], y[0], reduction="sum"))
+            scored += int((y != IGNORE_INDEX).sum())
+    loss = total / max(scored, 1)
+    return EvalResult(source=source, checkpoint=loaded.checkpoint.name, step=loaded.step, loss=loss,
+                      ppl=perplexity(loss), bpb=bits_per_byte(total, max(n_bytes, 1)), tokens=scored, bytes=n_bytes)
 
 
 def _tokenize_source(loaded: LoadedModel, source: str, max_tokens: int | None) -> tuple[np.ndarray, int]:
