@@ -147,7 +147,8 @@ class BatchEngine:
         if len(job.prompt_ids) >= self.context:
             raise LmtrainError(f"the prompt is {len(job.prompt_ids)} tokens; the context is {self.context}")
         with self._wake:
-            if len(self.waiting) >= self.queue_size:
+            # Requests arriving together wait a moment for free slots; beyond those, queue_size more.
+            if len(self.waiting) >= self.queue_size + self.slots - len(self.running):
                 raise QueueFull(f"the server is busy: {len(self.running)} requests decoding and "
                                 f"{len(self.waiting)} waiting; try again shortly")
             self.waiting.append(job)
