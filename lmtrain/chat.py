@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmtrain.chat_template import ChatTemplate, end_of_turn_token, load_template, special_tokens_of
+from lmtrain.chat_template import ChatTemplate, end_of_turn_token, load_template, read_template, special_tokens_of
 from lmtrain.device import autocast
 from lmtrain.errors import LmtrainError
 from lmtrain.generate import SamplingParams, next_token
@@ -39,8 +39,11 @@ class ChatModel:
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> "ChatModel":
-        eot_text = loaded.tokenizer.id_to_token(loaded.eot_id)
-        template = load_template(loaded.tokenizer_dir, eot_text) if loaded.tokenizer_dir else load_template_default(eot_text)
+        if loaded.tokenizer_dir is None or read_template(loaded.tokenizer_dir) is None:
+            raise LmtrainError(f"{loaded.checkpoint} has no chat template: it was trained on text (data.format text) "
+                               "or ships none. Fine-tune it on conversations (data.format: chat), or use "
+                               "`lmtrain sample` to continue text")
+        template = load_template(loaded.tokenizer_dir, loaded.tokenizer.id_to_token(loaded.eot_id))
         specials = special_tokens_of(loaded.tokenizer)
         turn_end = end_of_turn_token(template, specials)
         stops = {loaded.eot_id, *loaded.stop_ids}
@@ -57,12 +60,6 @@ class ChatModel:
         BOS itself; no special tokens are added, as transformers' apply_chat_template tokenizes)."""
         text = self.template.render(messages, add_generation_prompt=True)
         return self.loaded.tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def load_template_default(eot_text: str) -> ChatTemplate:
-    from lmtrain.chat_template import CHATML
-
-    return ChatTemplate(CHATML, (("eos_token", eot_text),))
 
 
 def fit_messages(model: ChatModel, messages: list[dict], room: int) -> tuple[list[dict], list[int], int]:

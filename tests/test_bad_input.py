@@ -165,6 +165,8 @@ DEEP = "[" * 100_000 + "]" * 100_000
 LATEST = "checkpoints/step-00000004"
 T = "tokenize --config {cfg}"
 TRAIN = "train --config {cfg}"
+CHAT = "tokenize --config {cfg} --set data.format=chat"
+GOOD_CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
 
 CASES = [
     # -- the config file and --set ------------------------------------------------------------
@@ -433,6 +435,26 @@ CASES = [
          "names '../secret.safetensors', not a file of the source directory",
          lambda tmp, run: (llama_source()(tmp, run), (tmp / "src" / "model.safetensors.index.json").write_text(
              json.dumps({"weight_map": {"a": "../secret.safetensors"}})))),
+    # -- conversations ---------------------------------------------------------------------------------
+    Case("chat-unknown-role", "none", CHAT + " --set data.source={tmp}/chat.jsonl",
+         "chat.jsonl:2: messages[1]: unknown role 'robot'", write("chat.jsonl", GOOD_CHAT + json.dumps(
+             {"messages": [{"role": "robot", "content": "x"}]}) + "\n")),
+    Case("chat-empty-assistant", "none", CHAT + " --set data.source={tmp}/chat.jsonl",
+         "chat.jsonl:2: the conversation has no assistant message with content", write("chat.jsonl", GOOD_CHAT + json.dumps(
+             {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}) + "\n")),
+    Case("chat-not-a-list", "none", CHAT + " --set data.source={tmp}/chat.jsonl",
+         "chat.jsonl:2: 'messages' must be a list", write("chat.jsonl", GOOD_CHAT + '{"messages": "hi"}\n')),
+    Case("chat-not-json", "none", CHAT + " --set data.source={tmp}/chat.jsonl",
+         "chat.jsonl:2: not valid JSON", write("chat.jsonl", GOOD_CHAT + '{"messages": [\n')),
+    Case("chat-from-text-files", "none", CHAT, "data.format chat reads conversation records from"),
+    Case("chat-from-the-builtin-corpus", "none", CHAT + " --set data.source=builtin:pystdlib",
+         "a text corpus; data.format chat needs conversation records"),
+    Case("chat-source-without-template", "sharded", CHAT + " --force --set data.source={tmp}/chat.jsonl --set model.init_from={tmp}/src",
+         "the model ships no chat template", lambda tmp, run: (llama_source()(tmp, run),
+                                                               write("chat.jsonl", GOOD_CHAT)(tmp, run))),
+    Case("chat-with-a-text-run", "trained", "chat --run {run}", "has no chat template: it was trained on text"),
+    Case("chat-bad-loss-on", "none", CHAT + " --set train.loss_on=assistants",
+         "train.loss_on"),
 ]
 
 
