@@ -55,6 +55,22 @@ class RunConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One source of ``data.mixture``."""
+
+    source: str = _opt("", help="file, directory, glob or hf:owner/name, as data.source")
+    weight: float = _opt(1.0, gt=0.0, le=1000.0, help="times each of its records is seen per epoch (0.5: half of them)")
+    format: Optional[Literal["text", "chat"]] = _opt(None, help="text or chat; null means data.format")
+
+    def check(self, key: str) -> None:
+        if not self.source.strip():
+            raise ConfigError(f"{key}.source: must not be empty")
+
+
+MAX_MIXTURE_SOURCES = 63  # the shards' flag byte numbers them in 6 bits
+
+
+@dataclass
 class DataConfig:
     source: str = _opt("builtin:pystdlib", help="file, directory, glob, hf:owner/name or builtin:pystdlib")
     text_field: str = _opt("text", help="column holding the text in .jsonl/.json/.parquet/.csv")
@@ -74,10 +90,21 @@ class DataConfig:
         "pack", help="chat: whole conversations packed into each row, each seeing only itself (pack), or one per row (pad)")
     too_long: Literal["cut", "skip"] = _opt(
         "cut", help="chat: a conversation longer than model.block_size is cut to it, or left out (skip); counted")
+    mixture: list[MixtureSource] = _opt(
+        [], help="chat: several sources with weights, [{source, weight, format}], in place of data.source; "
+                 "text sources are trained on every token")
 
     def check(self) -> None:
         if not self.source.strip():
             raise ConfigError("data.source: must not be empty")
+        if self.mixture:
+            if self.format != "chat":
+                raise ConfigError("data.mixture: mixes sources into conversation shards; set data.format: chat "
+                                  "(for several text corpora, give data.source a directory or a glob)")
+            if len(self.mixture) > MAX_MIXTURE_SOURCES:
+                raise ConfigError(f"data.mixture: at most {MAX_MIXTURE_SOURCES} sources, got {len(self.mixture)}")
+            for i, part in enumerate(self.mixture):
+                part.check(f"data.mixture[{i}]")
         if self.val_source is None and self.val_fraction <= 0.0:
             raise ConfigError(
                 "data.val_fraction: must be > 0 unless data.val_source gives a validation corpus"
@@ -473,6 +500,19 @@ def check_section(name: str, values: dict[str, Any], origin: str) -> Any:
     return section
 
 
+def _build_fields(key: str, cls: type, values: dict[str, Any]) -> Any:
+    """A nested config record (a ``data.mixture`` entry): every field checked like a section's."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key {name!r}{_did_you_mean(str(name), fields)}")
+        kwargs[name] = _coerce(f"{key}.{name}", value, hints[name])
+        _check_range(f"{key}.{name}", kwargs[name], fields[name].metadata)
+    return cls(**kwargs)
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any], origin: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -505,8 +545,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             allowed = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key}: must be one of {allowed}, got {value!r}")
         return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping ({', '.join(f.name for f in dataclasses.fields(hint))}), "
+                              f"got {_kind(value)} {value!r}")
+        return _build_fields(key, hint, value)
     if origin is list:
-        if isinstance(value, str):
+        if isinstance(value, str) and args[0] is str:
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {_kind(value)} {value!r}")

@@ -16,6 +16,7 @@ documents on the same side, so the val split never leaks training text.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -60,6 +61,7 @@ class Document:
     # with data.bad_records skip, a record that is not one comes through with ``bad`` saying why.
     messages: list | None = field(default=None, compare=False)
     bad: str | None = None
+    part: int = 0  # which source of data.mixture it came from
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,11 +82,10 @@ def iter_split(data: DataConfig, split: Split) -> Iterator[Document]:
     ``data.source``; otherwise documents of ``data.source`` are divided by ``val_score``.
     """
     if data.val_source is not None:
-        source = data.source if split == "train" else data.val_source
-        yield from iter_documents(source, data)
+        yield from (iter_corpus(data) if split == "train" else iter_documents(data.val_source, data))
         return
     want_val = split == "val"
-    for doc in iter_documents(data.source, data):
+    for doc in iter_corpus(data):
         if (val_score(doc.text) < data.val_fraction) == want_val:
             yield doc
 
@@ -95,12 +96,12 @@ def iter_both_splits(data: DataConfig) -> Iterator[tuple[Split, Document]]:
     The same split as ``iter_split`` gives, without reading the corpus twice.
     """
     if data.val_source is not None:
-        for doc in iter_documents(data.source, data):
+        for doc in iter_corpus(data):
             yield "train", doc
         for doc in iter_documents(data.val_source, data):
             yield "val", doc
         return
-    for doc in iter_documents(data.source, data):
+    for doc in iter_corpus(data):
         yield ("val" if val_score(doc.text) < data.val_fraction else "train"), doc
 
 
@@ -109,9 +110,21 @@ def iter_both_splits(data: DataConfig) -> Iterator[tuple[Split, Document]]:
 # --------------------------------------------------------------------------------------------
 
 
+def iter_corpus(data: DataConfig) -> Iterator[Document]:
+    """The documents of ``data.source``, or of every ``data.mixture`` source in turn, each marked
+    with its source's index (``part``): a text source's documents come as text in a chat run."""
+    if not data.mixture:
+        yield from iter_documents(data.source, data)
+        return
+    for part, entry in enumerate(data.mixture):
+        for doc in iter_documents(entry.source, data, entry.format or data.format):
+            yield dataclasses.replace(doc, part=part)
+
+
 def check_sources(data: DataConfig) -> None:
     """Fail fast, before any work starts, on a source that names nothing readable."""
-    for source in (data.source, data.val_source):
+    sources = [entry.source for entry in data.mixture] if data.mixture else [data.source]
+    for source in (*sources, data.val_source):
         if source is None:
             continue
         if source.startswith(BUILTIN_PREFIX):
@@ -122,14 +135,15 @@ def check_sources(data: DataConfig) -> None:
             resolve_local_files(source)
 
 
-def iter_documents(source: str, data: DataConfig) -> Iterator[Document]:
+def iter_documents(source: str, data: DataConfig, format: str | None = None) -> Iterator[Document]:
     """All non-empty documents of ``source``, capped at ``data.max_documents``.
 
     Documents that are empty or only whitespace are skipped: they carry nothing to learn and
     would only add end-of-text tokens.
     """
     count = 0
-    for doc in (_iter_conversations(source, data) if data.format == "chat" else _iter_raw(source, data)):
+    chat = (format or data.format) == "chat"
+    for doc in (_iter_conversations(source, data) if chat else _iter_raw(source, data)):
         if doc.bad is not None:
             yield doc  # counted by whoever reads the split, never a document
             continue

@@ -24,7 +24,7 @@ import torch
 
 from lmtrain.errors import LmtrainError, ShardError
 from lmtrain.fsutil import sha256_file
-from lmtrain.packing import ConversationBatches, Conversations
+from lmtrain.packing import ConversationBatches, Conversations, mixture_parts
 from lmtrain.rundir import data_dir, tokenizer_path
 from lmtrain.shards import Manifest, check_shards_agree, open_split, out_of_vocabulary, read_manifest
 from lmtrain.tokenizer import check_tokenizer_agrees
@@ -154,8 +154,10 @@ class RunData:
             raise ShardError(f"{directory}: the shards hold {'conversations' if manifest.masked else 'text'} but "
                              f"data.format is {config.data.format}; re-run `lmtrain shard --force`")
         if manifest.masked:
-            return cls(sha, manifest, Conversations(directory, "train", window, config.data.too_long, sha),
-                       Conversations(directory, "val", window, "cut", sha), config.data.packing,
+            text_parts, weights = mixture_parts(config.data)
+            return cls(sha, manifest, Conversations(directory, "train", window, config.data.too_long, sha,
+                                                    text_parts, weights),
+                       Conversations(directory, "val", window, "cut", sha, text_parts), config.data.packing,
                        config.train.grad_accum)
         return cls(sha, manifest, TokenWindows(directory, "train", window, sha),
                    TokenWindows(directory, "val", window, sha))

@@ -226,10 +226,11 @@ def _evaluate_conversations(loaded: LoadedModel, data_source: str | None, batch_
     window = loaded.model.config.block_size + 1
     pieces, n_bytes = [], 0
     if data_source is None:
-        from lmtrain.packing import Conversations
+        from lmtrain.packing import Conversations, mixture_parts
 
         directory = data_dir(loaded.checkpoint.parent.parent)
-        split = Conversations(directory, "val", window, "cut", read_manifest(directory).tokenizer_sha256)
+        split = Conversations(directory, "val", window, "cut", read_manifest(directory).tokenizer_sha256,
+                              mixture_parts(loaded.config.data)[0])
         pieces = [split.read(i) for i in range(len(split))]
         n_bytes = read_manifest(directory).splits["val"].utf8_bytes
         source = "val split"

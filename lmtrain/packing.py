@@ -27,17 +27,28 @@ import numpy as np
 import torch
 
 from lmtrain.errors import ShardError
-from lmtrain.shards import CONVERSATION_START, TRAINED, open_masks, open_split, out_of_vocabulary, read_manifest
+from lmtrain.shards import CONVERSATION_START, PART_SHIFT, TRAINED, open_masks, open_split, out_of_vocabulary, read_manifest
 
 IGNORE = -100
 
 
+def mixture_parts(data) -> tuple[frozenset, list[float] | None]:
+    """From a ``DataConfig``: which ``data.mixture`` sources are text, and the sources' weights."""
+    mixture = data.mixture
+    text_parts = frozenset(i for i, e in enumerate(mixture) if (e.format or data.format) == "text")
+    return text_parts, ([e.weight for e in mixture] if mixture else None)
+
+
 class Conversations:
     """The conversations of one split, as (shard, start, length), cut to ``window`` tokens or left
-    out when longer (``data.too_long``), and left out when nothing in them is trained."""
+    out when longer (``data.too_long``), and left out when nothing in them is trained.
+
+    With a ``data.mixture``: ``text_parts`` are the sources whose documents are text (a long one
+    is tiled into windows, not cut), and ``weights`` how often each source's records come per epoch."""
 
     def __init__(self, directory: Path, split: str, window: int, too_long: str = "cut",
-                 tokenizer_sha256: str | None = None) -> None:
+                 tokenizer_sha256: str | None = None, text_parts: frozenset = frozenset(),
+                 weights: list[float] | None = None) -> None:
         self.split, self.window, self.too_long_policy = split, window, too_long
         self.tokens_of = open_split(directory, split, tokenizer_sha256)
         self.flags_of = open_masks(directory, split)
@@ -45,10 +56,14 @@ class Conversations:
             raise ShardError(f"{directory}: text shards; data.format chat needs conversation shards: "
                              "re-run `lmtrain shard --force`")
         self.vocab_size = read_manifest(directory).vocab_size
-        shard, start, length, trained = [], [], [], []
+        self.weights = weights
+        shard, start, length, trained, part = [], [], [], [], []
         for s, flags in enumerate(self.flags_of):
             starts = np.flatnonzero(flags & CONVERSATION_START)
             ends = np.append(starts[1:], len(flags))
+            parts = np.asarray(flags[starts] >> PART_SHIFT, dtype=np.int64)
+            if text_parts:
+                starts, ends, parts = _tile_text(starts, ends, parts, text_parts, window)
             # trained targets of each conversation within its first `window` tokens (its first
             # token is never a target)
             cum = np.concatenate([[0], np.cumsum(flags & TRAINED, dtype=np.int64)])
@@ -56,8 +71,10 @@ class Conversations:
             shard.append(np.full(len(starts), s))
             start.append(starts)
             length.append(ends - starts)
-            trained.append(cum[stop] - cum[starts + 1])
-        shard, start, length, trained = (np.concatenate(a).astype(np.int64) for a in (shard, start, length, trained))
+            trained.append(cum[stop] - cum[np.minimum(starts + 1, stop)])
+            part.append(parts)
+        shard, start, length, trained, part = (np.concatenate(a).astype(np.int64)
+                                               for a in (shard, start, length, trained, part))
         long = length > window
         keep = trained > 0
         if too_long == "skip":
@@ -65,7 +82,7 @@ class Conversations:
         self.total = len(length)
         self.too_long = int(long.sum())  # cut, or skipped with too_long skip
         self.untrained = int((trained == 0).sum())
-        self.shard, self.start = shard[keep], start[keep]
+        self.shard, self.start, self.part = shard[keep], start[keep], part[keep]
         self.length = np.minimum(length[keep], window)
         if len(self.length) == 0:
             raise ShardError(f"the {split} split has no conversation with a trained token within "
@@ -78,9 +95,25 @@ class Conversations:
         s, a, n = int(self.shard[i]), int(self.start[i]), int(self.length[i])
         return np.asarray(self.tokens_of[s][a:a + n], dtype=np.int64), np.asarray(self.flags_of[s][a:a + n])
 
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        """The conversations of one epoch, shuffled: with mixture weights, each source's records
+        ``weight`` times (the fraction as a random subset, drawn anew each epoch)."""
+        rng = np.random.default_rng([seed, epoch])
+        if not self.weights:
+            return rng.permutation(len(self))
+        chosen = []
+        for p, weight in enumerate(self.weights):
+            members = np.flatnonzero(self.part == p)
+            whole, fraction = int(weight), weight - int(weight)
+            chosen += [members] * whole
+            if fraction > 0 and len(members):
+                chosen.append(rng.choice(members, size=int(round(fraction * len(members))), replace=False))
+        order = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+        return rng.permutation(order)
+
     def packed_rows(self, packing: str) -> int:
-        """Rows one epoch fills."""
-        return len(self.rows(np.arange(len(self)), packing))
+        """Rows one epoch fills (its first, where mixture weights draw a subset)."""
+        return len(self.rows(self.epoch_order(0, 0), packing))
 
     def rows(self, order: np.ndarray, packing: str) -> list[np.ndarray]:
         """Conversations in ``order`` grouped into rows: greedily, whole, up to ``window`` tokens
@@ -98,6 +131,22 @@ class Conversations:
         if current:
             rows.append(np.asarray(current))
         return rows
+
+
+def _tile_text(starts, ends, parts, text_parts, window: int):
+    """A text document longer than ``window`` becomes consecutive pieces of ``window`` tokens (each
+    packed like a conversation of its own), instead of losing all but its first window."""
+    new_starts, new_ends, new_parts = [], [], []
+    for a, b, p in zip(starts.tolist(), ends.tolist(), parts.tolist()):
+        if p in text_parts and b - a > window:
+            pieces = list(range(a, b, window))
+            new_starts += pieces
+            new_ends += [min(x + window, b) for x in pieces]
+            new_parts += [p] * len(pieces)
+        else:
+            new_starts.append(a), new_ends.append(b), new_parts.append(p)
+    return (np.asarray(new_starts, dtype=np.int64), np.asarray(new_ends, dtype=np.int64),
+            np.asarray(new_parts, dtype=np.int64))
 
 
 @dataclass
@@ -175,7 +224,7 @@ class ConversationBatches:
 
     def epoch_rows(self, epoch: int) -> list[np.ndarray]:
         if self._cached is None or self._cached[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.conversations))
+            order = self.conversations.epoch_order(self.seed, epoch)
             self._cached = (epoch, self.conversations.rows(order, self.packing))
         return self._cached[1]
 

@@ -217,8 +217,8 @@ def _texts_of(config: Config, split: Split) -> Iterator[Document]:
         return
     template = ChatTemplate(config.tokenizer.chat_template or CHATML)
     for doc in docs:
-        if doc.bad is None:
-            yield Document(template.render(doc.messages), doc.origin)
+        if doc.bad is None:  # a mixture's text source passes as it is
+            yield doc if doc.messages is None else Document(template.render(doc.messages), doc.origin)
 
 
 def measure_bytes_per_token(tokenizer: "Tokenizer", config: Config) -> tuple[float | None, str]:
@@ -326,7 +326,7 @@ def _build_shards(config: Config, force: bool) -> ShardResult:
                for split in SPLITS}
     encode, write = _encode, _write_encoded
     if chat:
-        encoder = _ConversationEncoder(tokenizer, template, config.train.loss_on)
+        encoder = _ConversationEncoder(tokenizer, template, config.train.loss_on, run_bos_ids(run_dir, tokenizer), eot)
         encode, write = encoder.encode, encoder.write
     start = time.perf_counter()
     total_tokens = total_docs = 0
@@ -397,18 +397,25 @@ class _ConversationEncoder:
     with the run's template, its ids and loss mask (``conversations.encode``); bits per byte count
     the bytes of what is trained (the assistant's contents, or everything with loss_on all)."""
 
-    def __init__(self, tokenizer, template: ChatTemplate, loss_on: str) -> None:
+    def __init__(self, tokenizer, template: ChatTemplate, loss_on: str, bos: list[int], eot: int) -> None:
         self.template, self.loss_on = template, loss_on
+        self.bos, self.eot = bos, eot  # a text document of a mixture: as text shards hold it
         self.specials = special_tokens_of(tokenizer)
         self.skipped = {split: 0 for split in SPLITS}
 
     def encode(self, tokenizer, batch: list[tuple[Split, Document]]):
         from lmtrain.conversations import encode
 
+        import numpy as np
+
         out = []
         for _, doc in batch:
             if doc.bad is not None:
                 out.append(None)
+                continue
+            if doc.messages is None:  # text: every token trained
+                ids = np.asarray(self.bos + tokenizer.encode(doc.text, add_special_tokens=False).ids + [self.eot])
+                out.append((ids, np.ones(len(ids), dtype=np.uint8), doc.text.encode("utf-8", "surrogatepass")))
                 continue
             try:
                 ids, mask = encode(tokenizer, self.template, doc.messages, self.specials, self.loss_on)
@@ -432,7 +439,7 @@ class _ConversationEncoder:
                 continue
             ids, mask, trained = encoded
             writer = writers[split]
-            batch_tokens += writer.write_conversation(ids, mask, len(trained))
+            batch_tokens += writer.write_conversation(ids, mask, len(trained), doc.part)
             writer.byte_counts += np.bincount(np.frombuffer(trained, dtype=np.uint8), minlength=256)
             written += 1
         bar.update(batch_tokens)

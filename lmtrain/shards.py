@@ -20,8 +20,9 @@ A shard is a file of token ids behind a fixed 256-byte header:
 Version 1 shards (plain text) hold ids only and read as if every token were trained on. Version 2
 (``data.format: chat``) adds the loss mask after the ids: per token, bit 0 says the loss covers it
 as a target (an assistant's content or the end-of-turn token closing it) and bit 1 marks the
-first token of a conversation. A conversation never straddles two shards (a shard ends early
-rather than split one), so a conversation is one slice of one file.
+first token of a conversation, whose bits 2-7 also number its ``data.mixture`` source (a text
+source's documents are stored the same way, every token trained). A conversation never
+straddles two shards (a shard ends early rather than split one), so it is one slice of one file.
 
 All integers are little-endian. ``uint16`` is used whenever every id fits (vocab <= 65536).
 Each document's ids are followed by the end-of-text id and documents are concatenated, one
@@ -58,6 +59,7 @@ FORMAT_VERSION = 1  # plain text: ids only
 MASKED_VERSION = 2  # conversations: ids, then one flag byte per id
 READABLE_VERSIONS = (FORMAT_VERSION, MASKED_VERSION)
 TRAINED, CONVERSATION_START = 1, 2  # the flag bits of a version-2 shard's mask
+PART_SHIFT = 2  # bits 2-7 of a conversation's first flag byte: its data.mixture source
 HEADER_BYTES = 256
 _HEADER = struct.Struct("<8sIIQII32s")
 MANIFEST_NAME = "manifest.json"
@@ -188,10 +190,10 @@ class ShardWriter:
             if self._tokens == self.shard_tokens:
                 self._finish()
 
-    def write_conversation(self, ids: "np.ndarray", mask: "np.ndarray", utf8_bytes: int) -> int:
+    def write_conversation(self, ids: "np.ndarray", mask: "np.ndarray", utf8_bytes: int, part: int = 0) -> int:
         """Append one conversation's ids and flags (bit 0 of ``mask``: trained) whole, in one shard:
-        the shard ends early when it would not fit. One longer than a shard is cut to it. Returns
-        the ids written."""
+        the shard ends early when it would not fit. One longer than a shard is cut to it. ``part``:
+        its data.mixture source, kept in its first flag byte. Returns the ids written."""
         import numpy as np
 
         if self._file is not None and self._tokens + len(ids) > self.shard_tokens:
@@ -200,7 +202,7 @@ class ShardWriter:
         if self._file is None:
             self._open()
         flags = (mask & TRAINED).astype(np.uint8)
-        flags[:1] |= CONVERSATION_START
+        flags[:1] |= CONVERSATION_START | (part << PART_SHIFT)
         self._file.write(ids.astype(self._np_dtype, copy=False).tobytes())
         self._mask_file.write(flags.tobytes())
         self._tokens += len(ids)
@@ -284,6 +286,10 @@ def shard_fingerprint(config: Config, tokenizer_sha256: str, bos: list[int] | No
     # depend on the chat-only keys at all (and shards made before they existed stay current).
     for key in BATCH_DATA_KEYS + (() if chat else CHAT_DATA_KEYS):
         data.pop(key, None)
+    if data.get("mixture"):  # the sources and their formats make the shards; the weights only the batches
+        data["mixture"] = [{k: v for k, v in entry.items() if k != "weight"} for entry in data["mixture"]]
+    elif "mixture" in data:
+        del data["mixture"]  # shards made before mixtures existed stay current
     fingerprint = {
         "format_version": MASKED_VERSION if chat else FORMAT_VERSION,
         "tokenizer_sha256": tokenizer_sha256,

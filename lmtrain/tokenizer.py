@@ -36,6 +36,8 @@ ENCODE_BATCH_DOCS = 256
 def tokenizer_settings(config: Config) -> dict:
     """What a trained tokenizer depends on: if these change, it is stale."""
     data = {k: v for k, v in asdict(config.data).items() if k not in ("packing", "too_long")}  # batching only
+    if data.get("mixture"):
+        data["mixture"] = [{k: v for k, v in entry.items() if k != "weight"} for entry in data["mixture"]]
     return {"tokenizer": asdict(config.tokenizer), "data": data}
 
 

@@ -255,7 +255,7 @@ def _describe_conversations(data: RunData, tc) -> str:
     rows = train.packed_rows(data.packing)
     per_step = tc.batch_size * tc.grad_accum
     trained = data.manifest.splits["train"].trained_tokens or 0
-    text = (f"conversations: {len(train):,} to train on, {data.packing}ed into {rows:,} rows of "
+    text = (f"conversations: {len(train):,} to train on{_describe_mixture(train)}, {data.packing}ed into {rows:,} rows of "
             f"{train.window - 1} tokens ({rows / per_step:.1f} steps per epoch, {trained:,} trained tokens); "
             f"{tc.max_steps * per_step / max(rows, 1):.1f} epochs at train.max_steps {tc.max_steps}")
     if train.too_long:
@@ -263,6 +263,13 @@ def _describe_conversations(data: RunData, tc) -> str:
     if train.untrained:
         text += f"; {train.untrained} left out (no trained token within the window)"
     return text
+
+
+def _describe_mixture(train) -> str:
+    if not train.weights:
+        return ""
+    counts = [int((train.part == p).sum()) for p in range(len(train.weights))]
+    return " (" + ", ".join(f"source {p}: {n:,} x {w:g}" for p, (n, w) in enumerate(zip(counts, train.weights))) + ")"
 
 
 def _describe_lora(training: Training, config: Config) -> str:

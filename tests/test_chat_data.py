@@ -253,3 +253,37 @@ def test_every_loss_skips_ignored_targets_as_cross_entropy_does():
     mixed = distillation_loss(student, teacher, targets, 0.5, 2.0)
     only_kept = distillation_loss(student[keep], teacher[keep], targets[keep], 0.5, 2.0)
     torch.testing.assert_close(mixed, only_kept)
+
+
+def test_a_mixture_weights_its_sources_per_epoch_and_tiles_long_text(tmp_path):
+    from lmtrain.data import RunData
+    from lmtrain.prepare import build_shards, train_tokenizer
+    from lmtrain.shards import read_manifest
+
+    chat = write_chat(tmp_path / "chat.jsonl", [good(i) for i in range(80)])
+    prose = tmp_path / "prose.txt"
+    prose.write_text("\n\n".join(" ".join(f"word{(i * 7 + j) % 50}" for j in range(10 + 30 * (i % 4)))
+                                 for i in range(40)), encoding="utf-8")
+    mixture = "data.mixture=[{source: %s, weight: 2}, {source: %s, weight: 0.5, format: text}]" % (chat, prose)
+    cfg = chat_config(tmp_path, "unused", mixture, "data.sample_by=paragraph")
+    train_tokenizer(cfg)
+    build_shards(cfg)
+    data = RunData.open(cfg)
+    train = data.train
+    chats, texts = int((train.part == 0).sum()), int((train.part == 1).sum())
+    assert 50 < chats <= 80 and read_manifest(tmp_path / "run" / "data").splits["train"].documents < chats + 40
+    assert texts > 0 and train.length.max() <= 33  # long text documents tiled into windows, not cut
+    batches = data.train_batches(7, 4, 0, 1, torch.device("cpu"))
+    for epoch in (0, 1):
+        order = train.epoch_order(7, epoch)
+        assert (train.part[order] == 0).sum() == 2 * chats
+        assert (train.part[order] == 1).sum() == round(0.5 * texts)
+        assert np.array_equal(order, train.epoch_order(7, epoch))  # reproducible
+    assert not np.array_equal(train.epoch_order(7, 0), train.epoch_order(7, 1))  # reshuffled
+    x, y, _ = batches.get(0, 0)
+    assert x.shape == (4, 32) and (y != -100).any()
+    # the weights change the batches, not the shards
+    from lmtrain.shards import shard_fingerprint
+
+    other = chat_config(tmp_path, "unused", mixture.replace("weight: 2", "weight: 3"), "data.sample_by=paragraph")
+    assert shard_fingerprint(cfg, "0" * 64) == shard_fingerprint(other, "0" * 64)
