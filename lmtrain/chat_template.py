@@ -246,3 +246,13 @@ def load_template(directory: Path, eot_token: str | None = None) -> ChatTemplate
 def special_tokens_of(tokenizer: Any) -> frozenset[str]:
     """The tokenizer's special added tokens (what can close a turn)."""
     return frozenset(token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special)
+
+
+def end_of_turn_id(directory: Path, tokenizer: Any, eot_text: str) -> int | None:
+    """The id of the token the chat template in ``directory`` closes an assistant turn with, when
+    there is a template and that token is not the end-of-text one: what exports add to their stop ids."""
+    if read_template(directory) is None:
+        return None
+    token = end_of_turn_token(load_template(directory, eot_text), special_tokens_of(tokenizer))
+    found = tokenizer.token_to_id(token) if token is not None and token != eot_text else None
+    return found

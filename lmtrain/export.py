@@ -40,6 +40,7 @@ from lmtrain.gguf_format import ARCHS, gguf_layout, gguf_names, read_tensors
 from lmtrain.hf_format import GPT2, LLAMA, MISTRAL, QWEN3, architecture_of, hf_config, to_hf
 from lmtrain.inference import LoadedModel, load_model
 from lmtrain.rundir import RUN_ARTIFACTS, is_run_dir, tokenizer_path
+from lmtrain.chat_template import end_of_turn_id, read_template
 from lmtrain.tokenizer import SOURCE_TOKENIZER_FILES
 
 FORMATS = ("hf", "gguf", "peft")
@@ -234,7 +235,10 @@ def _write_hf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path, 
     hf = hf_config(config, loaded.eot_id)
     hf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     sample = loaded.config.sample
-    generation = {"bos_token_id": loaded.eot_id, "eos_token_id": loaded.eot_id, "pad_token_id": loaded.eot_id,
+    # A chat model stops at its template's end-of-turn token too (transformers' generate reads the list).
+    turn_end = end_of_turn_id(tokenizer_path(run_dir).parent, loaded.tokenizer, loaded.config.tokenizer.special_tokens[0])
+    eos = [loaded.eot_id, turn_end] if turn_end is not None else loaded.eot_id
+    generation = {"bos_token_id": loaded.eot_id, "eos_token_id": eos, "pad_token_id": loaded.eot_id,
                   "do_sample": sample.temperature > 0, "temperature": sample.temperature or 1.0,
                   "top_k": sample.top_k or 0, "top_p": sample.top_p, "max_new_tokens": sample.max_new_tokens}
     eot = loaded.config.tokenizer.special_tokens[0]
@@ -425,6 +429,13 @@ def _write_gguf(loaded: LoadedModel, tensors: dict[str, torch.Tensor], out: Path
         writer.add_bos_token_id(loaded.eot_id)
         writer.add_eos_token_id(loaded.eot_id)
         writer.add_add_bos_token(False)
+        template = read_template(tokenizer_path(run_dir).parent)
+        if template is not None:  # llama.cpp's chat and server apply it; it stops at the end-of-turn token
+            writer.add_chat_template(template)
+            turn_end = end_of_turn_id(tokenizer_path(run_dir).parent, loaded.tokenizer,
+                                      loaded.config.tokenizer.special_tokens[0])
+            if turn_end is not None:
+                writer.add_eot_token_id(turn_end)
         writer.add_string(GGUF_MARK, _export_mark(loaded, "gguf", run_dir))
         for name, tensor in gguf_tensors(tensors, config).items():
             writer.add_tensor(name, *_gguf_data(gguf, tensor, quant))

@@ -96,7 +96,26 @@ def test_eval_on_chat_data_equals_transformers_on_the_export(swap_run, tmp_path)
             count += n
     assert ours.tokens == count
     assert abs(ours.loss - total / count) < 1e-5
-    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == (run_dir / "tokenizer" / "chat_template.jinja").read_text()
+    template = (run_dir / "tokenizer" / "chat_template.jinja").read_text()
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == template
+    # transformers, on the export, renders the template and generates the reply lmtrain chat gives
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "swap apple river"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=24, do_sample=False)
+    reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    chat = run_cli("chat", "--run", str(run_dir), "--greedy", "-n", "24", input="swap apple river\n")
+    assert reply == chat.stdout.splitlines()[0]
+    result = run_cli("export", "--run", str(run_dir), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["tokenizer.chat_template"].contents() == template
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == im_end
 
 
 def chat_fork(swap_run, tmp_path, name, *sets, fork=True):
@@ -174,3 +193,22 @@ def test_a_later_turn_reuses_the_cache_and_computes_what_a_full_pass_does(swap_r
     replay = fresh.say("swap green tiger")
     assert replay.text == second.text and first.text
     assert int(full[0, -1].argmax()) == model.loaded.tokenizer.encode(second.text, add_special_tokens=False).ids[0]
+
+
+@pytest.mark.slow
+def test_a_conversation_that_outgrows_the_context_drops_its_oldest_turns_and_keeps_the_system_prompt(swap_run):
+    from lmtrain.chat import ChatModel, ChatSession
+    from lmtrain.generate import SamplingParams
+    from lmtrain.inference import load_model
+
+    _, run_dir, _ = swap_run
+    model = ChatModel.of(load_model(run_dir))
+    session = ChatSession(model, SamplingParams(temperature=0.0), max_new_tokens=8, system="You swap two words.")
+    dropped = 0
+    for a, b in itertools.islice(itertools.permutations(WORDS, 2), 12):
+        reply = session.say(f"swap {a} {b}")
+        dropped += reply.dropped
+        assert len(model.prompt_ids(session.messages)) <= model.context
+    assert dropped > 0
+    assert session.messages[0] == {"role": "system", "content": "You swap two words."}
+    assert session.messages[1]["role"] == "user" and session.messages[-1]["role"] == "assistant"

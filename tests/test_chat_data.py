@@ -287,3 +287,19 @@ def test_a_mixture_weights_its_sources_per_epoch_and_tiles_long_text(tmp_path):
 
     other = chat_config(tmp_path, "unused", mixture.replace("weight: 2", "weight: 3"), "data.sample_by=paragraph")
     assert shard_fingerprint(cfg, "0" * 64) == shard_fingerprint(other, "0" * 64)
+
+
+def test_chat_records_are_read_from_json_arrays_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmtrain.config import DataConfig
+    from lmtrain.corpus import iter_documents
+
+    records = [good(i) for i in range(5)] + [{"prompt": "p", "completion": "c"}]
+    (tmp_path / "a.json").write_text(json.dumps(records[:3]), encoding="utf-8")
+    pq.write_table(pa.table({"prompt": ["p1", "p2"], "completion": ["c1", "c2"]}), tmp_path / "b.parquet")
+    data = DataConfig(source=str(tmp_path), format="chat")
+    docs = list(iter_documents(str(tmp_path), data))
+    assert [d.messages[-1]["content"] for d in docs] == ["answer 0", "answer 1", "answer 2", "c1", "c2"]
+    assert docs[3].origin.endswith("b.parquet record 1")
