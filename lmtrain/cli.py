@@ -223,6 +223,10 @@ def train(
 
 
 RunOption = typer.Option(..., "--run", "-r", help="The run directory (run.dir of its config).")
+TemperatureOption = typer.Option(None, "--temperature", "-t", help="Softmax temperature (0: greedy).")
+TopKOption = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.")
+TopPOption = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1].")
+GreedyOption = typer.Option(False, "--greedy", help="Always take the most likely token.")
 ReadRunOption = typer.Option(None, "--run", "-r", help="The run directory (run.dir of its config).")
 ModelOption = typer.Option(None, "--model", help="Instead of --run: a model as it is (a Hugging Face directory, "
                            "an lmtrain run or checkpoint directory).")
@@ -250,10 +254,10 @@ def sample(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue; '-' reads stdin."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file ('-' for stdin)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens per sample."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Softmax temperature (0: greedy)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
+    temperature: Optional[float] = TemperatureOption,
+    top_k: Optional[int] = TopKOption,
+    top_p: Optional[float] = TopPOption,
+    greedy: bool = GreedyOption,
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="How many samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same output (default: the config's)."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
@@ -320,10 +324,10 @@ def chat(
     checkpoint: str = CheckpointOption,
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt; kept when old turns are dropped."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens per reply."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Softmax temperature (0: greedy)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
+    temperature: Optional[float] = TemperatureOption,
+    top_k: Optional[int] = TopKOption,
+    top_p: Optional[float] = TopPOption,
+    greedy: bool = GreedyOption,
     seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same replies (default: the config's)."),
     device: str = DeviceOption,
 ) -> None:

@@ -41,51 +41,47 @@ def val_metrics(loss: float, tokens: int, utf8_bytes: int) -> dict[str, float]:
     return {"val_loss": loss, "val_ppl": perplexity(loss), "val_bpb": bits_per_byte(loss * tokens, utf8_bytes)}
 
 
-@torch.no_grad()
 def val_loss(model: torch.nn.Module, windows: TokenWindows, positions: np.ndarray, batch_size: int,
              device: torch.device, amp_dtype: torch.dtype | None,
              info: dist_util.DistInfo | None = None) -> float:
     """Mean loss of ``model`` over the windows at ``positions`` (each rank scores its share)."""
-    info = info or dist_util.DistInfo()
-    mine = positions[info.rank :: info.world_size]
-    loss_fn = eval_loss_fn(device)
-    model.eval()
-    total = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
-    for i in range(0, len(mine), batch_size):
-        x, y = to_device(windows.windows(mine[i : i + batch_size]), device)
-        with autocast(device, amp_dtype):
-            _, loss = model(x, y, loss_fn=loss_fn)
-        total += loss.float() * len(x)
-        count += len(x)
-    model.train()
-    if info.enabled:
-        torch.distributed.all_reduce(total)
-        torch.distributed.all_reduce(count)
-    return (total / count).item()
+    def batches(mine):
+        for i in range(0, len(mine), batch_size):
+            x, y = to_device(windows.windows(mine[i : i + batch_size]), device)
+            yield x, y, None, len(x)  # every window counts the same
+
+    return _mean_loss(model, batches, positions, device, amp_dtype, info)
 
 
-@torch.no_grad()
 def conversation_val_loss(model: torch.nn.Module, conversations, rows: list, batch_size: int, packing: str,
                           device: torch.device, amp_dtype: torch.dtype | None,
                           info: dist_util.DistInfo | None = None) -> float:
     """Mean loss per trained token of ``model`` over the packed conversation ``rows``."""
     from lmtrain.packing import build_row, to_batch
 
+    def batches(mine):
+        for i in range(0, len(mine), batch_size):
+            x, y, layout = to_batch([build_row(conversations, members) for members in mine[i:i + batch_size]],
+                                    packing, device)
+            yield x, y, layout, (y != IGNORE_INDEX).sum()  # a batch counts by its trained tokens
+
+    return _mean_loss(model, batches, rows, device, amp_dtype, info)
+
+
+@torch.no_grad()
+def _mean_loss(model, batches, items, device, amp_dtype, info) -> float:
+    """The weighted mean of the batch losses ``batches(this rank's share of items)`` yields, over
+    every rank."""
     info = info or dist_util.DistInfo()
-    mine = rows[info.rank :: info.world_size]
     loss_fn = eval_loss_fn(device)
     model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
-    for i in range(0, len(mine), batch_size):
-        x, y, layout = to_batch([build_row(conversations, members) for members in mine[i:i + batch_size]],
-                                packing, device)
+    for x, y, layout, weight in batches(items[info.rank :: info.world_size]):
         with autocast(device, amp_dtype):
-            _, loss = model(x, y, loss_fn=loss_fn, layout=layout)
-        n = (y != IGNORE_INDEX).sum()
-        total += loss.float() * n
-        count += n
+            _, loss = model(x, y, loss_fn=loss_fn, **({"layout": layout} if layout is not None else {}))
+        total += loss.float() * weight
+        count += weight
     model.train()
     if info.enabled:
         torch.distributed.all_reduce(total)

@@ -91,3 +91,20 @@ class KVCache:
             self.pos_tensor += T
         else:
             self.pos += T
+
+
+class FixedLayout:
+    """Positions and an attention mask fixed for a whole pass, in the same protocol: what packed
+    sequences use (``lmtrain.packing.PackedLayout``, ``lmtrain.tasks.PackedChoices``), nothing cached."""
+
+    def __init__(self, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        self.positions, self.mask = positions, mask
+
+    def begin(self, T: int, device) -> torch.Tensor:
+        return self.positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        return k, v, self.mask, False
+
+    def advance(self, T: int) -> None:
+        pass

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lmtrain.errors import ShardError
+from lmtrain.kvcache import FixedLayout
 from lmtrain.shards import CONVERSATION_START, PART_SHIFT, TRAINED, open_masks, open_split, out_of_vocabulary, read_manifest
 
 IGNORE = -100
@@ -178,25 +179,15 @@ def build_row(conversations: Conversations, members: np.ndarray) -> Row:
     return Row(tokens, targets, positions[:-1], segments[:-1])
 
 
-class PackedLayout:
+class PackedLayout(FixedLayout):
     """What attention may see in packed rows, in the protocol ``GPT.hidden_states`` follows for
     a cache (``lmtrain.kvcache``): each position sees the earlier positions of its own
     conversation only, at that conversation's own positions."""
 
     def __init__(self, positions: torch.Tensor, segments: torch.Tensor) -> None:
-        self.positions = positions
         same = segments[:, :, None] == segments[:, None, :]
         causal = positions[:, None, :] <= positions[:, :, None]
-        self.mask = (same & causal)[:, None]  # (B, 1, T, T)
-
-    def begin(self, T: int, device) -> torch.Tensor:
-        return self.positions
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return k, v, self.mask, False
-
-    def advance(self, T: int) -> None:
-        pass
+        super().__init__(positions, (same & causal)[:, None])  # (B, 1, T, T)
 
 
 def to_batch(rows: list[Row], packing: str, device: torch.device):

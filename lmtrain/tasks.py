@@ -49,6 +49,7 @@ from lmtrain import distributed as dist_util
 from lmtrain.device import autocast
 from lmtrain.errors import DataError
 from lmtrain.fsdp import is_sharded
+from lmtrain.kvcache import FixedLayout
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -265,27 +266,17 @@ def _lay_out(item: Item, pairs: list[tuple[list[int], list[int]]], block_size: i
 # --------------------------------------------------------------------------------------------
 
 
-class PackedChoices:
+class PackedChoices(FixedLayout):
     """The attention layout of a batch of rows, in the cache protocol ``GPT.hidden_states``
     follows (``lmtrain.kvcache``): positions per sequence, and a mask that lets the prefix see
     itself causally and each continuation see the prefix and itself. Padding (segment -1) sees
     the first position, so that no query has nothing to attend to."""
 
     def __init__(self, positions: torch.Tensor, segments: torch.Tensor) -> None:
-        self.positions = positions
         seg_q, seg_k = segments[:, :, None], segments[:, None, :]
         visible = (seg_k == 0) | (seg_k == seg_q)
         causal = positions[:, None, :] <= positions[:, :, None]
-        self.mask = (visible & causal)[:, None]  # (B, 1, T, T): the same for every head
-
-    def begin(self, T: int, device) -> torch.Tensor:
-        return self.positions
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return k, v, self.mask, False
-
-    def advance(self, T: int) -> None:
-        pass
+        super().__init__(positions, (visible & causal)[:, None])  # (B, 1, T, T): the same for every head
 
 
 @dataclass
