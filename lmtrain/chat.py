@@ -172,7 +172,7 @@ class ChatSession:
 
 @dataclass
 class ChatOptions:
-    checkpoint: str = "latest"
+    checkpoint: str = "best"
     system: str | None = None
     max_new_tokens: int | None = None
     temperature: float | None = None

@@ -236,6 +236,8 @@ def resolve_checkpoint(directory: Path, name: str) -> Path:
     Names read from the pointer files are checked: a pointer that leads outside the checkpoints
     directory (``..``, an absolute path, a symlink out) is refused.
     """
+    if name == "best" and not (directory / "best").is_file() and (directory / "latest").is_file():
+        name = "latest"  # a run with no evaluation yet: its latest is all there is
     if name in POINTERS:
         pointer = directory / name
         if not pointer.is_file():

@@ -212,6 +212,7 @@ def train(
         f"trained to step {result.step} of {result.max_steps}"
         f"{' (time budget reached)' if result.stopped_by == 'max_minutes' else ''} in {result.seconds:.0f}s, "
         f"{result.tokens_per_sec:,.0f} tokens/s; val loss {loss}, val bpb {bpb}\n"
+        f"{_best_line(result)}"
         f"checkpoint {result.checkpoint}\n"
         f"tensorboard --logdir {result.run_dir / 'tb'}"
     )
@@ -241,7 +242,7 @@ def _run_or_model(run: Optional[Path], model: Optional[Path]) -> Path:
     if model is not None and not model.exists():
         raise LmtrainError(f"--model {model}: no such file or directory")
     return run if run is not None else model
-CheckpointOption = typer.Option("latest", "--checkpoint", help="latest, best, or a step-XXXXXXXX directory name.")
+CheckpointOption = typer.Option("best", "--checkpoint", help="best (the lowest val loss, the default), latest, or a step-XXXXXXXX directory name.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 
 
@@ -293,6 +294,14 @@ def sample(
     sys.stdout.flush()
     typer.echo(f"[{stats.tokens} tokens in {stats.seconds:.2f}s, {stats.tokens_per_sec:,.1f} tokens/s, "
                f"{stats.checkpoint.name} on {stats.device}]", err=True)
+
+
+def _best_line(result) -> str:
+    """Which checkpoint sample, eval and export read (the best by val loss), when it is not the last."""
+    if result.best_step is None or result.best_step == result.step or result.best_val_bpb is None:
+        return ""
+    return (f"best: step {result.best_step}, val loss {result.best_val_loss:.4f}, val bpb {result.best_val_bpb:.4f} "
+            "(checkpoints/best: what sample, eval and export read; --checkpoint latest for the last)\n")
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional[str]:

@@ -247,6 +247,7 @@ class TrainConfig:
     eval_batches: int = _opt(20, ge=1, help="val batches per evaluation")
     checkpoint_every: int = _opt(500, ge=1, help="steps between checkpoints")
     keep_checkpoints: int = _opt(3, ge=1, help="most recent checkpoints kept (plus best)")
+    checkpoint_best: bool = _opt(True, help="an evaluation that improves on the best val loss also writes a checkpoint")
     eval_tasks: list[str] = _opt([], help="multiple-choice task files (JSONL) scored at every evaluation")
     eval_tasks_limit: Optional[int] = _opt(None, ge=1, help="score the first N items of each task file")
     log_every: int = _opt(10, ge=1, help="steps between log lines and TensorBoard points")

@@ -95,6 +95,11 @@ class TrainBatches:
         self.windows, self.seed, self.batch_size = windows, seed, batch_size
         self.rank, self.world_size, self.device = rank, world_size, device
 
+    @property
+    def epoch_tokens(self) -> int:
+        """Tokens in one pass over the training split: what epochs are counted in."""
+        return self.windows.tokens
+
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = micro * self.world_size + self.rank
         positions = micro_batch_positions(self.windows, self.seed, step, index, self.batch_size)

@@ -167,7 +167,7 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate(run_dir: Path, checkpoint: str = "latest", data_source: str | None = None,
+def evaluate(run_dir: Path, checkpoint: str = "best", data_source: str | None = None,
              device: str = "auto", batch_size: int = 8, max_tokens: int | None = None,
              gguf: Path | None = None) -> EvalResult:
     """Score a checkpoint on the run's val split, or on ``data_source`` (any ``data.source``);

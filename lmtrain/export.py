@@ -75,7 +75,7 @@ class ExportResult:
     params: int
 
 
-def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "latest", dtype: str = "fp32",
+def export(run_dir: Path, fmt: str, out: Path, checkpoint: str = "best", dtype: str = "fp32",
            force: bool = False, quant: str | None = None) -> ExportResult:
     """Write the checkpoint ``checkpoint`` of ``run_dir`` to ``out`` in ``fmt``; a GGUF file's
     matrices in ``quant`` (one of ``GGUF_QUANTS``; by default the type of ``dtype``)."""

@@ -66,7 +66,7 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(path)
 
 
-def load_model(run_dir: Path, checkpoint: str = "latest", device: str = "auto") -> LoadedModel:
+def load_model(run_dir: Path, checkpoint: str = "best", device: str = "auto") -> LoadedModel:
     """A checkpoint of the run at ``run_dir`` (``latest``, ``best`` or ``step-XXXXXXXX``), ready to
     sample or score; or, when ``run_dir`` is a model rather than a run (a Hugging Face directory,
     an lmtrain checkpoint directory: ``--model``), that model (``load_source_model``)."""

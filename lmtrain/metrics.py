@@ -24,6 +24,8 @@ from lmtrain.device import memory_mb, peak_tflops
 from lmtrain.lora import training_flops_per_token
 from lmtrain.step import tokens_per_step
 
+EPOCH_WARNING = 4.0  # epochs past which the start of a run warns that it repeats its data
+
 log = logging.getLogger("lmtrain.train")
 STEP_LOG = logging.getLogger("lmtrain.steps")  # per-step lines: to train.log only
 
@@ -58,6 +60,7 @@ class TrainLog:
         self._window_loss = torch.zeros((), device=device)
         self._window_steps = self._window_tokens = 0
         self._window_start = time.perf_counter()
+        self.epoch_tokens: int | None = None  # one pass over the training data (the batch source's)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -140,6 +143,23 @@ class TrainLog:
                  tc.batch_size, tc.grad_accum, info.world_size, tc.batch_size * tc.grad_accum * info.world_size,
                  self.tokens_per_step)
 
+    def epochs(self, step: int) -> float | None:
+        """Passes over the training data by the end of ``step``."""
+        return step * self.tokens_per_step / self.epoch_tokens if self.epoch_tokens else None
+
+    def announce_epochs(self, max_steps: int) -> None:
+        """How often the run will see its data: a small corpus seen many times overfits."""
+        epochs = self.epochs(max_steps)
+        if epochs is None or not self.info.is_main:
+            return
+        log.info("data: %s training tokens; %d steps of %s tokens see them %.2f times (epochs)",
+                 _count(self.epoch_tokens), max_steps, _count(self.tokens_per_step), epochs)
+        if epochs > EPOCH_WARNING:
+            log.warning("the run repeats its training data %.1f times: past a few epochs a model memorises "
+                        "rather than learns; the best checkpoint (by val loss) is what sample, eval and export "
+                        "read, train.early_stop ends the run when val stops improving, and more data or a "
+                        "shorter run does better", epochs)
+
     def set_total(self, max_steps: int) -> None:
         """The run's last step moved (``train.max_minutes`` decided or re-planned it)."""
         self.max_steps = max_steps
@@ -172,10 +192,14 @@ class TrainLog:
         self._bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
         log.debug("step %d: loss %.4f lr %.3e grad_norm %.3f tok/s %.0f", step, loss_value, lr, norm_value,
                   tokens_per_sec)
-        STEP_LOG.info("step %d: loss %.4f, lr %.3e, grad_norm %.3f, %.0f tok/s%s", step, loss_value, lr,
-                      norm_value, tokens_per_sec, f", mfu {mfu:.1%}" if mfu is not None else "")
+        epochs = self.epochs(step)
+        STEP_LOG.info("step %d: loss %.4f, lr %.3e, grad_norm %.3f, %.0f tok/s%s%s", step, loss_value, lr,
+                      norm_value, tokens_per_sec, f", mfu {mfu:.1%}" if mfu is not None else "",
+                      f", epoch {epochs:.2f}" if epochs is not None else "")
         scalars = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": norm_value,
                    "train/tokens_per_sec": tokens_per_sec, "train/memory_mb": memory_mb(self.device)}
+        if epochs is not None:
+            scalars["train/epochs"] = epochs
         if mfu is not None:
             scalars["train/mfu"] = mfu
         for tag, value in scalars.items():
@@ -208,3 +232,7 @@ class TrainLog:
         if self.writer is not None:
             # Markdown: indent by four spaces so code keeps its layout.
             self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e4 else f"{n:,}"

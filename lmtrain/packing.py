@@ -222,6 +222,11 @@ class ConversationBatches:
     def rows_per_epoch(self) -> int:
         return len(self.epoch_rows(0))
 
+    @property
+    def epoch_tokens(self) -> int:
+        """Row positions in one epoch (its first): what the run's tokens per step are counted in."""
+        return self.rows_per_epoch() * (self.conversations.window - 1)
+
     def locate(self, row: int) -> tuple[int, int]:
         """(epoch, index in it) of the ``row``-th row of the stream."""
         epoch, first = 0, 0

@@ -91,7 +91,11 @@ def _run_pipeline(config: Config, report: Callable[[str, str], None],
                                   result.eval_seconds, result.checkpoint_seconds))
 
     report("sample", f"prompt {config.sample.prompt!r}")
-    stats = sample(run_dir, SampleOptions(), on_text=lambda i, piece: on_sample_text(piece))
+    if result.best_step is not None and result.best_step != result.step:
+        report("train", f"the best evaluation was at step {result.best_step} (val bpb {result.best_val_bpb:.4f}, the "
+                        f"last {result.val_bpb:.4f}): checkpoints/best is what sample, eval and export read")
+    stats = sample(run_dir, SampleOptions(checkpoint="best"), on_text=lambda i, piece: on_sample_text(piece))
     return PipelineResult(tokenizer_state, "up to date" if shards.up_to_date else "built", result,
-                          stats.samples[0] if stats.samples else "", result.val_bpb,
+                          stats.samples[0] if stats.samples else "",
+                          result.best_val_bpb if result.best_val_bpb is not None else result.val_bpb,
                           shards.manifest.unigram_byte_bpb())

@@ -243,7 +243,7 @@ def _lmtrain_source(path: Path, where: str) -> Source:
     if (path / ckpt.MODEL_FILE).is_file():
         checkpoint, run_dir = path, path.parent.parent
     elif checkpoints_dir(path).is_dir():
-        checkpoint, run_dir = ckpt.resolve_checkpoint(checkpoints_dir(path), "latest"), path
+        checkpoint, run_dir = ckpt.resolve_checkpoint(checkpoints_dir(path), "best"), path
     else:
         raise ConfigError(f"{where}: neither a Hugging Face directory (config.json) nor an lmtrain run or "
                           "checkpoint directory")

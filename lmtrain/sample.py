@@ -27,7 +27,7 @@ REPLACEMENT = "\ufffd"
 class SampleOptions:
     """What to generate; ``None`` fields fall back to the run config's ``sample`` section."""
 
-    checkpoint: str = "latest"
+    checkpoint: str = "best"
     prompt: str | None = None
     max_new_tokens: int | None = None
     temperature: float | None = None

@@ -357,7 +357,7 @@ def create_app(server: Server):
     return app
 
 
-def open_server(path, checkpoint: str = "latest", device: str = "auto", api_key: str | None = None,
+def open_server(path, checkpoint: str = "best", device: str = "auto", api_key: str | None = None,
                 slots: int = 8, queue_size: int = 32, context: int | None = None, name: str | None = None) -> Server:
     """A server over the run's checkpoint (or the model at ``path``), its engine started."""
     from pathlib import Path

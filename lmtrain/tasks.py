@@ -434,7 +434,7 @@ class TasksResult:
                 "tasks": {t.name: {k: v for k, v in t.to_dict().items() if k != "name"} for t in self.tasks}}
 
 
-def evaluate_tasks(run_dir: Path, files: list[str], checkpoint: str = "latest", device: str = "auto",
+def evaluate_tasks(run_dir: Path, files: list[str], checkpoint: str = "best", device: str = "auto",
                    batch_size: int = 16, limit: int | None = None) -> TasksResult:
     """Score a checkpoint of ``run_dir`` on the multiple-choice task ``files``."""
     from lmtrain.inference import load_model

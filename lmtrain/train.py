@@ -92,6 +92,7 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     bad_streak: int = 0  # ... of them in a row, up to now
     last_val: dict[str, float] | None = None  # the latest evaluation, with its step
+    best_val: dict[str, float] | None = None  # the evaluation with the lowest val loss, with its step
     eval_seconds: float = 0.0  # of train_seconds: in evaluations
     checkpoint_seconds: float = 0.0  # ... and in writing checkpoints
 
@@ -107,13 +108,15 @@ class TrainState:
             value = getattr(state, name)
             if isinstance(value, bool) or not isinstance(value, kind) or (value is not None and value < 0):
                 raise CheckpointError(f"{path}: {name} is {value!r}; the checkpoint is corrupt")
-        if state.last_val is not None and not isinstance(state.last_val, dict):
-            raise CheckpointError(f"{path}: last_val is {state.last_val!r}; the checkpoint is corrupt")
+        for name in ("last_val", "best_val"):
+            if getattr(state, name) is not None and not isinstance(getattr(state, name), dict):
+                raise CheckpointError(f"{path}: {name} is {getattr(state, name)!r}; the checkpoint is corrupt")
         return state
 
     def record_eval(self, step: int, val: dict[str, float]) -> None:
         if self.best_val_loss is None or val["val_loss"] < self.best_val_loss:
             self.best_val_loss = val["val_loss"]
+            self.best_val = {"step": step, **val}
         self.last_val = {"step": step, **val}
 
 
@@ -129,6 +132,8 @@ class TrainResult:
     val_loss: float | None = None
     val_bpb: float | None = None
     best_val_loss: float | None = None
+    best_val_bpb: float | None = None
+    best_step: int | None = None  # the step of the best evaluation: what sample, eval and export read
     tokens_seen: int = 0
     seconds: float = 0.0
     tokens_per_sec: float = 0.0
@@ -391,11 +396,13 @@ class Trainer:
         with TrainLog(self.config, self.config.run_dir, self.model, self.device, self.info, start_step,
                       keeper.schedule.max_steps) as metrics, StopSignals() as signals:
             self.history = metrics.history
+            metrics.epoch_tokens = getattr(self.batches, "epoch_tokens", None)
             metrics.announce(self.model, self.precision, self.resumed_from)
             for note in self.notes if self.info.is_main else []:
                 log.info("%s", note)
             keeper.start(state, self.batches)
             metrics.set_total(keeper.schedule.max_steps)
+            metrics.announce_epochs(keeper.schedule.max_steps)
             clock = RunClock(state.train_seconds)
             while state.step < keeper.schedule.max_steps:
                 began = time.perf_counter()
@@ -453,8 +460,12 @@ class Trainer:
         save = self.checkpointer.due(state.step, state.step == self.keeper.schedule.max_steps or stopping)
         val = None
         if self.validator.due(state.step, save):
+            best_before = state.best_val_loss
             with clock.timing("eval"):
                 val = self._evaluate(metrics)
+            # A new best is kept whatever train.checkpoint_every says: on a small corpus the best
+            # model can come between two checkpoints, and it is what the user reads afterwards.
+            save = save or (self.tc.checkpoint_best and (best_before is None or val["val_loss"] < best_before))
         if self.tc.sample_every and state.step % self.tc.sample_every == 0 and self.tokenizer is not None:
             metrics.text("sample", self._sample(), state.step)
         if save:
@@ -503,12 +514,13 @@ class Trainer:
                 "teacher": self.training.runner.teacher.record if self.training.runner.teacher is not None else None}
 
     def _result(self, already_done: bool = False, stopped_by: str = "max_steps") -> TrainResult:
-        state, last = self.state, self.state.last_val or {}
+        state, last, best = self.state, self.state.last_val or {}, self.state.best_val or {}
         return TrainResult(
             run_dir=self.config.run_dir, start_step=state.step, step=state.step,
             max_steps=self.keeper.schedule.max_steps, resumed_from=self.resumed_from, already_done=already_done,
             stopped_by=stopped_by, val_loss=last.get("val_loss"), val_bpb=last.get("val_bpb"),
-            best_val_loss=state.best_val_loss, tokens_seen=state.tokens_seen, skipped_steps=state.skipped_steps,
+            best_val_loss=state.best_val_loss, best_val_bpb=best.get("val_bpb"), best_step=best.get("step"),
+            tokens_seen=state.tokens_seen, skipped_steps=state.skipped_steps,
             checkpoint=self.checkpointer.last, history=self.history, train_seconds=state.train_seconds,
             eval_seconds=state.eval_seconds, checkpoint_seconds=state.checkpoint_seconds,
             budget=self.keeper.state_dict())

@@ -89,7 +89,7 @@ TINY_TRAIN = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
     "train": {"batch_size": 4, "max_steps": 20, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4,
               "eval_every": 5, "eval_batches": 2, "checkpoint_every": 10, "log_every": 1,
-              "keep_checkpoints": 2},
+              "keep_checkpoints": 2, "checkpoint_best": False},
 }
 
 

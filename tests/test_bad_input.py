@@ -390,8 +390,8 @@ CASES = [
          write("folder/thesis.tex", "three years of work")),
     Case("train-log-is-a-link", "trained", TRAIN + " --set train.max_steps=8", "train.log is a symbolic link",
          symlink("train.log", "elsewhere.txt")),
-    Case("pointer-is-a-link", "trained", "sample --run {run}", "latest is a symbolic link", symlink("checkpoints/latest", "p.txt")),
-    Case("pointer-holds-a-whole-file", "trained", "sample --run {run}", "names '" + "x" * 39 + "...",
+    Case("pointer-is-a-link", "trained", "sample --run {run} --checkpoint latest", "latest is a symbolic link", symlink("checkpoints/latest", "p.txt")),
+    Case("pointer-holds-a-whole-file", "trained", "sample --run {run} --checkpoint latest", "names '" + "x" * 39 + "...",
          write("run/checkpoints/latest", "x" * 300_000)),
     Case("lora-without-init-from-before-any-stage", "none", T + " --set train.lora_rank=4", "needs model.init_from"),
     Case("lora-with-muon-before-any-stage", "none", "run --config {cfg} --set train.lora_rank=4 --set model.init_from={tmp} "

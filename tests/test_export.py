@@ -230,7 +230,7 @@ def test_lmtrain_to_hf_to_init_from_keeps_the_val_loss(tiny_run, tmp_path):
     config, run_dir = tiny_run
     trained(config, "llama", False, True, steps=20)
     first = load_model(run_dir, "latest", "cpu")
-    export(run_dir, "hf", tmp_path / "hf")
+    export(run_dir, "hf", tmp_path / "hf", "latest")
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     state = json.loads((run_dir / "checkpoints" / latest / "state.json").read_text())
     # A new run starting from the export, on the same corpus: a 1e-12 learning rate leaves the

@@ -138,7 +138,7 @@ def test_peft_loads_the_adapters_on_the_base_export(tiny_run, tmp_path, arch):
         assert done.returncode == 0, done.stderr
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["modules_to_save"]
-    ours = load_model(lora, "latest", "cpu").model
+    ours = load_model(lora, "best", "cpu").model
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base-hf", dtype=torch.float32)
     with_adapter = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged-hf", dtype=torch.float32).eval()
