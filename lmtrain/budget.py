@@ -48,7 +48,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from lmtrain.config import TrainConfig
@@ -301,6 +301,36 @@ class Measurer(Protocol):
     def any_rank(self, flag: bool) -> bool: ...
 
 
+class EarlyStop:
+    """``train.early_stop``: evaluations since the best val loss. When ``patience`` of them pass
+    without a new best, the run should stop; ``at``/``until``/``lr`` record the decay it ends with."""
+
+    def __init__(self, patience: int, saved: dict[str, Any] | None = None, where: str = "the checkpoint") -> None:
+        self.patience = patience
+        self.best: float | None = None
+        self.since = 0
+        self.at: int | None = None  # the step the decay began
+        self.until: int | None = None  # the run's last step
+        self.lr: float | None = None  # the rate the decay began at
+        if saved:
+            try:
+                self.best, self.since = saved["best"], int(saved["since"])
+                self.at, self.until, self.lr = saved.get("at"), saved.get("until"), saved.get("lr")
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{where}: early_stop is {saved!r}; the checkpoint is corrupt") from None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "since": self.since, "at": self.at, "until": self.until, "lr": self.lr}
+
+    def due(self, val_loss: float) -> bool:
+        """Count this evaluation; True the first time ``patience`` pass without a new best."""
+        if self.best is None or val_loss < self.best:
+            self.best, self.since = val_loss, 0
+            return False
+        self.since += 1
+        return bool(self.patience) and self.at is None and self.since >= self.patience
+
+
 class BudgetKeeper:
     """``train.max_minutes`` for the loop. It owns the schedule the run follows (``schedule``:
     the config's, until the budget decides another), the decision and its re-plans (``state_dict``,
@@ -313,7 +343,8 @@ class BudgetKeeper:
     only stops the run when the time is up."""
 
     def __init__(self, tc: TrainConfig, measurer: Measurer, saved: dict[str, Any] | None, step: int,
-                 train_seconds: float, is_main: bool = True, where: str = "the checkpoint") -> None:
+                 train_seconds: float, is_main: bool = True, where: str = "the checkpoint",
+                 early_stop: dict[str, Any] | None = None) -> None:
         self.tc, self.measurer, self.is_main = tc, measurer, is_main
         self.fits = tc.max_minutes is not None and tc.fit_to_budget
         self.schedule = Schedule.of(tc)
@@ -322,6 +353,10 @@ class BudgetKeeper:
         self.step_seconds: list[float] = []
         if saved is not None and self.fits:
             self._keep_the_recorded(saved, step, train_seconds, where)
+        self.early = EarlyStop(tc.early_stop, early_stop, where)
+        if self.early.at is not None:  # resumed while stopping: the same decay, to the same end
+            self.schedule = replace(self.schedule, max_steps=self.early.until, stop_from=self.early.at,
+                                    stop_lr=self.early.lr)
 
     def _keep_the_recorded(self, saved: dict[str, Any], step: int, train_seconds: float, where: str) -> None:
         """A run resumed under the same ``train.max_minutes`` keeps the step count its budget decided
@@ -343,6 +378,29 @@ class BudgetKeeper:
     def state_dict(self) -> dict[str, Any] | None:
         return self.budget.to_dict() if self.budget is not None else None
 
+    def early_stop_state(self) -> dict[str, Any]:
+        return self.early.state_dict()
+
+    def after_eval(self, state, val_loss: float) -> bool:
+        """After an evaluation: when ``train.early_stop`` evaluations in a row found no new best,
+        the run ends after a decay of ``train.decay_fraction`` of its steps so far (never later than
+        it would have). True when the schedule changed."""
+        if not self.early.due(val_loss):
+            return False
+        cooldown = max(1, round(self.tc.decay_fraction * state.step))
+        end = min(self.schedule.max_steps, state.step + cooldown)
+        if end <= state.step:
+            return False
+        self.schedule = self.schedule.stopping(state.step, end - state.step)
+        self.early.at, self.early.until, self.early.lr = state.step, end, self.schedule.stop_lr
+        self.probe_end = None  # the end is decided: nothing is left to time for it
+        if self.is_main:
+            log.info("step %d: %d evaluations without a new best val loss (best %.4f): the learning rate decays "
+                     "from %.3g to train.min_lr %.3g over %d steps and the run ends at step %d (train.early_stop %d)",
+                     state.step, self.early.since, self.early.best, self.schedule.stop_lr, self.schedule.min_lr,
+                     end - state.step, end, self.tc.early_stop)
+        return True
+
     def out_of_time(self, train_seconds: float) -> bool:
         return self.tc.max_minutes is not None and train_seconds >= self.tc.max_minutes * 60
 
@@ -362,6 +420,8 @@ class BudgetKeeper:
     def after_step(self, state, step_seconds: float, clock: RunClock, start_step: int) -> bool:
         """After each step, before its evaluation and checkpoint: decide once the timed steps are
         done, or check the pace when it is due. True when the schedule changed."""
+        if self.schedule.stop_from is not None:
+            return False  # stopping early: the end is fixed
         if self.probe_end is not None:
             self.step_seconds.append(step_seconds)
             due = state.step >= self.probe_end or self.out_of_time(state.train_seconds)

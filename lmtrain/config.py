@@ -244,6 +244,8 @@ class TrainConfig:
     muon_adjust_lr: Literal["original", "match_rms_adamw"] = _opt(
         "original", help="muon: per-matrix learning-rate scaling (torch.optim.Muon adjust_lr_fn)")
     eval_every: int = _opt(100, ge=1, help="steps between evaluations")
+    early_stop: int = _opt(3, ge=0, help="evaluations without a new best val loss before the run decays its "
+                                         "learning rate and ends; 0 never stops early")
     eval_batches: int = _opt(20, ge=1, help="val batches per evaluation")
     checkpoint_every: int = _opt(500, ge=1, help="steps between checkpoints")
     keep_checkpoints: int = _opt(3, ge=1, help="most recent checkpoints kept (plus best)")

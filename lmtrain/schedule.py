@@ -22,6 +22,10 @@ class Schedule:
     decay_fraction: float  # wsd: the share of the steps spent decaying
     lr: float
     min_lr: float
+    # Early stopping (``train.early_stop``): from step ``stop_from`` the rate falls linearly from
+    # ``stop_lr`` (where the schedule stood) to ``min_lr`` at the last step, ``max_steps - 1``.
+    stop_from: int | None = None
+    stop_lr: float | None = None
 
     @classmethod
     def of(cls, tc) -> "Schedule":
@@ -33,13 +37,23 @@ class Schedule:
         return replace(self, max_steps=max_steps,
                        warmup_steps=self.warmup_steps if warmup_steps is None else warmup_steps)
 
+    def stopping(self, step: int, cooldown: int) -> "Schedule":
+        """The schedule that ends ``cooldown`` steps after ``step``, decaying from its rate there."""
+        return replace(self, max_steps=step + cooldown, stop_from=step, stop_lr=lr_at(step, self))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.stop_from is None:  # as schedules were saved before early stopping existed
+            del out["stop_from"], out["stop_lr"]
+        return out
 
 
 def lr_at(step: int, schedule: Schedule) -> float:
     """Learning rate for optimiser step ``step`` (0-based): warmup, then the schedule."""
     s = schedule
+    if s.stop_from is not None and step >= s.stop_from:
+        progress = min(1.0, (step - s.stop_from + 1) / max(1, s.max_steps - s.stop_from))
+        return s.stop_lr - (s.stop_lr - s.min_lr) * progress
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
     if s.kind == "constant":

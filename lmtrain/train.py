@@ -237,7 +237,8 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
         notes.append(_describe_conversations(data, tc))
     keeper = BudgetKeeper(tc, Measurer(training, validator, checkpointer.directory, info, device),
                           resume.state.get("budget") if resume is not None else None, state.step,
-                          state.train_seconds, info.is_main, str(resume.path / STATE_FILE) if resume else "")
+                          state.train_seconds, info.is_main, str(resume.path / STATE_FILE) if resume else "",
+                          resume.state.get("early_stop") if resume is not None else None)
     if info.is_main:
         _warn_about_the_schedule(keeper.schedule, state.step, resume)
         prepare_run_dir(config)
@@ -466,6 +467,8 @@ class Trainer:
             # A new best is kept whatever train.checkpoint_every says: on a small corpus the best
             # model can come between two checkpoints, and it is what the user reads afterwards.
             save = save or (self.tc.checkpoint_best and (best_before is None or val["val_loss"] < best_before))
+            if self.keeper.after_eval(state, val["val_loss"]):
+                metrics.set_total(self.keeper.schedule.max_steps)
         if self.tc.sample_every and state.step % self.tc.sample_every == 0 and self.tokenizer is not None:
             metrics.text("sample", self._sample(), state.step)
         if save:
@@ -511,6 +514,7 @@ class Trainer:
                 "config": self.config.to_dict(), "rng": rng_state(), "precision": self.precision,
                 "lora": self.training.lora.to_dict() if self.training.lora is not None else None,
                 "budget": self.keeper.state_dict(), "schedule": self.keeper.schedule.to_dict(),
+                "early_stop": self.keeper.early_stop_state(),
                 "teacher": self.training.runner.teacher.record if self.training.runner.teacher is not None else None}
 
     def _result(self, already_done: bool = False, stopped_by: str = "max_steps") -> TrainResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from conftest import run_cli
 from lmtrain.config import load_config
@@ -67,3 +68,40 @@ def test_the_run_says_how_many_epochs_it_sees_and_warns_past_a_few(tiny_run, cap
     train(load_config(config, ["train.max_steps=800", "train.eval_every=800", "train.checkpoint_every=800"]))
     assert "repeats its training data" in (run_dir / "train.log").read_text()
     assert result.step == 20
+
+
+@pytest.mark.slow
+def test_early_stop_decays_the_rate_and_ends_when_val_stops_improving(tiny_run, monkeypatch):
+    config, run_dir = tiny_run
+    scripted_val(monkeypatch, [3.0, 2.0, 2.1, 2.2] + [9.0] * 10)
+    result = train(load_config(config, ["train.max_steps=100", "train.eval_every=5", "train.early_stop=2",
+                                        "train.decay_fraction=0.5", "train.checkpoint_every=100"]))
+    # evaluations at 5, 10 (best), 15, 20: two without a new best -> decay over 0.5 x 20 steps
+    assert result.step == 30 and result.max_steps == 30 and result.best_step == 10
+    lrs = {h["step"]: h["lr"] for h in result.history if "lr" in h}
+    assert lrs[21] < lrs[20] and lrs[30] == pytest.approx(load_config(config).train.min_lr)
+    assert all(lrs[s + 1] < lrs[s] for s in range(20, 30))
+    assert "the run ends at step 30 (train.early_stop 2)" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_stopping_early_resumes_bit_exactly(tiny_run, tmp_path, monkeypatch):
+    from test_train import interrupted_at, losses, weights
+
+    from lmtrain.rundir import fork_run
+
+    config, run_dir = tiny_run
+    sets = ["train.max_steps=100", "train.eval_every=5", "train.early_stop=2", "train.decay_fraction=0.5",
+            "train.checkpoint_every=5", "model.dropout=0.1"]
+    vals = [3.0, 2.0, 2.1, 2.2] + [9.0] * 10
+    fork_run(run_dir, tmp_path / "other")
+    scripted_val(monkeypatch, vals)
+    straight = train(load_config(config, sets))
+    scripted_val(monkeypatch, vals)
+    first = interrupted_at(25, load_config(config, sets + [f"run.dir={tmp_path / 'other'}"]), monkeypatch)
+    scripted_val(monkeypatch, vals[5:])  # the evaluations after step 25
+    second = train(load_config(config, sets + [f"run.dir={tmp_path / 'other'}"]))
+    assert second.resumed_from == "step-00000025" and second.step == straight.step == 30
+    a, b = weights(run_dir), weights(tmp_path / "other")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {**losses(first), **losses(second)} == losses(straight)
