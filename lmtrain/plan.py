@@ -172,6 +172,7 @@ class Candidate:
     steps: int = 0
     tokens: int = 0
     predicted_bpb: float = 0.0
+    epochs: float | None = None  # passes over the run's training tokens, when its shards exist
 
     @property
     def rule_params(self) -> int:
@@ -326,16 +327,35 @@ class Plan:
     warmup_capped: bool
 
 
-def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: float) -> tuple[Candidate, list[Candidate]]:
-    """Fill in each measured candidate's steps, tokens and predicted bpb. The lowest bpb wins if
-    it beats the config's own shape by more than the rule's error; otherwise the config's shape
-    stays (a toss-up is no reason to leave a shape the user chose, or the default we measured)."""
+def effective_tokens(tokens: float, unique: float | None) -> float:
+    """Tokens seen, counted as what they are worth when the data repeats (Muennighoff et al. 2023,
+    "Scaling Data-Constrained Language Models", eq. 5): D' = U + U R* (1 - exp(-R / R*)), with U
+    the unique tokens, R = tokens / U - 1 the repetitions and R* = 15.4 the paper's fitted
+    constant (not refitted on our runs): a few epochs are worth nearly as much as fresh data,
+    forty little more than fifteen."""
+    if not unique or tokens <= unique:
+        return tokens
+    repeats = tokens / unique - 1
+    return unique + unique * REPEAT_DECAY * (1 - math.exp(-repeats / REPEAT_DECAY))
+
+
+REPEAT_DECAY = 15.4  # R_D* of Muennighoff et al. (2023)
+
+
+def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: float,
+           unique_tokens: int | None = None) -> tuple[Candidate, list[Candidate]]:
+    """Fill in each measured candidate's steps, tokens and predicted bpb (with ``unique_tokens``,
+    the training split's, repeated tokens count for less: ``effective_tokens``). The lowest bpb
+    wins if it beats the config's own shape by more than the rule's error; otherwise the config's
+    shape stays (a toss-up is no reason to leave a shape the user chose, or the default we measured)."""
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.block_size
     for row in rows:
         row.steps = fitted_steps(config, row, minutes)  # the shape changes no train.* setting
         row.tokens = row.steps * tokens_per_step
+        row.epochs = row.tokens / unique_tokens if unique_tokens else None
         warm = row.steps > config.train.warmup_steps
-        row.predicted_bpb = rule.predict(row.rule_params, row.tokens) if warm and row.steps > 0 else math.inf
+        worth = effective_tokens(row.tokens, unique_tokens)
+        row.predicted_bpb = rule.predict(row.rule_params, worth) if warm and row.steps > 0 else math.inf
     usable = [row for row in rows if math.isfinite(row.predicted_bpb)]
     if not usable:
         raise ConfigError(f"in {minutes:g} minutes no candidate gets past train.warmup_steps "
@@ -387,7 +407,7 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     vocab_size = _vocab_size(config)
     rows = candidates(config)
     measure(config, rows, vocab_size, device, precision, progress=progress)
-    pick, rows = choose(config, rows, rule, minutes)
+    pick, rows = choose(config, rows, rule, minutes, _unique_tokens(config))
     configured = _configured(config, rows)
     picked = shaped(config, pick)
     warmup = min(config.train.warmup_steps, max(1, pick.steps // 2))  # the warmup must end mid-run at the latest
@@ -397,6 +417,16 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     picked = replace(picked, run=replace(picked.run, name=config.run.name + suffix, dir=str(config.run_dir) + suffix))
     return Plan(minutes, f"{device} ({precision})", rows, pick, configured, rule, picked,
                 warmup != config.train.warmup_steps)
+
+
+def _unique_tokens(config: Config) -> int | None:
+    """The run's training tokens, if its shards exist: what the plan counts epochs in."""
+    from lmtrain.rundir import data_dir
+    from lmtrain.shards import read_manifest
+
+    if (data_dir(config.run_dir) / "manifest.json").is_file():
+        return read_manifest(data_dir(config.run_dir)).splits["train"].tokens or None
+    return None
 
 
 def _vocab_size(config: Config) -> int:
@@ -411,13 +441,15 @@ def _vocab_size(config: Config) -> int:
 
 def format_plan(plan: Plan) -> str:
     """The table `lmtrain plan` prints."""
+    epochs = plan.pick.epochs is not None
     lines = [f"{'shape':>9}  {'params':>7}  {'s/step':>7}  {'steps':>6}  {'tokens':>9}  {'tok/param':>9}  "
-             f"{'pred. bpb':>9}"]
+             f"{'epochs  ' if epochs else ''}{'pred. bpb':>9}"]
     for row in sorted(plan.rows, key=lambda r: (r.n_layer, r.n_embd)):
         mark = "  <- pick" if row is plan.pick else ("  (config)" if row is plan.configured else "")
         bpb = f"{row.predicted_bpb:.3f}" if math.isfinite(row.predicted_bpb) else "warmup"
         lines.append(f"{row.shape:>9}  {row.rule_params / 1e6:6.2f}M  {row.step_seconds:7.3f}  {row.steps:6d}  "
-                     f"{row.tokens / 1e6:8.2f}M  {row.tokens / row.rule_params:9.1f}  {bpb:>9}{mark}")
+                     f"{row.tokens / 1e6:8.2f}M  {row.tokens / row.rule_params:9.1f}  "
+                     f"{f'{row.epochs:6.1f}  ' if epochs else ''}{bpb:>9}{mark}")
     rule, pick = plan.rule, plan.pick
     lines.append("")
     lines.append(f"pick: {pick.shape} ({pick.n_head} heads) for {plan.minutes:g} min on {plan.device}: "
@@ -434,9 +466,18 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"note: the rule is fitted on {rule.optimizer} runs and this config trains with "
                      f"{plan.config.train.optimizer}: its bpb figures are off, and a pick away from the config's "
                      "shape is worth a run beside it before you trust it")
+    if epochs:
+        lines.append(f"data: the run's {_unique_count(plan.pick.tokens / plan.pick.epochs)} training tokens are seen "
+                     f"{plan.pick.epochs:.1f} times by the pick; repeated tokens count as worth less (Muennighoff et al. "
+                     f"2023, R* = {REPEAT_DECAY})" + ("; past a few epochs, more data does more than more steps"
+                                                      if plan.pick.epochs > 4 else ""))
     if plan.warmup_capped:
         lines.append(f"train.warmup_steps lowered to {plan.config.train.warmup_steps} (half the planned steps)")
     return "\n".join(lines)
+
+
+def _unique_count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def _why(plan: Plan) -> str:

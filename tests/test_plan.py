@@ -141,3 +141,33 @@ def test_plan_writes_a_config_that_trains(tiny_run, tmp_path):
     assert math.isfinite(float(header.split("predicted val bpb ")[1].split()[0]))
     assert "pick: " in result.stdout and ("the lowest predicted val bpb" in result.stdout
                                           or "the config's own shape" in result.stdout)
+
+
+def test_repeated_tokens_are_worth_less_and_the_plan_shows_the_epochs():
+    import math
+
+    from lmtrain.plan import REPEAT_DECAY, effective_tokens
+
+    unique = 1e6
+    assert effective_tokens(5e5, unique) == 5e5 and effective_tokens(1e6, unique) == 1e6
+    assert effective_tokens(2e6, unique) == pytest.approx(1e6 + 1e6 * REPEAT_DECAY * (1 - math.exp(-1 / REPEAT_DECAY)))
+    worth = [effective_tokens(e * unique, unique) for e in (1, 2, 4, 16, 64, 1000)]
+    assert worth == sorted(worth) and worth[-1] <= unique * (1 + REPEAT_DECAY) * (1 + 1e-12)  # more helps, ever less
+    assert worth[1] > 1.9e6 and worth[4] < 20e6  # two epochs are nearly fresh data, sixty-four are worth 16
+    config = load_config(None, ["model.n_layer=2", "model.n_embd=128", "model.n_head=2", "train.batch_size=8",
+                                "model.block_size=512", "train.warmup_steps=1", "train.eval_every=1000000"])
+    rule = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.01, runs=9)
+
+    def rows():
+        row = Candidate(2, 128, 2)
+        row.params = row.total_params = 400_000
+        row.step_seconds = 0.1
+        return [row]
+
+    fresh = choose(config, rows(), rule, minutes=10)[0]
+    repeated = choose(config, rows(), rule, minutes=10, unique_tokens=fresh.tokens // 20)[0]
+    assert repeated.epochs == pytest.approx(20, rel=0.01) and fresh.epochs is None
+    assert repeated.predicted_bpb > fresh.predicted_bpb
+    plan = Plan(10, "cpu", [repeated], repeated, repeated, rule, config, False)
+    table = format_plan(plan)
+    assert "epochs" in table.splitlines()[0] and "seen 20.0 times" in table and "more data does more" in table
