@@ -75,7 +75,7 @@ def prepare(workdir: Path, name: str, source: Path) -> Path:
     return run
 
 
-def run_lmtrain(prepared: Path, target: Path, source: Path, minutes: float) -> dict:
+def run_lmtrain(prepared: Path, target: Path, source: Path, minutes: float, extra: list[str] = ()) -> dict:
     from lmtrain.config import load_config
     from lmtrain.export import export
     from lmtrain.rundir import fork_run
@@ -86,7 +86,7 @@ def run_lmtrain(prepared: Path, target: Path, source: Path, minutes: float) -> d
     sets = [f"run.dir={target}", f"data.source={source}", "data.val_fraction=0.1", f"train.max_minutes={minutes}"]
     if source.is_file():
         sets.append("data.sample_by=paragraph")
-    result = train(load_config(None, sets))
+    result = train(load_config(None, sets + list(extra)))
     out = {}
     for which in ("best", "latest"):
         hf = target / f"hf-{which}"
@@ -205,6 +205,9 @@ def main() -> None:
     parser.add_argument("--corpora", default="prose,code")
     parser.add_argument("--workdir", type=Path, default=Path("runs/small-corpus"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="a config override for the lmtrain runs "
+                        "(repeatable; the default run sets none)")
+    parser.add_argument("--lmtrain-only", action="store_true", help="skip the Trainer runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -216,18 +219,19 @@ def main() -> None:
     for name in args.corpora.split(","):
         prepared = prepare(args.workdir, name, corpora[name])
         for round_ in range(args.rounds):
-            lm = run_lmtrain(prepared, args.workdir / name / f"lmtrain-{round_}", corpora[name], args.minutes)
+            lm = run_lmtrain(prepared, args.workdir / name / f"lmtrain-{round_}", corpora[name], args.minutes, args.set)
             best_model = AutoModelForCausalLM.from_pretrained(lm["hf_best"], dtype=torch.float32)
             best = val_bpb(best_model, prepared)
             check = evaluate(lm["run"], "best").bpb
             # lmtrain eval scores its own val split (the same stream): the computations must agree.
             assert abs(best - check) < 1e-3, (best, check)
             last = val_bpb(AutoModelForCausalLM.from_pretrained(lm["hf_latest"], dtype=torch.float32), prepared)
-            print(json.dumps({"corpus": name, "round": round_, "run": "lmtrain default", "minutes": args.minutes,
+            label = "lmtrain " + (" ".join(args.set) if args.set else "default")
+            print(json.dumps({"corpus": name, "round": round_, "run": label, "minutes": args.minutes,
                               "steps": lm["steps"], "best_step": lm["best_step"],
                               "tokens_per_s": round(lm["tokens_per_s"]), "val_bpb_best": round(best, 4),
                               "val_bpb_final": round(last, 4), "lmtrain_eval_bpb": round(check, 4)}), flush=True)
-            for lr in (1e-3, 3e-3):
+            for lr in () if args.lmtrain_only else (1e-3, 3e-3):
                 hf = run_trainer(prepared, args.workdir / name / f"trainer-{lr:g}-{round_}", lr, args.minutes)
                 print(json.dumps({"corpus": name, "round": round_, "run": f"Trainer lr {lr:g}", "minutes": args.minutes,
                                   "steps": hf["steps"], "planned_steps": hf["planned_steps"],
