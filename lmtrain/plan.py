@@ -256,6 +256,24 @@ class _Stepper:
             torch.cuda.empty_cache()
 
 
+def pace(config: Config, vocab_size: int, device, precision: str, steps: int = 3) -> float:
+    """Seconds per training step of the config's own shape on this machine (the median of a few,
+    after the warm-up), leaving the random state as it found it: the run that follows initialises
+    and samples exactly as it would have."""
+    import statistics
+
+    from lmtrain.checkpoint import rng_state, set_rng_state
+
+    saved = rng_state()
+    try:
+        stepper = _Stepper(config, vocab_size, device, precision)
+        seconds = statistics.median(stepper.step() for _ in range(steps))
+        stepper.close()
+    finally:
+        set_rng_state(saved)
+    return seconds
+
+
 def measure(config: Config, rows: list[Candidate], vocab_size: int, device, precision: str,
             min_seconds: float = 1.5, min_pairs: int = 6, progress: bool = True) -> float:
     """Fill in each row's step seconds and parameter counts; return the config's own step time.

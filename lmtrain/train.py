@@ -189,6 +189,8 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     checkpointer = Checkpointer(checkpoints_dir(run_dir), tc.checkpoint_every, tc.keep_checkpoints, info, device)
     check_lora(config, sharded_run(tc, info.world_size))
     latest = None if restart else checkpointer.latest()
+    config, small = _small_corpus(config, data, latest, info, device, precision)
+    tc = config.train
     resume = None
     if latest is not None:
         model_config = GPTConfig.of(config.model, data.manifest.vocab_size).to_dict()
@@ -207,7 +209,7 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
                       info.local_world_size)
     # What setup has to say, logged once train.log is open (Trainer.fit).
     notes = [f"memory: {need.describe()} (estimated; micro-batch {tc.batch_size} x "
-             f"{config.model.block_size} tokens)"]
+             f"{config.model.block_size} tokens)"] + ([small] if small else [])
     if tc.parallel == "fsdp" and not info.enabled:
         notes.append("train.parallel fsdp: one process, so nothing is sharded (FSDP applies under torchrun)")
     teacher = None
@@ -253,6 +255,29 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     return Trainer(config, info, device, precision, training, checkpointer, state,
                    resume.path.name if resume is not None else None, batches, validator, keeper,
                    data.manifest, data.tokenizer_sha256, notes)
+
+
+def _small_corpus(config: Config, data: RunData, latest, info: dist_util.DistInfo, device: torch.device,
+                  precision: str) -> tuple[Config, str | None]:
+    """``lmtrain.small_data``: the optimiser settings for a corpus the run will see many times, and
+    the line saying so; a resumed run keeps what its checkpoint was trained with."""
+    from lmtrain.checkpoint import read_state
+    from lmtrain.small_data import small_corpus_defaults
+
+    saved = None
+    if latest is not None:
+        saved = ((read_state(latest).get("config") or {}).get("train")) or {}
+    unique = getattr(data.train, "tokens", None) if not data.chat else data.train_batches(
+        config.run.seed, config.train.batch_size, 0, 1, device).epoch_tokens
+
+    def step_seconds() -> float:
+        from lmtrain.plan import pace
+
+        return pace(config, data.manifest.vocab_size, device, precision)
+
+    # Under torchrun the ranks could time different paces and disagree: only max_steps decides there.
+    return small_corpus_defaults(config, unique, tokens_per_step(config, info.world_size),
+                                 None if info.enabled else step_seconds, saved)
 
 
 def _describe_conversations(data: RunData, tc) -> str:

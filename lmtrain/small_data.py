@@ -1,0 +1,63 @@
+"""Defaults for a corpus the run will see many times.
+
+The embedded default trains with Muon at rates tuned on the 12 MB standard-library corpus, less
+than one epoch in its time. On a small corpus the same settings fit the training text fast and
+then memorise it: measured on 0.5-1 MB corpora at 1.5 minutes (docs/performance.md), the default
+reached its best val bpb early and ended 7-20% above it, behind a plain transformers Trainer
+(AdamW 3e-3, cosine to 0), while lmtrain itself with that recipe beat the Trainer. So when the run
+will see its training tokens more than ``SMALL_CORPUS_EPOCHS`` times, and the user chose none of the
+optimiser's settings, the run trains with that recipe and says so. The choice is made once: a
+resumed run keeps the settings its checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+from lmtrain.config import Config
+
+log = logging.getLogger(__name__)
+
+SMALL_CORPUS_EPOCHS = 2.0
+RECIPE = {"optimizer": "adamw", "lr": 3e-3, "min_lr": 0.0, "schedule": "cosine"}
+OWN_KEYS = tuple(f"train.{key}" for key in (*RECIPE, "muon_lr", "warmup_steps", "decay_fraction"))
+
+
+def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,
+                   step_seconds: Callable[[], float] | None) -> float | None:
+    """How many times the run will see its ``unique_tokens``: from ``train.max_steps``, or under
+    ``train.max_minutes`` from the pace ``step_seconds()`` measures (None when it cannot tell)."""
+    tc = config.train
+    if not unique_tokens:
+        return None
+    if tc.max_minutes is not None and tc.fit_to_budget:
+        if step_seconds is None:
+            return None
+        steps = tc.max_minutes * 60 / max(step_seconds(), 1e-6)
+    else:
+        steps = tc.max_steps
+    return steps * tokens_per_step / unique_tokens
+
+
+def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: int,
+                          step_seconds: Callable[[], float] | None,
+                          saved_train: dict[str, Any] | None) -> tuple[Config, str | None]:
+    """The config to train with, and the line saying what was chosen (None: nothing changed)."""
+    if any(key in config.given for key in OWN_KEYS) or config.model.init_from is not None:
+        return config, None
+    if saved_train is not None:  # resuming: the settings the run started with, whatever it would pick now
+        kept = {k: saved_train[k] for k in RECIPE if k in saved_train and saved_train[k] != getattr(config.train, k)}
+        if not kept:
+            return config, None
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, **kept)), None
+    epochs = planned_epochs(config, unique_tokens, tokens_per_step, step_seconds)
+    if epochs is None or epochs <= SMALL_CORPUS_EPOCHS:
+        return config, None
+    train = dataclasses.replace(config.train, **RECIPE)
+    train.check()
+    note = (f"small corpus: the run will see its {unique_tokens:,} training tokens about {epochs:.1f} times, so it "
+            f"trains with AdamW at {RECIPE['lr']:g}, cosine to {RECIPE['min_lr']:g} (the default's Muon memorises a "
+            "small corpus; docs/performance.md); set train.optimizer or train.lr to choose otherwise")
+    return dataclasses.replace(config, train=train), note
