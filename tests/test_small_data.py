@@ -105,3 +105,44 @@ def test_a_run_stopping_early_resumes_bit_exactly(tiny_run, tmp_path, monkeypatc
     a, b = weights(run_dir), weights(tmp_path / "other")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {**losses(first), **losses(second)} == losses(straight)
+
+
+def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_told_otherwise():
+    from lmtrain.small_data import RECIPE, small_corpus_defaults
+
+    config = load_config(None, ["train.max_steps=100"])  # 100 x 32 x 128 = 409,600 tokens
+    tokens_per_step = 32 * 128
+    same, note = small_corpus_defaults(config, 1_000_000, tokens_per_step, None, None)
+    assert same is config and note is None  # 0.4 epochs: the default stays
+    small, note = small_corpus_defaults(config, 100_000, tokens_per_step, None, None)
+    assert {k: getattr(small.train, k) for k in RECIPE} == RECIPE and "about 4.1 times" in note
+    told = load_config(None, ["train.max_steps=100", "train.optimizer=muon"])
+    assert small_corpus_defaults(told, 100_000, tokens_per_step, None, None)[0] is told
+    # under train.max_minutes the measured pace decides: 90 s at 0.05 s a step is 1,800 steps
+    budget = load_config(None, ["train.max_minutes=1.5"])
+    chosen, note = small_corpus_defaults(budget, 1_000_000, tokens_per_step, lambda: 0.05, None)
+    assert chosen.train.optimizer == "adamw" and "about 7.4 times" in note
+    assert small_corpus_defaults(budget, 1_000_000, tokens_per_step, None, None)[0] is budget  # cannot tell
+    # resuming keeps what the run started with, whatever it would choose now
+    resumed, note = small_corpus_defaults(config, 1_000_000, tokens_per_step, None, dict(RECIPE))
+    assert resumed.train.optimizer == "adamw" and note is None
+    kept, _ = small_corpus_defaults(config, 100_000, tokens_per_step, None, {"optimizer": "muon", "lr": 2e-2,
+                                                                               "min_lr": 2e-3, "schedule": "wsd"})
+    assert kept.train.optimizer == "muon"
+
+
+@pytest.mark.slow
+def test_a_small_corpus_run_says_what_it_chose_and_resumes_with_it(tiny_run):
+    import yaml
+
+    config, run_dir = tiny_run
+    raw = yaml.safe_load(config.read_text())
+    for key in ("lr", "min_lr"):  # the tiny config chooses them; a small-corpus run chooses only if the user did not
+        raw["train"].pop(key)
+    config.write_text(yaml.safe_dump(raw))
+    first = train(load_config(config, ["train.max_steps=400", "train.eval_every=400", "train.checkpoint_every=200"]))
+    log = (run_dir / "train.log").read_text()
+    assert "small corpus: the run will see its" in log and "AdamW at 0.003" in log
+    assert load_config(run_dir / "config.yaml").train.optimizer == "adamw"
+    more = train(load_config(config, ["train.max_steps=420", "train.eval_every=400", "train.checkpoint_every=200"]))
+    assert more.resumed_from == "step-00000400" and first.step == 400
