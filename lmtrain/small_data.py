@@ -3,8 +3,9 @@
 The embedded default trains with Muon at rates tuned on the 12 MB standard-library corpus, less
 than one epoch in its time. On a small corpus the same settings fit the training text fast and
 then memorise it: measured on 0.5-1 MB corpora at 1.5 minutes (docs/performance.md), the default
-reached its best val bpb early and ended 7-20% above it, behind a plain transformers Trainer
-(AdamW 3e-3, cosine to 0), while lmtrain itself with that recipe beat the Trainer. So when the run
+reached its best val bpb early and ended 8-22% above it, 7% behind a plain transformers Trainer
+(AdamW 3e-3, cosine to 0) on prose, while lmtrain itself with that recipe ends ~1% ahead of the
+Trainer on prose and code, its last checkpoint its best. So when the run
 will see its training tokens more than ``SMALL_CORPUS_EPOCHS`` times, and the user chose none of the
 optimiser's settings, the run trains with that recipe and says so. The choice is made once: a
 resumed run keeps the settings its checkpoint was trained with.
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SMALL_CORPUS_EPOCHS = 2.0
 RECIPE = {"optimizer": "adamw", "lr": 3e-3, "min_lr": 0.0, "schedule": "cosine"}
-OWN_KEYS = tuple(f"train.{key}" for key in (*RECIPE, "muon_lr", "warmup_steps", "decay_fraction"))
+OWN_KEYS = tuple(f"train.{key}" for key in (*RECIPE, "muon_lr"))
 
 
 def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,
