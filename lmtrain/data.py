@@ -171,6 +171,11 @@ class RunData:
     def chat(self) -> bool:
         return isinstance(self.train, Conversations)
 
+    @property
+    def epoch_tokens(self) -> int:
+        """Tokens one pass over the training data gives (conversations: packed row positions)."""
+        return self.train.packed_rows(self.packing) * (self.train.window - 1) if self.chat else self.train.tokens
+
     def train_batches(self, seed: int, batch_size: int, rank: int, world_size: int,
                       device: torch.device) -> "TrainBatches | ConversationBatches":
         if self.chat:

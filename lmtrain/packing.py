@@ -58,6 +58,7 @@ class Conversations:
                              "re-run `lmtrain shard --force`")
         self.vocab_size = read_manifest(directory).vocab_size
         self.weights = weights
+        self._row_counts: dict[str, int] = {}
         shard, start, length, trained, part = [], [], [], [], []
         for s, flags in enumerate(self.flags_of):
             starts = np.flatnonzero(flags & CONVERSATION_START)
@@ -113,8 +114,10 @@ class Conversations:
         return rng.permutation(order)
 
     def packed_rows(self, packing: str) -> int:
-        """Rows one epoch fills (its first, where mixture weights draw a subset)."""
-        return len(self.rows(self.epoch_order(0, 0), packing))
+        """Rows one epoch fills (its first, where mixture weights draw a subset); counted once."""
+        if packing not in self._row_counts:
+            self._row_counts[packing] = len(self.rows(self.epoch_order(0, 0), packing))
+        return self._row_counts[packing]
 
     def rows(self, order: np.ndarray, packing: str) -> list[np.ndarray]:
         """Conversations in ``order`` grouped into rows: greedily, whole, up to ``window`` tokens

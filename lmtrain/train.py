@@ -267,8 +267,7 @@ def _small_corpus(config: Config, data: RunData, latest, info: dist_util.DistInf
     saved = None
     if latest is not None:
         saved = ((read_state(latest).get("config") or {}).get("train")) or {}
-    unique = getattr(data.train, "tokens", None) if not data.chat else data.train_batches(
-        config.run.seed, config.train.batch_size, 0, 1, device).epoch_tokens
+    unique = data.epoch_tokens
 
     def step_seconds() -> float:
         from lmtrain.plan import pace
