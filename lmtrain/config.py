@@ -68,6 +68,16 @@ class MixtureSource:
 
 
 MAX_MIXTURE_SOURCES = 63  # the shards' flag byte numbers them in 6 bits
+BATCH_DATA_KEYS = ("packing", "too_long")  # how batches are cut: nothing a tokenizer or shard depends on
+
+
+def data_settings(data: "DataConfig") -> dict[str, Any]:
+    """What a run's data is made of, for the tokenizer's and the shards' fingerprints: the data
+    section without the keys that only cut batches (``BATCH_DATA_KEYS``, a mixture's weights)."""
+    settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in BATCH_DATA_KEYS}
+    if settings.get("mixture"):
+        settings["mixture"] = [{k: v for k, v in entry.items() if k != "weight"} for entry in settings["mixture"]]
+    return settings
 
 
 @dataclass
@@ -505,27 +515,24 @@ def check_section(name: str, values: dict[str, Any], origin: str) -> Any:
 
 def _build_fields(key: str, cls: type, values: dict[str, Any]) -> Any:
     """A nested config record (a ``data.mixture`` entry): every field checked like a section's."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        if name not in fields:
-            raise ConfigError(f"{key}: unknown key {name!r}{_did_you_mean(str(name), fields)}")
-        kwargs[name] = _coerce(f"{key}.{name}", value, hints[name])
-        _check_range(f"{key}.{name}", kwargs[name], fields[name].metadata)
-    return cls(**kwargs)
+    return _build(cls, values, key, lambda name, fields: f"{key}: unknown key {name!r}{_did_you_mean(str(name), fields)}")
 
 
 def _build_section(name: str, cls: type, values: dict[str, Any], origin: str) -> Any:
+    return _build(cls, values, name, lambda key, fields: f"{origin}: unknown key {name}.{key}"
+                                                         f"{_did_you_mean(str(key), fields, prefix=name + '.')}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, unknown) -> Any:
+    """``cls`` from ``values``, each key known (``unknown(key, fields)`` says what is not), of its
+    annotated type and in its bounds, named ``prefix.key`` in any error."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(
-                f"{origin}: unknown key {name}.{key}{_did_you_mean(str(key), fields, prefix=name + '.')}"
-            )
-        dotted = f"{name}.{key}"
+            raise ConfigError(unknown(key, fields))
+        dotted = f"{prefix}.{key}"
         value = _coerce(dotted, value, hints[key])
         _check_range(dotted, value, fields[key].metadata)
         kwargs[key] = value

@@ -120,3 +120,11 @@ def encode(tokenizer, template, messages: list[dict], specials: frozenset[str], 
         for start, end in spans:
             mask |= ((offsets[:, 0] < end) & (offsets[:, 1] > start)).astype(np.uint8)
     return ids, mask
+
+
+def trained_text(template, messages: list[dict], loss_on: str) -> str:
+    """The text the loss covers, whose UTF-8 bytes bits per byte are counted in: the assistant's
+    contents, or the whole rendered conversation with ``loss_on: all``."""
+    if loss_on == "all":
+        return template.render(messages)
+    return "".join(m["content"] for m in messages if m["role"] == "assistant")

@@ -174,7 +174,7 @@ class RunData:
     @property
     def epoch_tokens(self) -> int:
         """Tokens one pass over the training data gives (conversations: packed row positions)."""
-        return self.train.packed_rows(self.packing) * (self.train.window - 1) if self.chat else self.train.tokens
+        return self.train.epoch_tokens(self.packing) if self.chat else self.train.tokens
 
     def train_batches(self, seed: int, batch_size: int, rank: int, world_size: int,
                       device: torch.device) -> "TrainBatches | ConversationBatches":

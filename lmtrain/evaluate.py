@@ -214,7 +214,7 @@ def _evaluate_conversations(loaded: LoadedModel, data_source: str | None, batch_
     them), each conversation scored on its own; bits per byte of the trained text."""
     from lmtrain.chat_template import load_template, special_tokens_of
     from lmtrain.config import DataConfig
-    from lmtrain.conversations import encode
+    from lmtrain.conversations import encode, trained_text
     from lmtrain.corpus import check_sources, iter_documents
     from lmtrain.errors import DataError
     from lmtrain.shards import TRAINED
@@ -241,11 +241,7 @@ def _evaluate_conversations(loaded: LoadedModel, data_source: str | None, batch_
                 continue
             ids, mask = encode(loaded.tokenizer, template, doc.messages, specials, loss_on)
             pieces.append((ids[:window], mask[:window]))
-            if loss_on == "assistant":
-                trained = "".join(m["content"] for m in doc.messages if m["role"] == "assistant")
-            else:
-                trained = template.render(doc.messages)
-            n_bytes += len(trained.encode("utf-8", "surrogatepass"))
+            n_bytes += len(trained_text(template, doc.messages, loss_on).encode("utf-8", "surrogatepass"))
         if not pieces:
             raise DataError(f"--data {data_source}: no conversations")
         source = data_source

@@ -113,6 +113,10 @@ class Conversations:
         order = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
         return rng.permutation(order)
 
+    def epoch_tokens(self, packing: str) -> int:
+        """Row positions one epoch fills: what a run's tokens per step are counted against."""
+        return self.packed_rows(packing) * (self.window - 1)
+
     def packed_rows(self, packing: str) -> int:
         """Rows one epoch fills (its first, where mixture weights draw a subset); counted once."""
         if packing not in self._row_counts:
@@ -222,13 +226,9 @@ class ConversationBatches:
             self._cached = (epoch, self.conversations.rows(order, self.packing))
         return self._cached[1]
 
-    def rows_per_epoch(self) -> int:
-        return len(self.epoch_rows(0))
-
     @property
     def epoch_tokens(self) -> int:
-        """Row positions in one epoch (its first): what the run's tokens per step are counted in."""
-        return self.rows_per_epoch() * (self.conversations.window - 1)
+        return self.conversations.epoch_tokens(self.packing)
 
     def locate(self, row: int) -> tuple[int, int]:
         """(epoch, index in it) of the ``row``-th row of the stream."""

@@ -404,7 +404,7 @@ class _ConversationEncoder:
         self.skipped = {split: 0 for split in SPLITS}
 
     def encode(self, tokenizer, batch: list[tuple[Split, Document]]):
-        from lmtrain.conversations import encode
+        from lmtrain.conversations import encode, trained_text
 
         import numpy as np
 
@@ -421,10 +421,7 @@ class _ConversationEncoder:
                 ids, mask = encode(tokenizer, self.template, doc.messages, self.specials, self.loss_on)
             except DataError as exc:
                 raise DataError(f"{doc.origin}: {exc}") from None
-            if self.loss_on == "all":
-                trained = self.template.render(doc.messages)
-            else:
-                trained = "".join(m["content"] for m in doc.messages if m["role"] == "assistant")
+            trained = trained_text(self.template, doc.messages, self.loss_on)
             out.append((ids, mask, trained.encode("utf-8", "surrogatepass")))
         return out
 

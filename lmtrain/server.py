@@ -34,6 +34,7 @@ from lmtrain.chat import ChatModel
 from lmtrain.chat_template import ROLES
 from lmtrain.errors import DataError, LmtrainError
 from lmtrain.generate import SamplingParams
+from lmtrain.sample import prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,10 @@ class Server:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string", param="prompt")
-        loaded = self.chat_model.loaded
-        ids = list(loaded.bos) + loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
-        return ids or [loaded.eot_id]
+        try:
+            return prompt_tokens(self.chat_model.loaded, prompt)  # as `lmtrain sample` reads a prompt
+        except LmtrainError as exc:
+            raise ApiError(413, str(exc), code="context_length_exceeded") from None
 
     # -- running them ---------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtrain.config import Config
+from lmtrain.config import Config, data_settings
 from lmtrain.corpus import Split
 from lmtrain.errors import RunDirError, ShardError, first_line
 from lmtrain.fsutil import TMP_MARKER, commit_tmp, describe_os_error, read_json, sha256_file, tmp_name
@@ -281,15 +281,13 @@ def shard_fingerprint(config: Config, tokenizer_sha256: str, bos: list[int] | No
     ``bos``: the ids before every document (a source tokenizer's BOS; none for lmtrain's own).
     Conversations also depend on the chat template and on what the loss covers (the mask)."""
     chat = config.data.format == "chat"
-    data = asdict(config.data)
-    # How batches are cut from conversations changes nothing in the shards; text shards do not
-    # depend on the chat-only keys at all (and shards made before they existed stay current).
-    for key in BATCH_DATA_KEYS + (() if chat else CHAT_DATA_KEYS):
+    data = data_settings(config.data)
+    # Text shards do not depend on the chat-only keys at all (and shards made before they existed
+    # stay current).
+    for key in () if chat else CHAT_DATA_KEYS:
         data.pop(key, None)
-    if data.get("mixture"):  # the sources and their formats make the shards; the weights only the batches
-        data["mixture"] = [{k: v for k, v in entry.items() if k != "weight"} for entry in data["mixture"]]
-    elif "mixture" in data:
-        del data["mixture"]  # shards made before mixtures existed stay current
+    if not data.get("mixture"):
+        data.pop("mixture", None)  # shards made before mixtures existed stay current
     fingerprint = {
         "format_version": MASKED_VERSION if chat else FORMAT_VERSION,
         "tokenizer_sha256": tokenizer_sha256,
@@ -306,7 +304,6 @@ def shard_fingerprint(config: Config, tokenizer_sha256: str, bos: list[int] | No
 
 
 CHAT_DATA_KEYS = ("format", "bad_records")
-BATCH_DATA_KEYS = ("packing", "too_long")
 
 
 @dataclass

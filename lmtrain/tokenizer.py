@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmtrain.config import Config
+from lmtrain.config import Config, data_settings
 from lmtrain.errors import RunDirError, TokenizerError, first_line, quoted
 from lmtrain.fsutil import read_json
 from lmtrain.rundir import tokenizer_dir, tokenizer_path
@@ -35,10 +35,7 @@ ENCODE_BATCH_DOCS = 256
 
 def tokenizer_settings(config: Config) -> dict:
     """What a trained tokenizer depends on: if these change, it is stale."""
-    data = {k: v for k, v in asdict(config.data).items() if k not in ("packing", "too_long")}  # batching only
-    if data.get("mixture"):
-        data["mixture"] = [{k: v for k, v in entry.items() if k != "weight"} for entry in data["mixture"]]
-    return {"tokenizer": asdict(config.tokenizer), "data": data}
+    return {"tokenizer": asdict(config.tokenizer), "data": data_settings(config.data)}
 
 
 def stale_tokenizer_reason(config: Config) -> str | None:
