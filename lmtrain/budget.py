@@ -132,6 +132,14 @@ class Budget:
                    list(saved.get("replans", [])))
 
 
+def epoch_steps(epochs: float | None, epoch_tokens: int | None, per_step: int) -> int | None:
+    """``train.max_epochs`` as a step count: the first step by which the run has seen its training
+    tokens that many times (None without the key, or without a count of them)."""
+    if epochs is None or not epoch_tokens:
+        return None
+    return max(1, math.ceil(epochs * epoch_tokens / per_step))
+
+
 def owed(step: int, costs: Costs, tc: TrainConfig) -> float:
     """Seconds of the evaluation and checkpoint that step ``step`` still owes when the loop decides
     right after it: it decides (and re-decides) between a step and that step's evaluation and
@@ -344,10 +352,13 @@ class BudgetKeeper:
 
     def __init__(self, tc: TrainConfig, measurer: Measurer, saved: dict[str, Any] | None, step: int,
                  train_seconds: float, is_main: bool = True, where: str = "the checkpoint",
-                 early_stop: dict[str, Any] | None = None) -> None:
+                 early_stop: dict[str, Any] | None = None, step_cap: int | None = None) -> None:
         self.tc, self.measurer, self.is_main = tc, measurer, is_main
         self.fits = tc.max_minutes is not None and tc.fit_to_budget
+        self.step_cap = step_cap  # train.max_epochs in steps: no schedule runs past it
         self.schedule = Schedule.of(tc)
+        if step_cap is not None and not self.fits and step_cap < self.schedule.max_steps:
+            self.schedule = self.schedule.with_steps(step_cap)
         self.budget: Budget | None = None
         self.probe_end: int | None = None  # the run's own steps are timed up to here for the decision
         self.step_seconds: list[float] = []
@@ -371,7 +382,7 @@ class BudgetKeeper:
             if self.is_main:
                 log.info("train.max_minutes changed (%g -> %g): the run now ends at step %d (was %d)", budget.minutes,
                          tc.max_minutes, replanned.max_steps, budget.max_steps)
-            budget = replanned
+            budget = self._capped(replanned)
         self.budget = budget
         self.schedule = self.schedule.with_steps(budget.max_steps, budget.warmup_steps)
 
@@ -443,14 +454,24 @@ class BudgetKeeper:
         seconds of measuring not yet in ``state.train_seconds``; ``owes``: decided inside the loop,
         before this step's evaluation and checkpoint."""
         tc = self.tc
-        budget = plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + spent, measuring_seconds,
-                      owes=owes)
+        budget = self._capped(plan(tc.max_minutes, costs, tc, state.step, state.train_seconds + spent,
+                                   measuring_seconds, owes=owes))
         if self.is_main:
             log.info("train.max_minutes %g: %d more steps fit (%s; %s), so the schedule ends at step %d instead of "
                      "train.max_steps %d", tc.max_minutes, budget.max_steps - state.step, costs.describe(), how,
                      budget.max_steps, self.schedule.max_steps)
         self.budget = budget
         self.schedule = self.schedule.with_steps(budget.max_steps, budget.warmup_steps)
+
+    def _capped(self, budget: Budget) -> Budget:
+        """``budget``, ending at ``step_cap`` when the time would pay for more (and saying so)."""
+        if self.step_cap is None or budget.max_steps <= self.step_cap:
+            return budget
+        if self.is_main:
+            log.info("train.max_epochs %g: the run ends at step %d, where it has seen its training tokens that "
+                     "many times (train.max_minutes %g would pay for %d steps)", self.tc.max_epochs, self.step_cap,
+                     budget.minutes, budget.max_steps)
+        return replace(budget, max_steps=self.step_cap)
 
     def _keep_within(self, clock: RunClock, state, steps: int) -> bool:
         """Move the end (and so the decay) to the pace measured: earlier if the run goes slower than
@@ -459,7 +480,9 @@ class BudgetKeeper:
         mine = clock.costs(steps, time.perf_counter(), planned)
         *figures, spent = self.measurer.slowest([mine.step, mine.eval, mine.checkpoint, state.train_seconds])
         last = replan(budget, Costs(*figures), self.tc, self.schedule, state.step, spent)
-        if last is None:
+        if last is not None and self.step_cap is not None:
+            last = min(last, self.step_cap)
+        if last is None or last == self.schedule.max_steps:
             return False
         # The figures behind a move: a step's and an evaluation's, measured and planned (either, or
         # the margin left as the run nears its end, can move it).

@@ -227,6 +227,8 @@ class TrainConfig:
     grad_accum: int = _opt(1, ge=1, help="micro-steps per optimiser step")
     max_steps: int = _opt(1000, ge=1, help="optimiser steps in total")
     max_minutes: Optional[float] = _opt(None, gt=0.0, help="wall-clock budget: the schedule is fitted to it")
+    max_epochs: Optional[float] = _opt(None, gt=0.0, le=1e6, help="passes over the training tokens: the schedule "
+                                       "ends there if train.max_steps or train.max_minutes would run longer")
     fit_to_budget: bool = _opt(True, help="with max_minutes: choose max_steps so the schedule ends in time; "
                                           "false keeps max_steps and only stops at the budget (resume later)")
     lr: float = _opt(1e-3, gt=0.0, le=1.0, help="peak learning rate")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtrain.budget import MARGIN, Costs, steps_that_fit
+from lmtrain.budget import MARGIN, Costs, epoch_steps, steps_that_fit
 from lmtrain.config import Config
 from lmtrain.errors import ConfigError
 
@@ -343,6 +343,7 @@ class Plan:
     rule: ScalingRule
     config: Config  # the picked shape, with train.max_minutes set
     warmup_capped: bool
+    small_corpus: str | None = None  # what the small-corpus settings changed, when they apply
 
 
 def effective_tokens(tokens: float, unique: float | None) -> float:
@@ -367,8 +368,11 @@ def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: fl
     wins if it beats the config's own shape by more than the rule's error; otherwise the config's
     shape stays (a toss-up is no reason to leave a shape the user chose, or the default we measured)."""
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.block_size
+    cap = epoch_steps(config.train.max_epochs, unique_tokens, tokens_per_step)
     for row in rows:
         row.steps = fitted_steps(config, row, minutes)  # the shape changes no train.* setting
+        if cap is not None:
+            row.steps = min(row.steps, cap)
         row.tokens = row.steps * tokens_per_step
         row.epochs = row.tokens / unique_tokens if unique_tokens else None
         warm = row.steps > config.train.warmup_steps
@@ -419,13 +423,15 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     from lmtrain.device import resolve_device, resolve_precision
 
     check_plan_args(minutes, None, False)
-    rule = ScalingRule.ours(config.train.optimizer)
     device = resolve_device(config.train.device, "train.device")
     precision = resolve_precision(config.train.precision, device)
     vocab_size = _vocab_size(config)
+    unique_tokens = _unique_tokens(config)
+    config, small_corpus = _small_corpus(config, minutes, unique_tokens, vocab_size, device, precision)
+    rule = ScalingRule.ours(config.train.optimizer)
     rows = candidates(config)
     measure(config, rows, vocab_size, device, precision, progress=progress)
-    pick, rows = choose(config, rows, rule, minutes, _unique_tokens(config))
+    pick, rows = choose(config, rows, rule, minutes, unique_tokens)
     configured = _configured(config, rows)
     picked = shaped(config, pick)
     warmup = min(config.train.warmup_steps, max(1, pick.steps // 2))  # the warmup must end mid-run at the latest
@@ -434,7 +440,26 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     suffix = f"-{pick.n_layer}x{pick.n_embd}-{minutes:g}min"
     picked = replace(picked, run=replace(picked.run, name=config.run.name + suffix, dir=str(config.run_dir) + suffix))
     return Plan(minutes, f"{device} ({precision})", rows, pick, configured, rule, picked,
-                warmup != config.train.warmup_steps)
+                warmup != config.train.warmup_steps, small_corpus)
+
+
+def _small_corpus(config: Config, minutes: float, unique_tokens: int | None, vocab_size: int, device,
+                  precision: str) -> tuple[Config, str | None]:
+    """The settings `lmtrain train` would choose for a corpus seen many times (``lmtrain.small_data``),
+    decided before the candidates are measured, so that they are measured as they will train. The
+    written config names every key, so `train` keeps what the plan chose rather than deciding again."""
+    from lmtrain.small_data import small_corpus_defaults
+
+    if not unique_tokens:
+        return config, None
+    timed = replace(config, train=replace(config.train, max_minutes=minutes, fit_to_budget=True))
+    tc = timed.train
+    chosen, note = small_corpus_defaults(timed, unique_tokens, tc.batch_size * tc.grad_accum * timed.model.block_size,
+                                         lambda: pace(timed, vocab_size, device, precision), None)
+    if note is None:
+        return config, None
+    return replace(chosen, train=replace(chosen.train, max_minutes=config.train.max_minutes,
+                                         fit_to_budget=config.train.fit_to_budget)), note
 
 
 def _unique_tokens(config: Config) -> int | None:
@@ -489,6 +514,8 @@ def format_plan(plan: Plan) -> str:
                      f"{plan.pick.epochs:.1f} times by the pick; repeated tokens count as worth less (Muennighoff et al. "
                      f"2023, R* = {REPEAT_DECAY})" + ("; past a few epochs, more data does more than more steps"
                                                       if plan.pick.epochs > 4 else ""))
+    if plan.small_corpus:
+        lines.append(plan.small_corpus)
     if plan.warmup_capped:
         lines.append(f"train.warmup_steps lowered to {plan.config.train.warmup_steps} (half the planned steps)")
     return "\n".join(lines)

@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 SMALL_CORPUS_EPOCHS = 2.0
 RECIPE = {"optimizer": "adamw", "lr": 3e-3, "min_lr": 0.0, "schedule": "cosine"}
 OWN_KEYS = tuple(f"train.{key}" for key in (*RECIPE, "muon_lr"))
+# Half the default's sequences per step, twice the steps in the same time: on a corpus this small
+# more, noisier updates reach a lower val loss before the model starts to memorise (measured at
+# 8-16 sequences: docs/performance.md). Only under a time budget (a run of train.max_steps keeps the
+# tokens per step it asked for) and when the config chooses neither the batch nor accumulation.
+SMALL_BATCH = 16
+BATCH_KEYS = ("train.batch_size", "train.grad_accum")
+# Past ~16 passes repeated tokens are worth little (Muennighoff et al. 2023 fit the decay of their
+# worth at R* = 15.4 repetitions) and a small model memorises: a schedule that runs on decays from
+# a point already past the best. So the run ends at 16 epochs unless the config sets its length.
+MAX_EPOCHS = 16.0
 
 
 def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,
@@ -39,7 +49,8 @@ def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,
         steps = tc.max_minutes * 60 / max(step_seconds(), 1e-6)
     else:
         steps = tc.max_steps
-    return steps * tokens_per_step / unique_tokens
+    epochs = steps * tokens_per_step / unique_tokens
+    return epochs if tc.max_epochs is None else min(epochs, tc.max_epochs)
 
 
 def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: int,
@@ -48,17 +59,31 @@ def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: i
     """The config to train with, and the line saying what was chosen (None: nothing changed)."""
     if any(key in config.given for key in OWN_KEYS) or config.model.init_from is not None:
         return config, None
+    tc = config.train
+    budgeted = tc.max_minutes is not None and tc.fit_to_budget
+    own_batch = budgeted and not any(key in config.given for key in BATCH_KEYS)
+    # the length: a budget's steps are the clock's to decide, a run of train.max_steps the user's
+    own_length = "train.max_epochs" not in config.given and (budgeted or "train.max_steps" not in config.given)
     if saved_train is not None:  # resuming: the settings the run started with, whatever it would pick now
-        kept = {k: saved_train[k] for k in RECIPE if k in saved_train and saved_train[k] != getattr(config.train, k)}
+        keys = (*RECIPE, *(("batch_size",) if own_batch else ()), *(("max_epochs",) if own_length else ()))
+        kept = {k: saved_train[k] for k in keys if k in saved_train and saved_train[k] != getattr(config.train, k)}
         if not kept:
             return config, None
         return dataclasses.replace(config, train=dataclasses.replace(config.train, **kept)), None
     epochs = planned_epochs(config, unique_tokens, tokens_per_step, step_seconds)
     if epochs is None or epochs <= SMALL_CORPUS_EPOCHS:
         return config, None
-    train = dataclasses.replace(config.train, **RECIPE)
+    chosen = dict(RECIPE)
+    if own_batch and tc.grad_accum == 1 and tc.batch_size > SMALL_BATCH:
+        chosen["batch_size"] = SMALL_BATCH
+    if own_length and epochs > MAX_EPOCHS:
+        chosen["max_epochs"] = MAX_EPOCHS
+    train = dataclasses.replace(tc, **chosen)
     train.check()
-    note = (f"small corpus: the run will see its {unique_tokens:,} training tokens about {epochs:.1f} times, so it "
-            f"trains with AdamW at {RECIPE['lr']:g}, cosine to {RECIPE['min_lr']:g} (the default's Muon memorises a "
-            "small corpus; docs/performance.md); set train.optimizer or train.lr to choose otherwise")
+    batch = f", {SMALL_BATCH} sequences a step" if "batch_size" in chosen else ""
+    length = (f", ending after {MAX_EPOCHS:g} passes (repeats past that are worth little)"
+              if "max_epochs" in chosen else "")
+    note = (f"small corpus: the run would see its {unique_tokens:,} training tokens about {epochs:.1f} times, so it "
+            f"trains with AdamW at {RECIPE['lr']:g}, cosine to {RECIPE['min_lr']:g}{batch}{length} (the default's "
+            "Muon memorises a small corpus; docs/performance.md); set train.optimizer or train.lr to choose otherwise")
     return dataclasses.replace(config, train=train), note

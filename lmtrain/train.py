@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from lmtrain import distributed as dist_util
-from lmtrain.budget import BudgetKeeper, RunClock
+from lmtrain.budget import BudgetKeeper, RunClock, epoch_steps
 from lmtrain.checkpoint import STATE_FILE, Checkpointer, rng_state
 from lmtrain.config import Config, TrainConfig
 from lmtrain.data import RunData
@@ -240,7 +240,8 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
     keeper = BudgetKeeper(tc, Measurer(training, validator, checkpointer.directory, info, device),
                           resume.state.get("budget") if resume is not None else None, state.step,
                           state.train_seconds, info.is_main, str(resume.path / STATE_FILE) if resume else "",
-                          resume.state.get("early_stop") if resume is not None else None)
+                          resume.state.get("early_stop") if resume is not None else None,
+                          epoch_steps(tc.max_epochs, data.epoch_tokens, tokens_per_step(config, info.world_size)))
     if info.is_main:
         _warn_about_the_schedule(keeper.schedule, state.step, resume)
         prepare_run_dir(config)

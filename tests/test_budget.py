@@ -279,3 +279,39 @@ def test_a_run_with_a_warmup_decides_from_its_own_steps_and_keeps_them(tiny_run,
     ours = load_file(str(resumed.checkpoint / "model.safetensors"))
     theirs = load_file(str(plain.checkpoint / "model.safetensors"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.slow
+def test_max_epochs_ends_the_schedule_where_the_data_has_been_seen_that_often_and_resumes_exactly(
+        tiny_run, tmp_path, monkeypatch):
+    from lmtrain.budget import epoch_steps
+    from lmtrain.data import RunData
+
+    config, run_dir = tiny_run
+    no_replanning(monkeypatch)
+    no_hard_stop(monkeypatch)
+    # A budget that pays for hundreds of steps; the epochs end it far sooner, with the decay done there.
+    sets = ["train.max_minutes=1", "train.max_steps=1000", "train.schedule=cosine", "train.eval_every=5",
+            "train.checkpoint_every=10", "train.max_epochs=0.2", "train.early_stop=0"]
+    cfg = load_config(config, sets)
+    per_step = cfg.train.batch_size * cfg.model.block_size
+    cap = epoch_steps(0.2, RunData.open(cfg).epoch_tokens, per_step)
+    assert 12 < cap < 60
+    fixed_probe(monkeypatch, Costs(step=0.05, eval=0.1, checkpoint=0.1))
+    interrupted_at(7, cfg, monkeypatch)
+    fixed_probe(monkeypatch, Costs(step=0.05, eval=0.1, checkpoint=0.1))
+    resumed = train(load_config(config, sets))
+    assert resumed.step == cap and resumed.resumed_from is not None
+    assert [h["lr"] for h in resumed.history if "lr" in h][-1] == pytest.approx(cfg.train.min_lr)
+    assert f"train.max_epochs 0.2: the run ends at step {cap}" in (run_dir / "train.log").read_text()
+    straight = tmp_path / "straight"
+    fork_run(run_dir, straight)
+    fixed_probe(monkeypatch, Costs(step=0.05, eval=0.1, checkpoint=0.1))
+    other = train(load_config(config, sets + [f"run.dir={straight}"]))
+    ours, theirs = load_file(str(resumed.checkpoint / "model.safetensors")), load_file(str(other.checkpoint / "model.safetensors"))
+    assert other.step == cap and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # Without a budget, the earlier of train.max_steps and train.max_epochs ends the run.
+    fork_run(run_dir, tmp_path / "steps")
+    unbudgeted = train(load_config(config, ["train.max_steps=1000", "train.max_epochs=0.2", "train.early_stop=0",
+                                            f"run.dir={tmp_path / 'steps'}"]))
+    assert unbudgeted.step == cap

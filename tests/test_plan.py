@@ -171,3 +171,21 @@ def test_repeated_tokens_are_worth_less_and_the_plan_shows_the_epochs():
     plan = Plan(10, "cpu", [repeated], repeated, repeated, rule, config, False)
     table = format_plan(plan)
     assert "epochs" in table.splitlines()[0] and "seen 20.0 times" in table and "more data does more" in table
+
+
+def test_a_plan_for_a_small_corpus_is_measured_and_written_with_the_small_corpus_settings(monkeypatch):
+    from lmtrain.small_data import RECIPE, SMALL_BATCH
+
+    monkeypatch.setattr(plan_module, "pace", lambda *a, **k: 0.05)  # 1,800 steps of 32 x 128 in 1.5 minutes
+    config = load_config(None, [])
+    same, note = plan_module._small_corpus(config, 1.5, 100_000_000, 4096, "cpu", "fp32")
+    assert same is config and note is None  # 0.07 epochs: the plan keeps the config's optimiser
+    small, note = plan_module._small_corpus(config, 1.5, 100_000, 4096, "cpu", "fp32")
+    assert {k: getattr(small.train, k) for k in RECIPE} == RECIPE and small.train.batch_size == SMALL_BATCH
+    assert small.train.max_minutes is None and "about 73.7 times" in note  # the budget is set on the pick later
+    assert plan_module._small_corpus(config, 1.5, None, 4096, "cpu", "fp32") == (config, None)  # no shards yet
+    rule = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.01, runs=9)
+    row = Candidate(2, 96, 3)
+    row.params = row.total_params = 400_000
+    row.step_seconds, row.steps, row.tokens, row.predicted_bpb, row.epochs = 0.05, 100, 204_800, 2.0, 2.0
+    assert note in format_plan(Plan(1.5, "cpu", [row], row, row, rule, small, False, note))

@@ -108,7 +108,7 @@ def test_a_run_stopping_early_resumes_bit_exactly(tiny_run, tmp_path, monkeypatc
 
 
 def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_told_otherwise():
-    from lmtrain.small_data import RECIPE, small_corpus_defaults
+    from lmtrain.small_data import RECIPE, SMALL_BATCH, small_corpus_defaults
 
     config = load_config(None, ["train.max_steps=100"])  # 100 x 32 x 128 = 409,600 tokens
     tokens_per_step = 32 * 128
@@ -122,6 +122,16 @@ def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_
     budget = load_config(None, ["train.max_minutes=1.5"])
     chosen, note = small_corpus_defaults(budget, 1_000_000, tokens_per_step, lambda: 0.05, None)
     assert chosen.train.optimizer == "adamw" and "about 7.4 times" in note
+    # under a budget the batch halves (more, smaller steps in the same time), unless the user chose it;
+    # a run of train.max_steps keeps the tokens per step it asked for
+    assert chosen.train.batch_size == SMALL_BATCH and f"{SMALL_BATCH} sequences a step" in note
+    assert small.train.batch_size == 32 and "sequences a step" not in small_corpus_defaults(config, 100_000, tokens_per_step, None, None)[1]
+    for told in (["train.batch_size=32"], ["train.grad_accum=1"]):
+        mine = load_config(None, ["train.max_minutes=1.5"] + told)
+        picked, note = small_corpus_defaults(mine, 1_000_000, tokens_per_step, lambda: 0.05, None)
+        assert picked.train.optimizer == "adamw" and picked.train.batch_size == 32 and "sequences" not in note
+    again, note = small_corpus_defaults(budget, 1_000_000, tokens_per_step, None, dict(RECIPE, batch_size=SMALL_BATCH))
+    assert again.train.batch_size == SMALL_BATCH and note is None  # resumed: the batch it started with
     assert small_corpus_defaults(budget, 1_000_000, tokens_per_step, None, None)[0] is budget  # cannot tell
     # resuming keeps what the run started with, whatever it would choose now
     resumed, note = small_corpus_defaults(config, 1_000_000, tokens_per_step, None, dict(RECIPE))
@@ -142,7 +152,7 @@ def test_a_small_corpus_run_says_what_it_chose_and_resumes_with_it(tiny_run):
     config.write_text(yaml.safe_dump(raw))
     first = train(load_config(config, ["train.max_steps=400", "train.eval_every=400", "train.checkpoint_every=200"]))
     log = (run_dir / "train.log").read_text()
-    assert "small corpus: the run will see its" in log and "AdamW at 0.003" in log
+    assert "small corpus: the run would see its" in log and "AdamW at 0.003" in log
     assert load_config(run_dir / "config.yaml").train.optimizer == "adamw"
     more = train(load_config(config, ["train.max_steps=420", "train.eval_every=400", "train.checkpoint_every=200"]))
     assert more.resumed_from == "step-00000400" and first.step == 400
