@@ -389,6 +389,11 @@ class BudgetKeeper:
     def state_dict(self) -> dict[str, Any] | None:
         return self.budget.to_dict() if self.budget is not None else None
 
+    @property
+    def decided(self) -> bool:
+        """Whether the run's step count is known: no budget to fit, or its decision made."""
+        return not self.fits or self.budget is not None
+
     def early_stop_state(self) -> dict[str, Any]:
         return self.early.state_dict()
 

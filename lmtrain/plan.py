@@ -28,6 +28,11 @@ config of the best one:
 
 The measured runs are on the embedded corpus with its 4096-token tokenizer: on other text the
 absolute bpb differs, and the ranking of shapes is what the plan relies on.
+
+When the run's shards exist, a corpus the budget would repeat many times gets what `train` would
+give it (``lmtrain.small_data``: its optimiser, batch and ``train.max_epochs``) before anything is
+measured, each shape's steps stop at that many epochs, and its tokens count for what repeats are
+worth (``effective_tokens``).
 """
 
 from __future__ import annotations

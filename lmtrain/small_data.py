@@ -2,19 +2,20 @@
 
 The embedded default trains with Muon at rates tuned on the 12 MB standard-library corpus, less
 than one epoch in its time. On a small corpus the same settings fit the training text fast and
-then memorise it: measured on 0.5-1 MB corpora at 1.5 minutes (docs/performance.md), the default
-reached its best val bpb early and ended 8-22% above it, 7% behind a plain transformers Trainer
-(AdamW 3e-3, cosine to 0) on prose, while lmtrain itself with that recipe ends ~1% ahead of the
-Trainer on prose and code, its last checkpoint its best. So when the run
-will see its training tokens more than ``SMALL_CORPUS_EPOCHS`` times, and the user chose none of the
-optimiser's settings, the run trains with that recipe and says so. The choice is made once: a
-resumed run keeps the settings its checkpoint was trained with.
+then memorise it: measured on 0.5-1 MB corpora (docs/performance.md), the default reached its best
+val bpb early and ended 8-22% above it, 7% behind a plain transformers Trainer (AdamW 3e-3, cosine
+to 0). So when the run would see its training tokens more than ``SMALL_CORPUS_EPOCHS`` times, and
+the user chose none of the optimiser's settings, the run trains with that optimiser recipe, with
+``SMALL_BATCH`` sequences a step under a time budget, and ends at ``MAX_EPOCHS``; it says so in one
+line (docs/performance.md compares it with the Trainer). The choice is made once: a resumed run
+keeps the settings its checkpoint was trained with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Callable
 
 from lmtrain.config import Config
@@ -34,6 +35,15 @@ BATCH_KEYS = ("train.batch_size", "train.grad_accum")
 # worth at R* = 15.4 repetitions) and a small model memorises: a schedule that runs on decays from
 # a point already past the best. So the run ends at 16 epochs unless the config sets its length.
 MAX_EPOCHS = 16.0
+# The peak rate for the run's length: 3e-3 was the best of 2e-3-4e-3 over ~800 steps of 16
+# sequences, 1e-3 the best of 1e-3-3e-3 over ~2,200 (docs/performance.md), about lr x steps =
+# constant between them; no lower than 1e-3, the lowest rate measured.
+LONGEST_AT_PEAK, LOWEST_LR = 800, 1e-3
+
+
+def recipe_lr(steps: float) -> float:
+    """The small-corpus recipe's peak learning rate for a run of ``steps`` steps."""
+    return min(RECIPE["lr"], max(LOWEST_LR, RECIPE["lr"] * LONGEST_AT_PEAK / max(steps, 1.0)))
 
 
 def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,
@@ -78,12 +88,17 @@ def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: i
         chosen["batch_size"] = SMALL_BATCH
     if own_length and epochs > MAX_EPOCHS:
         chosen["max_epochs"] = MAX_EPOCHS
+    # the steps it will take: its epochs (up to the cap) at the tokens per step it will train with
+    passes = min(epochs, chosen.get("max_epochs", math.inf))
+    steps = passes * unique_tokens / (tokens_per_step * chosen.get("batch_size", tc.batch_size) / tc.batch_size)
+    chosen["lr"] = recipe_lr(steps)
     train = dataclasses.replace(tc, **chosen)
     train.check()
     batch = f", {SMALL_BATCH} sequences a step" if "batch_size" in chosen else ""
     length = (f", ending after {MAX_EPOCHS:g} passes (repeats past that are worth little)"
               if "max_epochs" in chosen else "")
     note = (f"small corpus: the run would see its {unique_tokens:,} training tokens about {epochs:.1f} times, so it "
-            f"trains with AdamW at {RECIPE['lr']:g}, cosine to {RECIPE['min_lr']:g}{batch}{length} (the default's "
-            "Muon memorises a small corpus; docs/performance.md); set train.optimizer or train.lr to choose otherwise")
+            f"trains with AdamW at {chosen['lr']:.2g} (for ~{steps:,.0f} steps), cosine to {RECIPE['min_lr']:g}{batch}"
+            f"{length} (the default's Muon memorises a small corpus; docs/performance.md); set train.optimizer or "
+            "train.lr to choose otherwise")
     return dataclasses.replace(config, train=train), note

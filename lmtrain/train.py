@@ -428,7 +428,9 @@ class Trainer:
                 log.info("%s", note)
             keeper.start(state, self.batches)
             metrics.set_total(keeper.schedule.max_steps)
-            metrics.announce_epochs(keeper.schedule.max_steps)
+            announced = keeper.decided  # (a budget decided from the run's own first steps: say it then)
+            if announced:
+                metrics.announce_epochs(keeper.schedule.max_steps)
             clock = RunClock(state.train_seconds)
             while state.step < keeper.schedule.max_steps:
                 began = time.perf_counter()
@@ -436,6 +438,9 @@ class Trainer:
                 state.train_seconds = clock.now()
                 if keeper.after_step(state, time.perf_counter() - began, clock, start_step):
                     metrics.set_total(keeper.schedule.max_steps)
+                    if not announced:
+                        metrics.announce_epochs(keeper.schedule.max_steps)
+                        announced = True
                 stop = self._stop_reason(signals)
                 self._evaluate_and_save(stop is not None, clock, metrics)
                 if stop == "max_minutes" and self.info.is_main:

@@ -303,7 +303,9 @@ def test_max_epochs_ends_the_schedule_where_the_data_has_been_seen_that_often_an
     resumed = train(load_config(config, sets))
     assert resumed.step == cap and resumed.resumed_from is not None
     assert [h["lr"] for h in resumed.history if "lr" in h][-1] == pytest.approx(cfg.train.min_lr)
-    assert f"train.max_epochs 0.2: the run ends at step {cap}" in (run_dir / "train.log").read_text()
+    log_text = (run_dir / "train.log").read_text()
+    assert f"train.max_epochs 0.2: the run ends at step {cap}" in log_text
+    assert f"; {cap} steps of" in log_text  # the epochs are announced once the budget has decided the steps
     straight = tmp_path / "straight"
     fork_run(run_dir, straight)
     fixed_probe(monkeypatch, Costs(step=0.05, eval=0.1, checkpoint=0.1))

@@ -108,7 +108,7 @@ def test_a_run_stopping_early_resumes_bit_exactly(tiny_run, tmp_path, monkeypatc
 
 
 def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_told_otherwise():
-    from lmtrain.small_data import RECIPE, SMALL_BATCH, small_corpus_defaults
+    from lmtrain.small_data import LOWEST_LR, RECIPE, SMALL_BATCH, recipe_lr, small_corpus_defaults
 
     config = load_config(None, ["train.max_steps=100"])  # 100 x 32 x 128 = 409,600 tokens
     tokens_per_step = 32 * 128
@@ -125,6 +125,9 @@ def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_
     # under a budget the batch halves (more, smaller steps in the same time), unless the user chose it;
     # a run of train.max_steps keeps the tokens per step it asked for
     assert chosen.train.batch_size == SMALL_BATCH and f"{SMALL_BATCH} sequences a step" in note
+    # a longer run peaks lower: 7.4 epochs of 1M tokens at 16 x 128 are ~3,600 steps
+    assert chosen.train.lr == recipe_lr(3600) == LOWEST_LR and "for ~3,600 steps" in note
+    assert recipe_lr(500) == RECIPE["lr"] > recipe_lr(1200) > recipe_lr(2000) > recipe_lr(1e5) == LOWEST_LR
     assert small.train.batch_size == 32 and "sequences a step" not in small_corpus_defaults(config, 100_000, tokens_per_step, None, None)[1]
     for told in (["train.batch_size=32"], ["train.grad_accum=1"]):
         mine = load_config(None, ["train.max_minutes=1.5"] + told)
