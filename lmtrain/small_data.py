@@ -49,7 +49,8 @@ def recipe_lr(steps: float) -> float:
 def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,
                    step_seconds: Callable[[], float] | None) -> float | None:
     """How many times the run will see its ``unique_tokens``: from ``train.max_steps``, or under
-    ``train.max_minutes`` from the pace ``step_seconds()`` measures (None when it cannot tell)."""
+    ``train.max_minutes`` from the pace ``step_seconds()`` measures, and no more than
+    ``train.max_epochs`` (None when it cannot tell)."""
     tc = config.train
     if not unique_tokens:
         return None
