@@ -372,7 +372,9 @@ def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: fl
     the training split's, repeated tokens count for less: ``effective_tokens``). The lowest bpb
     wins if it beats the config's own shape by more than the rule's error; otherwise the config's
     shape stays (a toss-up is no reason to leave a shape the user chose, or the default we measured)."""
-    tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.block_size
+    from lmtrain.step import tokens_per_step as step_tokens
+
+    tokens_per_step = step_tokens(config)
     cap = epoch_steps(config.train.max_epochs, unique_tokens, tokens_per_step)
     for row in rows:
         row.steps = fitted_steps(config, row, minutes)  # the shape changes no train.* setting
@@ -454,12 +456,12 @@ def _small_corpus(config: Config, minutes: float, unique_tokens: int | None, voc
     decided before the candidates are measured, so that they are measured as they will train. The
     written config names every key, so `train` keeps what the plan chose rather than deciding again."""
     from lmtrain.small_data import small_corpus_defaults
+    from lmtrain.step import tokens_per_step
 
     if not unique_tokens:
         return config, None
     timed = replace(config, train=replace(config.train, max_minutes=minutes, fit_to_budget=True))
-    tc = timed.train
-    chosen, note = small_corpus_defaults(timed, unique_tokens, tc.batch_size * tc.grad_accum * timed.model.block_size,
+    chosen, note = small_corpus_defaults(timed, unique_tokens, tokens_per_step(timed),
                                          lambda: pace(timed, vocab_size, device, precision), None)
     if note is None:
         return config, None
