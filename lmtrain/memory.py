@@ -102,6 +102,7 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     adapters only. FSDP (``train.parallel: fsdp``) divides weights, gradients and optimiser state
     by the number of processes and adds what it gathers whole (``_sharded``).
     """
+    from lmtrain.loss import rows_per_chunk
     from lmtrain.model import GPT, GPTConfig
     from lmtrain.optim import muon_matrices
 
@@ -126,6 +127,9 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     activations += tokens * 4 * c.n_embd * 2  # embeddings and the final norm, fp32
     if not chunked_loss:
         activations += tokens * model_config.padded_vocab_size * (a + 4 + 4)
+    else:  # one chunk's fp32 logits and softmax, and the head's gradient, held from forward to backward
+        rows = min(tokens, rows_per_chunk(vocab_size))
+        activations += rows * model_config.padded_vocab_size * 8 + 4 * model_config.padded_vocab_size * c.n_embd
     optimizer = 8 * trained if tc.optimizer == "adamw" else 8 * (trained - matrices) + 4 * matrices
     if sharded_run(tc, world_size):
         return _sharded(model, params, optimizer, a, world_size, int(activations))

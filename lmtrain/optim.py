@@ -30,7 +30,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device):
-    """AdamW over ``param_groups`` (fused kernels on CUDA); with ``train.optimizer: muon``, Muon for
+    """AdamW over ``param_groups`` (fused kernels); with ``train.optimizer: muon``, Muon for
     the block matrices and AdamW for the rest (``MuonWithAdamW``)."""
     if tc.optimizer == "muon":
         return MuonWithAdamW(model, tc, device)
@@ -38,7 +38,12 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
 
 
 def _adamw(groups: list[dict[str, Any]], tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    # The fused kernel on a CPU too: one pass over each parameter's state instead of the foreach
+    # path's dozen (135M parameters: 70 ms a step against 230-470 ms on a 2-core CPU). Sharded
+    # (FSDP) parameters keep the foreach path, which DTensor runs everywhere.
+    sharded = any(is_dtensor(p) for g in groups for p in g["params"])
+    fused = device.type in ("cuda", "cpu") and not sharded
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A real model's shape in lmtrain against transformers: SmolLM2-135M (random weights, its config).
 
-    python scripts/bench_real_models.py [--steps 3] [--batch 2] [--seq 256] [--new-tokens 64] [--threads 2]
+    python scripts/bench_real_models.py [--steps 3] [--rounds 2] [--batch 2] [--seq 256] [--new-tokens 64] [--threads 2]
 
 Builds ``LlamaForCausalLM`` from SmolLM2-135M's config (30 layers, width 576, 9 heads over 3
 key/value heads, MLP 1536, vocabulary 49,152, tied, rms_norm_eps 1e-5, rope_theta 1e5) with random
@@ -9,9 +9,12 @@ weights, saves it with a small byte-level tokenizer, and loads it through ``mode
 user would. Then, in one process, at the same batch, sequence length and thread count:
 
 - training tokens/s: lmtrain's step (``build_training``: forward, backward, clipping, AdamW; full
-  fine-tuning and LoRA rank 8 on q, k, v, o) against transformers' forward + backward + AdamW;
+  fine-tuning and LoRA rank 8 on q, k, v, o) against transformers' forward + backward + AdamW
+  (fused, the Trainer's default), in interleaved rounds;
 - decoding tokens/s at batch 1: lmtrain's cached decoder (eager, and compiled ahead of time as
   ``lmtrain sample --compile`` does) against transformers' greedy ``generate``;
+- the bound on batch-1 decoding in fp32: one matrix-vector product with every weight matrix, as a
+  decoded token needs, timed alone (the model's bytes over the machine's memory bandwidth);
 - the peak resident memory of loading the model for sampling (``--model``), in a fresh process.
 
 Targets (issue 33): training >= 1.2x transformers, decoding >= 2x with --compile. Prints a table
@@ -62,6 +65,8 @@ def tokens_per_second(step, tokens: int, steps: int) -> float:
 
 
 def bench_training(directory: Path, args) -> dict:
+    """Tokens/s of each training step, measured in ``args.rounds`` interleaved rounds (lmtrain full,
+    LoRA, transformers; again), so that a drift in the machine's pace favours none; the mean."""
     import transformers
 
     from lmtrain.config import load_config
@@ -74,7 +79,7 @@ def bench_training(directory: Path, args) -> dict:
     device = torch.device("cpu")
     tokens = args.batch * args.seq
     batches = SyntheticBatches(2048, args.batch, args.seq, device)
-    out = {}
+    steps = {}
     for name, extra in (("lmtrain full", []), ("lmtrain LoRA r8", ["train.lora_rank=8"])):
         config = resolve(load_config(None, [f"model.init_from={directory}", f"model.block_size={args.seq}",
                                             f"train.batch_size={args.batch}", "train.grad_accum=1",
@@ -88,11 +93,11 @@ def bench_training(directory: Path, args) -> dict:
             i = next(step)
             training.runner.run(i, batches, lr_at(i, schedule))
 
-        out[name] = tokens_per_second(run_step, tokens, args.steps)
-        del training
+        steps[name] = run_step
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    # The fused kernel, as transformers' Trainer uses by default with torch >= 2.8 (adamw_torch_fused).
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
 
     def hf_step():
         x, y = batches.get(0, 0)
@@ -103,8 +108,12 @@ def bench_training(directory: Path, args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    out["transformers full"] = tokens_per_second(hf_step, tokens, args.steps)
-    return out
+    steps["transformers full"] = hf_step
+    measured = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            measured[name].append(tokens_per_second(step, tokens, args.steps))
+    return {name: sum(values) / len(values) for name, values in measured.items()}
 
 
 def bench_decoding(directory: Path, args) -> dict:
@@ -132,6 +141,27 @@ def bench_decoding(directory: Path, args) -> dict:
     return out
 
 
+def decoding_bound(directory: Path) -> float:
+    """Tokens/s if a token cost nothing but one fp32 matrix-vector product with each weight matrix of
+    the model (every byte of the weights read once): what no batch-1 decoder of these weights beats."""
+    from lmtrain.inference import load_model
+
+    model = load_model(directory).model
+    matrices = [p.detach() for p in model.parameters() if p.dim() == 2]
+    vectors = {m.size(1): torch.randn(1, m.size(1)) for m in matrices}
+
+    def read_all():
+        for m in matrices:
+            torch.mm(vectors[m.size(1)], m.t())
+
+    for _ in range(3):
+        read_all()
+    start = time.perf_counter()
+    for _ in range(10):
+        read_all()
+    return 10 / (time.perf_counter() - start)
+
+
 def load_rss(directory: Path) -> float:
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak at fork.
     code = ("import re, sys; from pathlib import Path; from lmtrain.inference import load_model; "
@@ -144,6 +174,7 @@ def load_rss(directory: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved training rounds (ABAB)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -155,14 +186,18 @@ def main() -> None:
         make_model(directory)
         training = bench_training(directory, args)
         decoding = bench_decoding(directory, args)
+        bound = decoding_bound(directory)
         rss = load_rss(directory)
     print(f"SmolLM2-135M shape, random weights; CPU, {args.threads} threads, batch {args.batch} x {args.seq}")
     for name, value in training.items():
         print(f"  train {name:22s} {value:10,.0f} tokens/s  ({value / training['transformers full']:.2f}x transformers)")
     for name, value in decoding.items():
         print(f"  decode {name:21s} {value:10,.1f} tokens/s  ({value / decoding['transformers generate']:.2f}x transformers)")
+    print(f"  decode bound: every weight read once (fp32 matrix-vector products) {bound:10,.1f} tokens/s  "
+          f"({bound / decoding['transformers generate']:.2f}x transformers)")
     print(f"  peak RSS of loading it (--model): {rss:,.0f} MB")
-    print(json.dumps({"training_tokens_per_sec": training, "decoding_tokens_per_sec": decoding, "load_peak_rss_mb": rss,
+    print(json.dumps({"training_tokens_per_sec": training, "decoding_tokens_per_sec": decoding,
+                      "decoding_bound_tokens_per_sec": bound, "load_peak_rss_mb": rss,
                       "threads": args.threads, "batch": args.batch, "seq": args.seq}))
 
 

@@ -110,6 +110,7 @@ def test_chunked_loss_equals_the_standard_loss_and_gradients(tie, monkeypatch):
     from lmtrain import loss as loss_module
 
     monkeypatch.setattr(loss_module, "CE_CHUNK_ELEMENTS", 301 * 7)  # several chunks, a ragged last one
+    monkeypatch.setattr(loss_module, "CE_MIN_CHUNK_ROWS", 5)
     model = tiny(tie_embeddings=tie)
     idx, targets = torch.randint(0, 301, (3, 16)), torch.randint(0, 301, (3, 16))
     logits_none, fused = model(idx, targets, loss_fn=loss_module.training_loss_fn(torch.device("cpu")))

@@ -97,7 +97,7 @@ def test_greedy_replies_equal_lmtrain_chat_and_streams_concatenate_to_them(serve
 
 
 @pytest.mark.slow
-def test_eight_concurrent_clients_are_decoded_together_and_faster_than_in_a_row(server):
+def test_eight_concurrent_clients_are_decoded_together_in_fewer_steps_than_in_a_row(server):
     srv, base = server
     long = dict(max_tokens=48, temperature=1.0, seed=3)  # sampled replies run long: the batch stays full
 
@@ -105,17 +105,18 @@ def test_eight_concurrent_clients_are_decoded_together_and_faster_than_in_a_row(
         return client(base).chat.completions.create(model="swap", messages=[{"role": "user", "content": prompt}],
                                                     **long).usage.completion_tokens
 
-    start = time.perf_counter()
+    # Counted in batched decoding steps, not seconds (a busy CI machine makes wall time noise; the
+    # speed itself is scripts/bench_chat.py's): eight together take far fewer steps than in a row.
+    steps = srv.engine.steps
     in_a_row = [one(p) for p in PROMPTS]
-    sequential = time.perf_counter() - start
+    sequential, steps = srv.engine.steps - steps, srv.engine.steps
     srv.engine.max_batch = 0
-    start = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(one, PROMPTS))
-    concurrent = time.perf_counter() - start
+    concurrent = srv.engine.steps - steps
     assert together == in_a_row  # same seeds, same replies, batched or not
     assert srv.engine.max_batch >= 4
-    assert concurrent < sequential, (concurrent, sequential)
+    assert concurrent < sequential / 2, (concurrent, sequential)
 
 
 def post(base: str, path: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
