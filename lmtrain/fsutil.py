@@ -118,12 +118,16 @@ def staging_dir(path: Path) -> Path:
 
 
 def seal_staging(tmp: Path) -> None:
-    """A filled staging directory, made durable and unmarked, ready to be renamed into place."""
-    (tmp / STAGING_MARK).unlink(missing_ok=True)
+    """A filled staging directory, made durable and unmarked, ready to be renamed into place.
+
+    The mark goes last, after the files' fsyncs (which take a while for large weights): a writer
+    killed before it is gone leaves a marked directory that the next run may remove, and only the
+    moment between the unlink and the rename leaves an unmarked one."""
     for child in tmp.iterdir():
-        if child.is_file():
+        if child.is_file() and child.name != STAGING_MARK:
             with open(child, "rb") as f:
                 os.fsync(f.fileno())
+    (tmp / STAGING_MARK).unlink(missing_ok=True)
     fsync_dir(tmp)
 
 

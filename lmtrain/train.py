@@ -162,7 +162,11 @@ def train(config: Config, restart: bool = False) -> TrainResult:
     lock = hold_run_dir(config.run_dir, "train") if info.is_main else contextlib.nullcontext()
     try:
         with lock:
-            return _setup(config, restart, info, device).fit()
+            result = _setup(config, restart, info, device).fit()
+        # All ranks leave together: a rank tearing the process group down while another still
+        # writes its last checkpoint or sample has aborted in gloo ("terminate called ...").
+        dist_util.barrier(info)
+        return result
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise out_of_memory(config, exc) from None
     except RuntimeError as exc:
