@@ -31,8 +31,9 @@ absolute bpb differs, and the ranking of shapes is what the plan relies on.
 
 When the run's shards exist, a corpus the budget would repeat many times gets what `train` would
 give it (``lmtrain.small_data``: its optimiser, batch and ``train.max_epochs``) before anything is
-measured, each shape's steps stop at that many epochs, and its tokens count for what repeats are
-worth (``effective_tokens``).
+measured, each shape's steps stop at that many epochs, and its tokens and parameters count for
+what they are worth when the data repeats (``Repetition``: Muennighoff et al. 2023's form, its
+constants fitted on our runs on small corpora, scripts/bench_small_corpus.py --grid).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -158,6 +159,110 @@ def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, flo
                 if error < best_error:
                     best, best_error = tuple(float(c) for c in full), error
     return best
+
+
+def _repeated(amount: float, useful: float, decay: float) -> float:
+    """``amount`` counted as what it is worth past ``useful``: U + U R* (1 - exp(-R / R*)) with
+    R = amount / U - 1 (Muennighoff et al. 2023, eq. 5-6)."""
+    if amount <= useful:
+        return amount
+    repeats = amount / useful - 1
+    return useful + useful * decay * (1 - math.exp(-repeats / decay))
+
+
+@dataclass(frozen=True)
+class Repetition:
+    """What repeated data is worth: the data-constrained form of Muennighoff et al. (2023),
+    "Scaling Data-Constrained Language Models" (eq. 5-6). With U unique training tokens, tokens
+    seen past the first pass count for less, D' = U + U R_D* (1 - exp(-R_D / R_D*)); and
+    parameters past what U can use, U_N = U / ``tokens_per_param``, count for less the same way,
+    N' = U_N + U_N R_N* (1 - exp(-R_N / R_N*)). The paper's constants are R_D* = 15.4, R_N* = 5.3
+    and Chinchilla's ~20 tokens per parameter; ``ours`` fits them on our small-corpus runs."""
+
+    tokens_decay: float = 15.4  # R_D*
+    params_decay: float = 5.3  # R_N*
+    tokens_per_param: float = 20.0
+    loo_error: float | None = None  # leave-one-out error of the fit on our runs, in bpb
+    runs: int = 0  # the runs it is fitted on (0: the paper's constants)
+
+    def tokens(self, seen: float, unique: float | None) -> float:
+        """D' for ``seen`` tokens of ``unique`` (``seen`` itself when the data does not repeat)."""
+        return seen if not unique else _repeated(seen, unique, self.tokens_decay)
+
+    def params(self, params: float, unique: float | None) -> float:
+        """N' for ``params`` (``rule_params``) trained on ``unique`` tokens."""
+        return params if not unique else _repeated(params, unique / self.tokens_per_param, self.params_decay)
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def ours(cls) -> "Repetition":
+        """Fitted on our small-corpus runs (``scaling_points.json``'s "repetition" points, from
+        scripts/bench_small_corpus.py --grid) against the AdamW rule: the small-corpus recipe trains AdamW."""
+        section = json.loads(POINTS_FILE.read_text("utf-8")).get("repetition")
+        if not section or not section["points"]:
+            return cls()
+        return fit_repetition(section["points"], ScalingRule.ours("adamw"))
+
+
+# The constants a fit searches: wide enough to hold the paper's and values far on either side.
+TOKENS_DECAYS = np.geomspace(1.0, 100.0, 29)
+PARAMS_DECAYS = np.geomspace(0.25, 100.0, 27)
+TOKENS_PER_PARAMS = np.geomspace(0.02, 50.0, 35)
+
+
+def fit_repetition(points: list[dict], rule: ScalingRule, leave_one_out: bool = True) -> Repetition:
+    """R_D*, R_N* and the tokens per parameter of U_N, fitted on ``points`` ({"corpus", "params"
+    (non-embedding), "n_embd", "tokens", "unique_tokens", "val_bpb"}) with the rule's A and B as
+    they are and an entropy E of each corpus's own (corpora differ in how predictable they are;
+    the rule ranks shapes on one): the grid point of least squared error."""
+    n = np.array([rule_params(p["params"], p["n_embd"]) for p in points], dtype=float)
+    d = np.array([p["tokens"] for p in points], dtype=float)
+    u = np.array([p["unique_tokens"] for p in points], dtype=float)
+    bpb = np.array([p["val_bpb"] for p in points], dtype=float)
+    corpora = sorted({p["corpus"] for p in points})
+    member = np.array([[p["corpus"] == c for p in points] for c in corpora], dtype=float)  # (corpora, points)
+    grid = np.stack(np.meshgrid(TOKENS_DECAYS, PARAMS_DECAYS, TOKENS_PER_PARAMS, indexing="ij"), -1).reshape(-1, 3)
+    rd, rn, k = grid[:, :1], grid[:, 1:2], grid[:, 2:]
+    d_worth = _repeated_array(d, u, rd)
+    n_worth = _repeated_array(n, u / k, rn)
+    residual = bpb - rule.a * (n_worth / 1e6) ** -ALPHA - rule.b * (d_worth / 1e6) ** -BETA  # (grid, points)
+
+    def best(use: np.ndarray) -> tuple[int, np.ndarray]:
+        """The grid index of least error on the points in ``use``, and each corpus's E there."""
+        counts = np.maximum(member[:, use].sum(1), 1)
+        entropy = residual[:, use] @ member[:, use].T / counts  # (grid, corpora)
+        error = ((residual[:, use] - entropy @ member[:, use]) ** 2).sum(1)
+        i = int(np.argmin(error))
+        return i, entropy[i]
+
+    everything = np.ones(len(points), dtype=bool)
+    i, _ = best(everything)
+    loo = None
+    if leave_one_out and len(points) > len(corpora) + 3:
+        errors = []
+        for j in range(len(points)):
+            rest = everything.copy()
+            rest[j] = False
+            g, entropy = best(rest)
+            errors.append(residual[g, j] - entropy @ member[:, j])
+        loo = float(np.sqrt(np.mean(np.square(errors))))
+    return Repetition(*(float(v) for v in grid[i]), loo_error=loo, runs=len(points))
+
+
+def _repeated_array(amount: np.ndarray, useful: np.ndarray, decay: np.ndarray) -> np.ndarray:
+    """``_repeated`` over a grid of decays (rows) and points (columns)."""
+    repeats = np.maximum(amount / useful - 1, 0)
+    return np.where(amount <= useful, amount, useful + useful * decay * (1 - np.exp(-repeats / decay)))
+
+
+def effective_tokens(tokens: float, unique: float | None) -> float:
+    """Tokens seen, counted as what they are worth when the data repeats (``Repetition.tokens``
+    with the paper's R_D* = 15.4): a few epochs are worth nearly as much as fresh data, forty
+    little more than fifteen."""
+    return Repetition().tokens(tokens, unique)
+
+
+REPEAT_DECAY = Repetition.tokens_decay  # R_D* of Muennighoff et al. (2023)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,32 +454,20 @@ class Plan:
     config: Config  # the picked shape, with train.max_minutes set
     warmup_capped: bool
     small_corpus: str | None = None  # what the small-corpus settings changed, when they apply
-
-
-def effective_tokens(tokens: float, unique: float | None) -> float:
-    """Tokens seen, counted as what they are worth when the data repeats (Muennighoff et al. 2023,
-    "Scaling Data-Constrained Language Models", eq. 5): D' = U + U R* (1 - exp(-R / R*)), with U
-    the unique tokens, R = tokens / U - 1 the repetitions and R* = 15.4 the paper's fitted
-    constant (not refitted on our runs): a few epochs are worth nearly as much as fresh data,
-    forty little more than fifteen."""
-    if not unique or tokens <= unique:
-        return tokens
-    repeats = tokens / unique - 1
-    return unique + unique * REPEAT_DECAY * (1 - math.exp(-repeats / REPEAT_DECAY))
-
-
-REPEAT_DECAY = 15.4  # R_D* of Muennighoff et al. (2023)
+    repetition: Repetition = field(default_factory=lambda: Repetition.ours())  # what repeats are worth
 
 
 def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: float,
-           unique_tokens: int | None = None) -> tuple[Candidate, list[Candidate]]:
+           unique_tokens: int | None = None, repetition: Repetition | None = None) -> tuple[Candidate, list[Candidate]]:
     """Fill in each measured candidate's steps, tokens and predicted bpb (with ``unique_tokens``,
-    the training split's, repeated tokens count for less: ``effective_tokens``). The lowest bpb
+    the training split's, repeated tokens and parameters past what they can use count for less:
+    ``repetition``, by default ``Repetition.ours()``). The lowest bpb
     wins if it beats the config's own shape by more than the rule's error; otherwise the config's
     shape stays (a toss-up is no reason to leave a shape the user chose, or the default we measured)."""
     from lmtrain.step import tokens_per_step as step_tokens
 
     tokens_per_step = step_tokens(config)
+    repetition = repetition or Repetition.ours()
     cap = epoch_steps(config.train.max_epochs, unique_tokens, tokens_per_step)
     for row in rows:
         row.steps = fitted_steps(config, row, minutes)  # the shape changes no train.* setting
@@ -383,8 +476,9 @@ def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: fl
         row.tokens = row.steps * tokens_per_step
         row.epochs = row.tokens / unique_tokens if unique_tokens else None
         warm = row.steps > config.train.warmup_steps
-        worth = effective_tokens(row.tokens, unique_tokens)
-        row.predicted_bpb = rule.predict(row.rule_params, worth) if warm and row.steps > 0 else math.inf
+        tokens_worth = repetition.tokens(row.tokens, unique_tokens)
+        params_worth = repetition.params(row.rule_params, unique_tokens)
+        row.predicted_bpb = rule.predict(params_worth, tokens_worth) if warm and row.steps > 0 else math.inf
     usable = [row for row in rows if math.isfinite(row.predicted_bpb)]
     if not usable:
         raise ConfigError(f"in {minutes:g} minutes no candidate gets past train.warmup_steps "
@@ -394,9 +488,19 @@ def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: fl
     # The rule is off by ~loo_error on each of the two shapes, and a CPU's timings by 20-40%, so a
     # predicted gain smaller than the error of their difference says nothing (picks inside it
     # lost to the config's own shape; docs/speedrun.md).
-    if configured is not None and best.predicted_bpb > configured.predicted_bpb - rule.difference_error:
+    if configured is not None and best.predicted_bpb > configured.predicted_bpb - toss_up(rule, repetition, rows):
         return configured, rows
     return best, rows
+
+
+def toss_up(rule: ScalingRule, repetition: Repetition, rows: list[Candidate]) -> float:
+    """How much better than the config's shape another must be predicted to be picked: the error of
+    a difference of two predictions, each off by the rule's leave-one-out error and, when the rows
+    repeat their data, by the repetition fit's as well (on small corpora shapes rank less
+    predictably: docs/performance.md)."""
+    repeats = any(row.epochs is not None and row.epochs > 1 for row in rows)
+    extra = (repetition.loo_error or 0.0) if repeats else 0.0
+    return math.sqrt(2) * math.hypot(rule.loo_error, extra)
 
 
 def _configured(config: Config, rows: list[Candidate]) -> Candidate | None:
@@ -438,7 +542,8 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     rule = ScalingRule.ours(config.train.optimizer)
     rows = candidates(config)
     measure(config, rows, vocab_size, device, precision, progress=progress)
-    pick, rows = choose(config, rows, rule, minutes, unique_tokens)
+    repetition = Repetition.ours()
+    pick, rows = choose(config, rows, rule, minutes, unique_tokens, repetition)
     configured = _configured(config, rows)
     picked = shaped(config, pick)
     warmup = min(config.train.warmup_steps, max(1, pick.steps // 2))  # the warmup must end mid-run at the latest
@@ -447,7 +552,7 @@ def make_plan(config: Config, minutes: float, progress: bool = True) -> Plan:
     suffix = f"-{pick.n_layer}x{pick.n_embd}-{minutes:g}min"
     picked = replace(picked, run=replace(picked.run, name=config.run.name + suffix, dir=str(config.run_dir) + suffix))
     return Plan(minutes, f"{device} ({precision})", rows, pick, configured, rule, picked,
-                warmup != config.train.warmup_steps, small_corpus)
+                warmup != config.train.warmup_steps, small_corpus, repetition)
 
 
 def _small_corpus(config: Config, minutes: float, unique_tokens: int | None, vocab_size: int, device,
@@ -509,8 +614,9 @@ def format_plan(plan: Plan) -> str:
                  f"parameters with the embedding table at {RULE_VOCAB} tokens, D tokens, in millions), fitted on "
                  f"{rule.runs} measured {rule.optimizer} runs; compute-optimal here ~{rule.tokens_per_param(flops):.0f} "
                  f"tokens per parameter (prior {PRIOR_TOKENS_PER_PARAM:.0f})")
-    lines.append(f"error: predictions are off by ~{rule.loo_error:.3f} bpb (leave-one-out, on our runs), a difference "
-                 f"of two by ~{rule.difference_error:.3f}: shapes closer than that are a toss-up")
+    margin = toss_up(rule, plan.repetition, plan.rows)
+    lines.append(f"error: predictions are off by ~{margin / math.sqrt(2):.3f} bpb (leave-one-out, on our runs), a "
+                 f"difference of two by ~{margin:.3f}: shapes closer than that are a toss-up")
     if plan.config.train.optimizer != rule.optimizer:
         # Another optimizer's rule is off in absolute terms and in its picks (docs/speedrun.md).
         lines.append(f"note: the rule is fitted on {rule.optimizer} runs and this config trains with "
@@ -518,14 +624,21 @@ def format_plan(plan: Plan) -> str:
                      "shape is worth a run beside it before you trust it")
     if epochs:
         lines.append(f"data: the run's {_unique_count(plan.pick.tokens / plan.pick.epochs)} training tokens are seen "
-                     f"{plan.pick.epochs:.1f} times by the pick; repeated tokens count as worth less (Muennighoff et al. "
-                     f"2023, R* = {REPEAT_DECAY})" + ("; past a few epochs, more data does more than more steps"
-                                                      if plan.pick.epochs > 4 else ""))
+                     f"{plan.pick.epochs:.1f} times by the pick; {_repetition_line(plan.repetition)}"
+                     + ("; past a few epochs, more data does more than more steps" if plan.pick.epochs > 4 else ""))
     if plan.small_corpus:
         lines.append(plan.small_corpus)
     if plan.warmup_capped:
         lines.append(f"train.warmup_steps lowered to {plan.config.train.warmup_steps} (half the planned steps)")
     return "\n".join(lines)
+
+
+def _repetition_line(repetition: Repetition) -> str:
+    source = (f"fitted on {repetition.runs} of our small-corpus runs, off by ~{repetition.loo_error:.3f} bpb"
+              if repetition.runs else "the paper's constants")
+    return (f"repeated tokens, and parameters past {1 / repetition.tokens_per_param:.2g} per unique token, count as "
+            f"worth less (Muennighoff et al. 2023: R_D* = {repetition.tokens_decay:.3g}, R_N* = "
+            f"{repetition.params_decay:.3g}, {source})")
 
 
 def _unique_count(n: float) -> str:
@@ -541,7 +654,8 @@ def _why(plan: Plan) -> str:
     if best is pick:
         return f"the config's own shape, the lowest predicted val bpb ({pick.predicted_bpb:.3f})"
     return (f"the config's own shape ({pick.predicted_bpb:.3f}): the best prediction, {best.shape}'s "
-            f"{best.predicted_bpb:.3f}, beats it by less than the error of a difference ({rule.difference_error:.3f})")
+            f"{best.predicted_bpb:.3f}, beats it by less than the error of a difference "
+            f"({toss_up(rule, plan.repetition, plan.rows):.3f})")
 
 
 def write_plan(plan: Plan, out: Path, force: bool) -> None:

@@ -18,6 +18,17 @@ Per round, in this order (ABAB over rounds, one machine, one run at a time):
   same sampler, seed and batch: 32 x 128), AdamW, cosine with 5% warmup, weight decay 0.1, fp32, for
   the same wall time: its step count is planned from a measured pace and the clock cuts it.
 
+``--grid CORPUS:SHAPES:EPOCHS`` (repeatable) instead trains the runs ``lmtrain plan``'s
+data-constrained rule is fitted on (``lmtrain.plan.Repetition``, points in
+``lmtrain/scaling_points.json``): each shape for a fixed number of passes over the corpus, with
+what a plan's config trains with on a small corpus (``lmtrain.small_data``: AdamW at
+``recipe_lr`` for its steps, cosine to 0, 16 sequences a step, the default's early stopping and
+best checkpoint), one JSON line each: non-embedding parameters, unique tokens, the tokens its
+schedule was planned for (what the plan predicts from; early stopping may end it sooner), and the
+val bpb of its best and last checkpoints (``lmtrain eval``'s). ``--fit FILE`` fits the constants
+on such lines (``lmtrain.plan.fit_repetition``). The grid of 2026-12-07 was
+``--grid prose:2x64,2x96,3x128,3x192:4,8,16 --grid code:2x64,2x96,3x128:4,16``.
+
 Bits per byte are computed one way for all: the val split's token stream in windows of 129 tokens
 overlapping by one, summed nats / the split's UTF-8 bytes / ln 2, by transformers on an HF model
 (lmtrain's runs are exported first). The script checks that this equals ``lmtrain eval`` on the same
@@ -39,6 +50,7 @@ import numpy as np
 import torch
 
 BLOCK, BATCH, SEED = 128, 32, 1337
+HEAD = 32  # the default config's head size: the grid's shapes keep it
 
 
 def make_corpora(root: Path) -> dict[str, Path]:
@@ -198,6 +210,36 @@ def val_bpb(model, prepared: Path) -> float:
     return total / manifest.splits["val"].utf8_bytes / math.log(2)
 
 
+def run_grid_point(prepared: Path, target: Path, source: Path, layers: int, width: int, epochs: float) -> dict:
+    """One run of the grid `lmtrain plan`'s repetition constants are fitted on (``--grid``)."""
+    from lmtrain.config import load_config
+    from lmtrain.evaluate import evaluate
+    from lmtrain.rundir import fork_run
+    from lmtrain.shards import read_manifest
+    from lmtrain.small_data import SMALL_BATCH, recipe_lr
+    from lmtrain.step import build_model
+    from lmtrain.train import train
+
+    unique = read_manifest(prepared / "data").splits["train"].tokens
+    steps = max(1, round(epochs * unique / (SMALL_BATCH * BLOCK)))
+    shutil.rmtree(target, ignore_errors=True)
+    fork_run(prepared, target)
+    sets = [f"run.dir={target}", f"data.source={source}", "data.val_fraction=0.1",
+            f"model.n_layer={layers}", f"model.n_embd={width}", f"model.n_head={width // HEAD}",
+            f"train.max_steps={steps}", "train.optimizer=adamw", f"train.lr={recipe_lr(steps)}", "train.min_lr=0",
+            "train.schedule=cosine", f"train.batch_size={SMALL_BATCH}"]
+    if source.is_file():
+        sets.append("data.sample_by=paragraph")
+    config = load_config(None, sets)
+    params = build_model(config.model, read_manifest(prepared / "data").vocab_size).num_params(embeddings=False)
+    result = train(config)
+    return {"n_layer": layers, "n_embd": width, "params": params,
+            "unique_tokens": unique, "planned_epochs": epochs, "planned_steps": steps, "steps": result.step,
+            "best_step": result.best_step, "tokens": steps * SMALL_BATCH * BLOCK, "lr": recipe_lr(steps),
+            "tokens_per_s": round(result.tokens_per_sec),
+            "val_bpb": round(evaluate(target, "best").bpb, 4), "val_bpb_last": round(evaluate(target, "latest").bpb, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=1.5)
@@ -208,9 +250,32 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="a config override for the lmtrain runs "
                         "(repeatable; the default run sets none)")
     parser.add_argument("--lmtrain-only", action="store_true", help="skip the Trainer runs")
+    parser.add_argument("--grid", action="append", default=[], metavar="CORPUS:SHAPES:EPOCHS",
+                        help="train the plan's fitting grid instead, e.g. prose:2x64,2x96:4,16 (repeatable)")
+    parser.add_argument("--fit", type=Path, default=None, help="fit the plan's repetition constants on these lines")
     args = parser.parse_args()
+    if args.fit is not None:
+        from dataclasses import asdict
+
+        from lmtrain.plan import ScalingRule, fit_repetition
+
+        points = [json.loads(line) for line in args.fit.read_text().splitlines() if line.startswith("{")]
+        print(json.dumps(asdict(fit_repetition(points, ScalingRule.ours("adamw")))))
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.grid:
+        corpora = make_corpora(args.workdir / "corpora")
+        for item in args.grid:
+            name, shapes, epochs = item.split(":")
+            prepared = prepare(args.workdir, name, corpora[name])
+            for shape in shapes.split(","):
+                layers, width = (int(v) for v in shape.split("x"))
+                for passes in (float(e) for e in epochs.split(",")):
+                    target = args.workdir / name / f"fit-{layers}x{width}-{passes:g}ep"
+                    line = run_grid_point(prepared, target, corpora[name], layers, width, passes)
+                    print(json.dumps({"corpus": name, **line}), flush=True)
+        return
     from transformers import AutoModelForCausalLM
 
     from lmtrain.evaluate import evaluate

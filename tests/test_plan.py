@@ -173,6 +173,59 @@ def test_repeated_tokens_are_worth_less_and_the_plan_shows_the_epochs():
     assert "epochs" in table.splitlines()[0] and "seen 20.0 times" in table and "more data does more" in table
 
 
+def test_the_repetition_constants_are_recovered_from_runs_made_with_them():
+    from lmtrain.plan import PARAMS_DECAYS, TOKENS_DECAYS, TOKENS_PER_PARAMS, Repetition, fit_repetition
+
+    rule = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.01, runs=9)
+    truth = Repetition(float(TOKENS_DECAYS[8]), float(PARAMS_DECAYS[12]), float(TOKENS_PER_PARAMS[20]))
+    entropy = {"prose": 0.7, "code": 1.1}  # corpora differ in how predictable they are: each its own E
+    points = []
+    for corpus, unique in (("prose", 1e5), ("code", 3e5)):
+        for params, n_embd in ((1e5, 64), (2.2e5, 96), (6e5, 128), (1.3e6, 192)):
+            for epochs in (2, 8, 32):
+                worth_n = truth.params(plan_module.rule_params(params, n_embd), unique)
+                worth_d = truth.tokens(epochs * unique, unique)
+                points.append({"corpus": corpus, "params": params, "n_embd": n_embd, "tokens": epochs * unique,
+                               "unique_tokens": unique, "val_bpb": entropy[corpus] + rule.predict(worth_n, worth_d) - rule.e})
+    fitted = fit_repetition(points, rule)
+    assert (fitted.tokens_decay, fitted.params_decay, fitted.tokens_per_param) == pytest.approx(
+        (truth.tokens_decay, truth.params_decay, truth.tokens_per_param))
+    assert fitted.loo_error < 1e-6 and fitted.runs == len(points)
+    # The shipped fit: our small-corpus runs, with the error it reports.
+    ours = Repetition.ours()
+    assert ours.runs >= 12 and 0 < ours.loo_error < 0.15
+    # Worth less, never worth more: repeats and excess parameters add ever less, and are capped.
+    params = [ours.params(n, 1e5) for n in (1e3, 1e4, 1e5, 1e6, 1e7, 1e9)]
+    assert params == sorted(params) and params[-1] <= 1e5 / ours.tokens_per_param * (1 + ours.params_decay) * 1.000001
+    assert ours.params(5e5, None) == 5e5 and ours.tokens(5e6, None) == 5e6  # no shards: nothing is known to repeat
+
+
+def test_on_a_tiny_corpus_a_bigger_model_is_not_predicted_better_for_its_size_alone():
+    from lmtrain.plan import Repetition
+
+    config = load_config(None, ["train.warmup_steps=1", "train.eval_every=1000000", "train.max_epochs=16"])
+    rule = ScalingRule.ours("adamw")
+
+    def rows():
+        small, big = Candidate(2, 96, 3), Candidate(3, 192, 6)
+        small.params, small.total_params, small.step_seconds = 221_184, 614_400, 0.01
+        big.params, big.total_params, big.step_seconds = 1_327_104, 2_113_536, 0.03
+        return [small, big]
+
+    # 100K training tokens and a budget in which both shapes reach the 16 epochs the run ends at.
+    fresh = {row.shape: row.predicted_bpb for row in choose(config, rows(), rule, 30)[1]}
+    tiny = Repetition(tokens_decay=15.4, params_decay=1.0, tokens_per_param=20.0)
+    pick, repeated = choose(config, rows(), rule, 30, unique_tokens=100_000, repetition=tiny)
+    assert all(row.epochs == pytest.approx(16, rel=0.01) for row in repeated)
+    assert fresh["3 x 192"] < fresh["2 x 96"] - 0.05  # on fresh data size pays
+    gap = abs(repeated[1].predicted_bpb - repeated[0].predicted_bpb)
+    assert gap < rule.difference_error and pick is repeated[0]  # on 100K tokens it is a toss-up: the config's shape
+    # On repeated data the repetition fit's own error widens the toss-up; on fresh data it does not count.
+    shaky = Repetition(15.4, 5.3, 20.0, loo_error=0.08, runs=18)
+    assert plan_module.toss_up(rule, shaky, repeated) == pytest.approx(math.sqrt(2) * math.hypot(rule.loo_error, 0.08))
+    assert plan_module.toss_up(rule, shaky, choose(config, rows(), rule, 30)[1]) == pytest.approx(rule.difference_error)
+
+
 def test_a_plan_for_a_small_corpus_is_measured_and_written_with_the_small_corpus_settings(monkeypatch):
     from lmtrain.small_data import RECIPE, SMALL_BATCH
 
