@@ -255,16 +255,6 @@ def _repeated_array(amount: np.ndarray, useful: np.ndarray, decay: np.ndarray) -
     return np.where(amount <= useful, amount, useful + useful * decay * (1 - np.exp(-repeats / decay)))
 
 
-def effective_tokens(tokens: float, unique: float | None) -> float:
-    """Tokens seen, counted as what they are worth when the data repeats (``Repetition.tokens``
-    with the paper's R_D* = 15.4): a few epochs are worth nearly as much as fresh data, forty
-    little more than fifteen."""
-    return Repetition().tokens(tokens, unique)
-
-
-REPEAT_DECAY = Repetition.tokens_decay  # R_D* of Muennighoff et al. (2023)
-
-
 # --------------------------------------------------------------------------------------------
 # Candidates and their measurement
 # --------------------------------------------------------------------------------------------

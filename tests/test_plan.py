@@ -146,8 +146,10 @@ def test_plan_writes_a_config_that_trains(tiny_run, tmp_path):
 def test_repeated_tokens_are_worth_less_and_the_plan_shows_the_epochs():
     import math
 
-    from lmtrain.plan import REPEAT_DECAY, effective_tokens
+    from lmtrain.plan import Repetition
 
+    paper = Repetition()
+    REPEAT_DECAY, effective_tokens = paper.tokens_decay, paper.tokens  # the paper's R_D* = 15.4
     unique = 1e6
     assert effective_tokens(5e5, unique) == 5e5 and effective_tokens(1e6, unique) == 1e6
     assert effective_tokens(2e6, unique) == pytest.approx(1e6 + 1e6 * REPEAT_DECAY * (1 - math.exp(-1 / REPEAT_DECAY)))
