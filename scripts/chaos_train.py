@@ -151,13 +151,16 @@ def chaos_train(workdir: Path, kills: int, rng: random.Random, max_steps: int = 
             running = proc.poll() is None
             if running:
                 proc.send_signal(signal.SIGSTOP)
+            # Stopped after its last checkpoint, on its way out, the first may no longer hold the
+            # run: a second writer then finds the training complete and rightly exits 0.
+            complete = (ckpts / "latest").exists() and (ckpts / "latest").read_text().strip() == f"step-{max_steps:08d}"
             try:
                 second = lmtrain("train", *sets_args(sets))
                 _, second_err = second.communicate()
             finally:
                 if running:
                     proc.send_signal(signal.SIGCONT)
-            if running:  # the first was alive all along: the second must have been refused
+            if running and not complete:  # the first was alive and training: the second must have been refused
                 second_writers += 1
                 if second.returncode != 2 or f"in use by `lmtrain train` (pid {proc.pid}" not in second_err:
                     problems.append(f"a second writer was not refused (exit {second.returncode}): "
