@@ -161,13 +161,12 @@ def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, flo
     return best
 
 
-def _repeated(amount: float, useful: float, decay: float) -> float:
+def _repeated(amount, useful, decay):
     """``amount`` counted as what it is worth past ``useful``: U + U R* (1 - exp(-R / R*)) with
-    R = amount / U - 1 (Muennighoff et al. 2023, eq. 5-6)."""
-    if amount <= useful:
-        return amount
-    repeats = amount / useful - 1
-    return useful + useful * decay * (1 - math.exp(-repeats / decay))
+    R = amount / U - 1 (Muennighoff et al. 2023, eq. 5-6). Numbers, or numpy arrays that broadcast
+    (a fit's grid of decays against its runs)."""
+    repeats = np.maximum(np.asarray(amount, dtype=float) / useful - 1, 0.0)
+    return np.where(amount <= useful, amount, useful + useful * decay * (1 - np.exp(-repeats / decay)))
 
 
 @dataclass(frozen=True)
@@ -187,11 +186,11 @@ class Repetition:
 
     def tokens(self, seen: float, unique: float | None) -> float:
         """D' for ``seen`` tokens of ``unique`` (``seen`` itself when the data does not repeat)."""
-        return seen if not unique else _repeated(seen, unique, self.tokens_decay)
+        return seen if not unique else float(_repeated(seen, unique, self.tokens_decay))
 
     def params(self, params: float, unique: float | None) -> float:
         """N' for ``params`` (``rule_params``) trained on ``unique`` tokens."""
-        return params if not unique else _repeated(params, unique / self.tokens_per_param, self.params_decay)
+        return params if not unique else float(_repeated(params, unique / self.tokens_per_param, self.params_decay))
 
     @classmethod
     @functools.lru_cache(maxsize=None)
@@ -223,8 +222,8 @@ def fit_repetition(points: list[dict], rule: ScalingRule, leave_one_out: bool = 
     member = np.array([[p["corpus"] == c for p in points] for c in corpora], dtype=float)  # (corpora, points)
     grid = np.stack(np.meshgrid(TOKENS_DECAYS, PARAMS_DECAYS, TOKENS_PER_PARAMS, indexing="ij"), -1).reshape(-1, 3)
     rd, rn, k = grid[:, :1], grid[:, 1:2], grid[:, 2:]
-    d_worth = _repeated_array(d, u, rd)
-    n_worth = _repeated_array(n, u / k, rn)
+    d_worth = _repeated(d, u, rd)
+    n_worth = _repeated(n, u / k, rn)
     residual = bpb - rule.a * (n_worth / 1e6) ** -ALPHA - rule.b * (d_worth / 1e6) ** -BETA  # (grid, points)
 
     def best(use: np.ndarray) -> tuple[int, np.ndarray]:
@@ -247,12 +246,6 @@ def fit_repetition(points: list[dict], rule: ScalingRule, leave_one_out: bool = 
             errors.append(residual[g, j] - entropy @ member[:, j])
         loo = float(np.sqrt(np.mean(np.square(errors))))
     return Repetition(*(float(v) for v in grid[i]), loo_error=loo, runs=len(points))
-
-
-def _repeated_array(amount: np.ndarray, useful: np.ndarray, decay: np.ndarray) -> np.ndarray:
-    """``_repeated`` over a grid of decays (rows) and points (columns)."""
-    repeats = np.maximum(amount / useful - 1, 0)
-    return np.where(amount <= useful, amount, useful + useful * decay * (1 - np.exp(-repeats / decay)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +437,7 @@ class Plan:
     config: Config  # the picked shape, with train.max_minutes set
     warmup_capped: bool
     small_corpus: str | None = None  # what the small-corpus settings changed, when they apply
-    repetition: Repetition = field(default_factory=lambda: Repetition.ours())  # what repeats are worth
+    repetition: Repetition = field(default_factory=Repetition.ours)  # what repeats are worth
 
 
 def choose(config: Config, rows: list[Candidate], rule: ScalingRule, minutes: float,
