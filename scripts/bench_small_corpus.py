@@ -220,22 +220,24 @@ def run_grid_point(prepared: Path, target: Path, source: Path, layers: int, widt
     from lmtrain.step import build_model
     from lmtrain.train import train
 
-    unique = read_manifest(prepared / "data").splits["train"].tokens
+    manifest = read_manifest(prepared / "data")
+    unique = manifest.splits["train"].tokens
     steps = max(1, round(epochs * unique / (SMALL_BATCH * BLOCK)))
+    lr = recipe_lr(steps)
     shutil.rmtree(target, ignore_errors=True)
     fork_run(prepared, target)
     sets = [f"run.dir={target}", f"data.source={source}", "data.val_fraction=0.1",
             f"model.n_layer={layers}", f"model.n_embd={width}", f"model.n_head={width // HEAD}",
-            f"train.max_steps={steps}", "train.optimizer=adamw", f"train.lr={recipe_lr(steps)}", "train.min_lr=0",
+            f"train.max_steps={steps}", "train.optimizer=adamw", f"train.lr={lr}", "train.min_lr=0",
             "train.schedule=cosine", f"train.batch_size={SMALL_BATCH}"]
     if source.is_file():
         sets.append("data.sample_by=paragraph")
     config = load_config(None, sets)
-    params = build_model(config.model, read_manifest(prepared / "data").vocab_size).num_params(embeddings=False)
+    params = build_model(config.model, manifest.vocab_size).num_params(embeddings=False)
     result = train(config)
     return {"n_layer": layers, "n_embd": width, "params": params,
             "unique_tokens": unique, "planned_epochs": epochs, "planned_steps": steps, "steps": result.step,
-            "best_step": result.best_step, "tokens": steps * SMALL_BATCH * BLOCK, "lr": recipe_lr(steps),
+            "best_step": result.best_step, "tokens": steps * SMALL_BATCH * BLOCK, "lr": lr,
             "tokens_per_s": round(result.tokens_per_sec),
             "val_bpb": round(evaluate(target, "best").bpb, 4), "val_bpb_last": round(evaluate(target, "latest").bpb, 4)}
 
