@@ -351,7 +351,7 @@ A {params / 1e6:.2f}M-parameter causal language model ({ARCH_NAMES[arch]} archit
 with [lmtrain](https://pypi.org/project/lmtrain/).
 
 - **Corpus:** `{config.data.source}` (validation: {config.data.val_source or f'{config.data.val_fraction:.1%} of documents held out'})
-- **Tokenizer:** byte-level BPE, {config.tokenizer.vocab_size} tokens; `{config.tokenizer.special_tokens[0]}` ends every document
+- **Tokenizer:** byte-level BPE, {loaded.model.config.vocab_size} tokens; `{config.tokenizer.special_tokens[0]}` ends every document
 - **Trained:** {state.get('step')} steps, {state.get('tokens_seen', 0):,} tokens ({loaded.checkpoint.name})
 - **Result:** {val}
 

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -33,7 +33,8 @@ from lmtrain.rundir import (checkpoints_dir, data_dir, hold_run_dir, move_aside,
                             tokenizer_dir, tokenizer_path)
 from lmtrain.shards import (MANIFEST_NAME, SPLITS, Manifest, ShardWriter, SplitTotals, make_manifest,
                             old_name, read_manifest, recover_interrupted_swap, shard_file_bytes, shard_fingerprint)
-from lmtrain.tokenizer import (SOURCE_TOKENIZER_FILES, build_tokenizer, bytes_per_token,
+from lmtrain.small_data import SMALL_TEXT_BYTES, VOCAB_KEY, corpus_vocab
+from lmtrain.tokenizer import (SOURCE_TOKENIZER_FILES, build_tokenizer, bytes_per_token, run_tokenizer_config,
                                check_specials_are_single_ids, check_tokenizer_agrees, eot_id, load_tokenizer,
                                load_tokenizer_file, run_bos_ids, tokenizer_settings)
 
@@ -93,6 +94,7 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
     if config.model.init_from is not None:
         return _copy_from_source(config)
     check_sources(config.data)
+    config, chosen = _vocab_for_corpus(config)
     tok_cfg = config.tokenizer
     specials = trained_special_tokens(config)
     tokenizer = build_tokenizer(tok_cfg.model)
@@ -135,7 +137,7 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
         measured_on=measured_on,
         sha256="",
         path=str(out_path),
-        settings=tokenizer_settings(config),
+        settings={**tokenizer_settings(config), "chosen": [VOCAB_KEY] if chosen else []},
         moved_aside=[],
     )
     def write(directory: Path) -> None:
@@ -146,6 +148,21 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
     _install(config, write, stats)
     log.debug("tokenizer: vocab %d, %.3f bytes/token, wrote %s", stats.vocab_size, bpt or 0.0, out_path)
     return stats
+
+
+def _vocab_for_corpus(config: Config) -> tuple[Config, str | None]:
+    """The config with the vocabulary ``small_data.corpus_vocab`` picks for the training split's
+    size, counted in one pass that stops where the size no longer matters."""
+    size = 0
+    for doc in _texts_of(config, "train"):
+        size += len(doc.text.encode("utf-8", "surrogatepass"))
+        if size >= SMALL_TEXT_BYTES:
+            break
+    vocab, note = corpus_vocab(config, size)
+    if note is None:
+        return config, None
+    log.info("tokenize: %s", note)
+    return replace(config, tokenizer=replace(config.tokenizer, vocab_size=vocab)), note
 
 
 def _install(config: Config, write_tokenizer, stats: TokenizerStats) -> None:
@@ -287,7 +304,7 @@ class ShardResult:
 
 def build_shards(config: Config, force: bool = False) -> ShardResult:
     """Encode the corpus into train/val shards under ``RUN_DIR/data`` (or say they are current)."""
-    config = resolve(config)
+    config = run_tokenizer_config(resolve(config))
     with hold_run_dir(config.run_dir, "shard"):
         return _build_shards(config, force)
 

@@ -8,7 +8,8 @@ to 0). So when the run would see its training tokens more than ``SMALL_CORPUS_EP
 the user chose none of the optimiser's settings, the run trains with that optimiser recipe, with
 ``SMALL_BATCH`` sequences a step under a time budget, and ends at ``MAX_EPOCHS``; it says so in one
 line (docs/performance.md compares it with the Trainer). The choice is made once: a resumed run
-keeps the settings its checkpoint was trained with.
+keeps the settings its checkpoint was trained with. Before all that, `lmtrain tokenize` trains a
+smaller vocabulary for a corpus under 0.5 MB (``corpus_vocab``), unless the config sets one.
 """
 
 from __future__ import annotations
@@ -39,11 +40,33 @@ MAX_EPOCHS = 16.0
 # sequences, 1e-3 the best of 1e-3-3e-3 over ~2,200 (docs/performance.md), about lr x steps =
 # constant between them; no lower than 1e-3, the lowest rate measured.
 LONGEST_AT_PEAK, LOWEST_LR = 800, 1e-3
+# The tokenizer for a tiny corpus: fewer merges, each piece seen more often. At 4,096 pieces 0.4 MB
+# of prose leaves most of them a handful of occurrences, and their embeddings (most of a small
+# model's parameters) are learned from almost nothing: 1,024 pieces reached 1.468 val bpb against
+# 1.545 (512: 1.487, 2,048: 1.532). Code gains less and only while the run is short (1.0 MB: 1.5%
+# better at 1.5 minutes, 1.5% worse at 5; 0.57 MB at 5 minutes: 0.5% worse), so only text under
+# SMALL_TEXT_BYTES gets SMALL_VOCAB (docs/performance.md).
+SMALL_TEXT_BYTES, SMALL_VOCAB = 500_000, 1024
+VOCAB_KEY = "tokenizer.vocab_size"
 
 
 def recipe_lr(steps: float) -> float:
     """The small-corpus recipe's peak learning rate for a run of ``steps`` steps."""
     return min(RECIPE["lr"], max(LOWEST_LR, RECIPE["lr"] * LONGEST_AT_PEAK / max(steps, 1.0)))
+
+
+def corpus_vocab(config: Config, train_bytes: int) -> tuple[int, str | None]:
+    """The BPE vocabulary to train on ``train_bytes`` bytes of training text (counted up to
+    ``SMALL_TEXT_BYTES``), and the line saying so when it is smaller than the config's.
+    A vocabulary the user set is theirs, and so is a tokenizer other than BPE."""
+    size = config.tokenizer.vocab_size
+    if VOCAB_KEY in config.given or config.tokenizer.model != "bpe":
+        return size, None
+    if train_bytes >= SMALL_TEXT_BYTES or size <= SMALL_VOCAB:
+        return size, None
+    return SMALL_VOCAB, (f"small corpus: {train_bytes / 1e6:.2g} MB of training text, so the tokenizer has {SMALL_VOCAB:,} "
+                    f"pieces rather than {size:,} (each seen more often; docs/performance.md); set "
+                    f"{VOCAB_KEY} to choose otherwise")
 
 
 def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,

@@ -18,7 +18,7 @@ would no longer be x. Training one (the tokenize stage) is ``lmtrain.prepare.tra
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,20 +38,53 @@ def tokenizer_settings(config: Config) -> dict:
     return {"tokenizer": asdict(config.tokenizer), "data": data_settings(config.data)}
 
 
-def stale_tokenizer_reason(config: Config) -> str | None:
-    """Why the run's tokenizer does not match ``config`` (None if it does, or cannot tell)."""
-    stats_path = tokenizer_dir(config.run_dir) / "stats.json"
+def _saved_settings(run_dir: Path) -> dict | None:
+    """The settings the run's tokenizer was trained with (stats.json), None if it cannot tell."""
     try:
-        saved = read_json(stats_path).get("settings")
+        saved = read_json(tokenizer_dir(run_dir) / "stats.json").get("settings")
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(saved, dict):
+    return saved if isinstance(saved, dict) else None
+
+
+def _with_choices(config: Config, saved: dict) -> Config:
+    """``config`` with the tokenizer settings lmtrain chose for the run's corpus (``chosen``: a
+    smaller vocabulary, ``small_data.corpus_vocab``) where the config leaves them unset; a value
+    the user sets stays theirs, to be compared with what was trained."""
+    listed = saved.get("chosen")
+    section = saved.get("tokenizer")
+    if not isinstance(listed, list) or not isinstance(section, dict):
+        return config
+    changes = {}
+    for key in listed:
+        if not isinstance(key, str) or not key.startswith("tokenizer.") or key in config.given:
+            continue
+        name = key.split(".", 1)[1]
+        value = section.get(name)
+        # only the one setting lmtrain chooses, and only a value the config itself could hold
+        if name == "vocab_size" and type(value) is int and 256 < value <= 1 << 24:
+            changes[name] = value
+    return replace(config, tokenizer=replace(config.tokenizer, **changes)) if changes else config
+
+
+def run_tokenizer_config(config: Config) -> Config:
+    """``config`` as the run's tokenizer was trained: with what lmtrain chose for its corpus where
+    the config leaves it unset (what each stage then writes into the run's config.yaml)."""
+    saved = _saved_settings(config.run_dir)
+    return config if saved is None else _with_choices(config, saved)
+
+
+def stale_tokenizer_reason(config: Config) -> str | None:
+    """Why the run's tokenizer does not match ``config`` (None if it does, or cannot tell)."""
+    saved = _saved_settings(config.run_dir)
+    if saved is None:
         return None
-    current = tokenizer_settings(config)
+    current = tokenizer_settings(_with_choices(config, saved))
     for section in ("tokenizer", "data"):
-        for key, value in current[section].items():
-            if key in saved.get(section, {}) and saved[section][key] != value:
-                return (f"the run's tokenizer was trained with {section}.{key}={saved[section][key]!r}, "
+        trained = saved.get(section)
+        for key, value in current[section].items() if isinstance(trained, dict) else ():
+            if key in trained and trained[key] != value:
+                return (f"the run's tokenizer was trained with {section}.{key}={trained[key]!r}, "
                         f"the config now says {value!r}")
     return None
 

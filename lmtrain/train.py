@@ -62,6 +62,7 @@ from lmtrain.schedule import Schedule, lr_at
 from lmtrain.shards import Manifest
 from lmtrain.step import Training, build_training, tokens_per_step
 from lmtrain.timing import Measurer
+from lmtrain.tokenizer import run_tokenizer_config
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class TrainResult:
 
 def train(config: Config, restart: bool = False) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring."""
-    config = resolve(config)
+    config = run_tokenizer_config(resolve(config))
     info = dist_util.from_environment()
     check_world_size(config.train, info)
     device = resolve_device(config.train.device, "train.device", info.local_rank)

@@ -159,3 +159,43 @@ def test_a_small_corpus_run_says_what_it_chose_and_resumes_with_it(tiny_run):
     assert load_config(run_dir / "config.yaml").train.optimizer == "adamw"
     more = train(load_config(config, ["train.max_steps=420", "train.eval_every=400", "train.checkpoint_every=200"]))
     assert more.resumed_from == "step-00000400" and first.step == 400
+
+
+def test_a_small_corpus_gets_a_smaller_vocabulary_unless_the_config_sets_one():
+    from lmtrain.small_data import corpus_vocab
+
+    default = load_config(None)  # the embedded default: 4,096 pieces, not set by the user
+    vocab, note = corpus_vocab(default, 400_000)
+    assert vocab == 1024 and "0.4 MB of training text" in note and "1,024 pieces rather than 4,096" in note
+    assert corpus_vocab(default, 600_000) == (4096, None)  # code of this size gains nothing from fewer pieces
+    for told in (["tokenizer.vocab_size=4096"], ["tokenizer.model=unigram"]):
+        assert corpus_vocab(load_config(None, told), 400_000) == (4096, None)
+
+
+def test_the_stages_keep_the_vocabulary_chosen_for_the_corpus_and_refuse_another_set_later(tmp_path, text_corpus):
+    import json
+
+    import yaml
+
+    from lmtrain.errors import RunDirError
+    from lmtrain.prepare import build_shards, train_tokenizer
+
+    run_dir = tmp_path / "run"
+    sets = [f"run.dir={run_dir}", f"data.source={text_corpus}", "data.val_fraction=0.1"]
+    stats = train_tokenizer(load_config(None, sets))
+    assert stats.settings["chosen"] == ["tokenizer.vocab_size"] and stats.settings["tokenizer"]["vocab_size"] == 1024
+    build_shards(load_config(None, sets))  # the same config: the chosen vocabulary stands
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["tokenizer"]["vocab_size"] == 1024
+    assert build_shards(load_config(None, sets + ["tokenizer.vocab_size=1024"])).up_to_date  # said out loud
+    with pytest.raises(RunDirError, match="trained with tokenizer.vocab_size=1024, the config now says 4096"):
+        build_shards(load_config(None, sets + ["tokenizer.vocab_size=4096"]))
+    # a crafted stats.json is a mismatch or nothing, never a traceback
+    stats_path = run_dir / "tokenizer" / "stats.json"
+    saved = json.loads(stats_path.read_text())
+    for settings in ({**saved["settings"], "chosen": 5}, {**saved["settings"], "tokenizer": [1]},
+                     {**saved["settings"], "tokenizer": {**saved["settings"]["tokenizer"], "vocab_size": "x"}}):
+        stats_path.write_text(json.dumps({**saved, "settings": settings}))
+        try:
+            build_shards(load_config(None, sets))
+        except RunDirError as exc:
+            assert "trained with tokenizer.vocab_size" in str(exc)
