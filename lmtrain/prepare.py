@@ -33,8 +33,8 @@ from lmtrain.rundir import (checkpoints_dir, data_dir, hold_run_dir, move_aside,
                             tokenizer_dir, tokenizer_path)
 from lmtrain.shards import (MANIFEST_NAME, SPLITS, Manifest, ShardWriter, SplitTotals, make_manifest,
                             old_name, read_manifest, recover_interrupted_swap, shard_file_bytes, shard_fingerprint)
-from lmtrain.small_data import SMALL_TEXT_BYTES, VOCAB_KEY, corpus_vocab
-from lmtrain.tokenizer import (SOURCE_TOKENIZER_FILES, build_tokenizer, bytes_per_token, run_tokenizer_config,
+from lmtrain.small_data import SMALL_TEXT_BYTES, corpus_vocab
+from lmtrain.tokenizer import (SOURCE_TOKENIZER_FILES, VOCAB_KEY, build_tokenizer, bytes_per_token, run_tokenizer_config,
                                check_specials_are_single_ids, check_tokenizer_agrees, eot_id, load_tokenizer,
                                load_tokenizer_file, run_bos_ids, tokenizer_settings)
 

@@ -20,6 +20,7 @@ import math
 from typing import Any, Callable
 
 from lmtrain.config import Config
+from lmtrain.tokenizer import VOCAB_KEY
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ LONGEST_AT_PEAK, LOWEST_LR = 800, 1e-3
 # better at 1.5 minutes, 1.5% worse at 5; 0.57 MB at 5 minutes: 0.5% worse), so only text under
 # SMALL_TEXT_BYTES gets SMALL_VOCAB (docs/performance.md).
 SMALL_TEXT_BYTES, SMALL_VOCAB = 500_000, 1024
-VOCAB_KEY = "tokenizer.vocab_size"
 
 
 def recipe_lr(steps: float) -> float:
@@ -64,9 +64,9 @@ def corpus_vocab(config: Config, train_bytes: int) -> tuple[int, str | None]:
         return size, None
     if train_bytes >= SMALL_TEXT_BYTES or size <= SMALL_VOCAB:
         return size, None
-    return SMALL_VOCAB, (f"small corpus: {train_bytes / 1e6:.2g} MB of training text, so the tokenizer has {SMALL_VOCAB:,} "
-                    f"pieces rather than {size:,} (each seen more often; docs/performance.md); set "
-                    f"{VOCAB_KEY} to choose otherwise")
+    return SMALL_VOCAB, (f"small corpus: {train_bytes / 1e6:.2g} MB of training text, so the tokenizer has "
+                         f"{SMALL_VOCAB:,} pieces rather than {size:,} (each seen more often; docs/performance.md); "
+                         f"set {VOCAB_KEY} to choose otherwise")
 
 
 def planned_epochs(config: Config, unique_tokens: int, tokens_per_step: int,

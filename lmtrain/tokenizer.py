@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 ENCODE_BATCH_DOCS = 256
+# stats.json's settings list under "chosen" what lmtrain picked for the corpus: so far only this
+VOCAB_KEY = "tokenizer.vocab_size"
 
 
 def tokenizer_settings(config: Config) -> dict:
@@ -48,23 +50,16 @@ def _saved_settings(run_dir: Path) -> dict | None:
 
 
 def _with_choices(config: Config, saved: dict) -> Config:
-    """``config`` with the tokenizer settings lmtrain chose for the run's corpus (``chosen``: a
-    smaller vocabulary, ``small_data.corpus_vocab``) where the config leaves them unset; a value
-    the user sets stays theirs, to be compared with what was trained."""
-    listed = saved.get("chosen")
-    section = saved.get("tokenizer")
-    if not isinstance(listed, list) or not isinstance(section, dict):
+    """``config`` with the vocabulary lmtrain chose for the run's corpus (``chosen``,
+    ``small_data.corpus_vocab``) while the config leaves it unset; a value the user sets stays
+    theirs, to be compared with what was trained."""
+    listed, trained = saved.get("chosen"), saved.get("tokenizer")
+    if not isinstance(listed, list) or VOCAB_KEY not in listed or VOCAB_KEY in config.given:
         return config
-    changes = {}
-    for key in listed:
-        if not isinstance(key, str) or not key.startswith("tokenizer.") or key in config.given:
-            continue
-        name = key.split(".", 1)[1]
-        value = section.get(name)
-        # only the one setting lmtrain chooses, and only a value the config itself could hold
-        if name == "vocab_size" and type(value) is int and 256 < value <= 1 << 24:
-            changes[name] = value
-    return replace(config, tokenizer=replace(config.tokenizer, **changes)) if changes else config
+    vocab = trained.get("vocab_size") if isinstance(trained, dict) else None
+    if type(vocab) is not int or not 256 < vocab <= 1 << 24:  # a crafted stats.json: compared, not adopted
+        return config
+    return replace(config, tokenizer=replace(config.tokenizer, vocab_size=vocab))
 
 
 def run_tokenizer_config(config: Config) -> Config:
