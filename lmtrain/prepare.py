@@ -153,12 +153,11 @@ def _train_tokenizer(config: Config, force: bool) -> TokenizerStats:
 def _vocab_for_corpus(config: Config) -> tuple[Config, str | None]:
     """The config with the vocabulary ``small_data.corpus_vocab`` picks for the training split's
     size, counted in one pass that stops where the size no longer matters."""
-    size = 0
-    for doc in _texts_of(config, "train"):
-        size += len(doc.text.encode("utf-8", "surrogatepass"))
-        if size >= SMALL_TEXT_BYTES:
+    counter = _DocumentCounter(_texts_of(config, "train"))
+    for _ in counter:
+        if counter.utf8_bytes >= SMALL_TEXT_BYTES:
             break
-    vocab, note = corpus_vocab(config, size)
+    vocab, note = corpus_vocab(config, counter.utf8_bytes)
     if note is None:
         return config, None
     log.info("tokenize: %s", note)
