@@ -22,8 +22,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmtrain.config import Config, data_settings
-from lmtrain.errors import RunDirError, TokenizerError, first_line, quoted
+from lmtrain.config import Config, check_section, data_settings
+from lmtrain.errors import ConfigError, RunDirError, TokenizerError, first_line, quoted
 from lmtrain.fsutil import read_json
 from lmtrain.rundir import tokenizer_dir, tokenizer_path
 
@@ -56,10 +56,14 @@ def _with_choices(config: Config, saved: dict) -> Config:
     listed, trained = saved.get("chosen"), saved.get("tokenizer")
     if not isinstance(listed, list) or VOCAB_KEY not in listed or VOCAB_KEY in config.given:
         return config
-    vocab = trained.get("vocab_size") if isinstance(trained, dict) else None
-    if type(vocab) is not int or not 256 < vocab <= 1 << 24:  # a crafted stats.json: compared, not adopted
+    if not isinstance(trained, dict):
         return config
-    return replace(config, tokenizer=replace(config.tokenizer, vocab_size=vocab))
+    try:  # checked as a config file's value would be; a crafted stats.json's is compared, not adopted
+        tokenizer = check_section("tokenizer", {**asdict(config.tokenizer), "vocab_size": trained.get("vocab_size")},
+                                  "the run's tokenizer/stats.json")
+    except ConfigError:
+        return config
+    return replace(config, tokenizer=tokenizer)
 
 
 def run_tokenizer_config(config: Config) -> Config:
