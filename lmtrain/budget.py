@@ -30,9 +30,12 @@ Without a budget, ``train.max_steps`` lays out the schedule (warmup, stable phas
    (``last_chance``: just before ``wsd``'s decay). If the machine turns out slower than the
    probe said, it moves the end (and with it the decay) earlier, so that the run still ends
    inside the budget with its decay done, rather than being cut off, and says so; if faster, it
-   moves the end later, but only while that leaves the learning rate of the steps done unchanged
-   (in the warmup, the stable phase of ``wsd``, or a ``constant`` schedule). The hard stop at
-   ``train.max_minutes`` stays as the last resort.
+   moves the end later. A cosine past its warmup goes on from the rate it has reached, down the
+   rest of its curve spread over the new number of steps (``Schedule.moved``), so a move changes
+   no rate already used and makes no jump; ``wsd`` moves later only before its decay (whose start
+   is a share of the steps). Without that, a cosine run whose first steps were slow (the probe
+   times them) kept the short schedule they planned: a 5-minute run ended at 234 s. The hard
+   stop at ``train.max_minutes`` stays as the last resort.
 
 The figures are the slowest rank's under torchrun, so every rank reaches the same decision.
 
@@ -120,16 +123,40 @@ class Budget:
     probe_seconds: float  # spent measuring, counted against the budget
     warmup_steps: int | None = None  # the warmup the schedule was planned with (None: the config's)
     replans: list[dict[str, Any]] = field(default_factory=list)  # {"at", "max_steps", "step_seconds"}
+    # where a cosine's end last moved past its warmup: [step, progress] (``Schedule.moved``)
+    anchor: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "Budget":
-        warmup = saved.get("warmup_steps")
+        warmup, anchor = saved.get("warmup_steps"), saved.get("anchor")
+        if anchor is not None:
+            step, progress = anchor
+            anchor = [int(step), float(progress)]
+            if not (0 < anchor[0] and 0.0 <= anchor[1] <= 1.0):
+                raise ValueError(f"anchor {anchor}")
         return cls(float(saved["minutes"]), int(saved["max_steps"]), Costs(**saved["costs"]),
                    float(saved["probe_seconds"]), None if warmup is None else int(warmup),
-                   list(saved.get("replans", [])))
+                   list(saved.get("replans", [])), anchor)
+
+    def schedule(self, base: Schedule) -> Schedule:
+        """``base`` (the config's) as this decision laid it out: its steps, its warmup, and where
+        its end last moved."""
+        schedule = base.with_steps(self.max_steps, self.warmup_steps)
+        if self.anchor is None:
+            return schedule
+        return replace(schedule, anchor_step=int(self.anchor[0]), anchor_progress=float(self.anchor[1]))
+
+    def move(self, schedule: Schedule, step: int, max_steps: int) -> Schedule:
+        """End at ``max_steps`` instead, decided after step ``step``: the schedule that follows
+        (``Schedule.moved``), recorded so that a resumed run follows it too."""
+        moved = schedule.moved(step, max_steps)
+        self.max_steps = max_steps
+        if moved.anchor_step is not None:
+            self.anchor = [moved.anchor_step, moved.anchor_progress]
+        return moved
 
 
 def epoch_steps(epochs: float | None, epoch_tokens: int | None, per_step: int) -> int | None:
@@ -174,8 +201,8 @@ def plan(minutes: float, costs: Costs, tc: TrainConfig, step: int, seconds_spent
 def replan(budget: Budget, pace: Costs, tc: TrainConfig, schedule: Schedule, step: int,
            seconds_spent: float) -> int | None:
     """A new last step if the rest of the run at ``pace`` would overrun the budget (earlier), or
-    would leave a good part of it unused while the end can still move without changing the
-    learning rate of the steps done (later); else None. The loop asks after step ``step``, before
+    would leave a good part of it unused while the end can still move later (``_end_can_move``);
+    else None. The loop asks after step ``step``, before
     its evaluation and checkpoint (``owed``). At ``last_chance`` any step more is taken: the end
     cannot move later after it, so there is no jitter left to guard against."""
     left = budget.minutes * 60 - seconds_spent - owed(step, pace, tc)
@@ -198,22 +225,20 @@ def replan_due(schedule: Schedule, step: int) -> bool:
 
 def last_chance(schedule: Schedule) -> int | None:
     """The last step after which the end can still move later (``_end_can_move``): the step before
-    wsd's decay, or the last of the warmup for a cosine; None for a constant schedule (any step)."""
-    if schedule.kind == "constant":
+    wsd's decay; None for a cosine or a constant schedule (any step)."""
+    if schedule.kind != "wsd":
         return None
-    if schedule.kind == "wsd":
-        return max(schedule.warmup_steps, wsd_decay_start(schedule, schedule.max_steps)) - 1
-    return schedule.warmup_steps - 1
+    return max(schedule.warmup_steps, wsd_decay_start(schedule, schedule.max_steps)) - 1
 
 
 def _end_can_move(schedule: Schedule, step: int, last: int) -> bool:
-    """Whether moving the end to ``last`` leaves the learning rate up to step ``step`` as it was:
-    in the warmup, in a constant schedule, or in the stable phase of wsd (before either decay)."""
-    if step < schedule.warmup_steps or schedule.kind == "constant":
+    """Whether the end can move later, to ``last``, after step ``step``: always for a cosine (the
+    rest of its curve is spread over the steps left: ``Schedule.moved``) and a constant schedule;
+    for wsd in its warmup or its stable phase, before either decay would begin (moving a decay
+    that has begun would raise the rate again)."""
+    if step < schedule.warmup_steps or schedule.kind != "wsd":
         return True
-    if schedule.kind == "wsd":
-        return step < min(wsd_decay_start(schedule, schedule.max_steps), wsd_decay_start(schedule, last))
-    return False
+    return step < min(wsd_decay_start(schedule, schedule.max_steps), wsd_decay_start(schedule, last))
 
 
 def spent(budget: dict[str, Any], step: int, tokens: int, train_seconds: float, eval_seconds: float,
@@ -382,9 +407,12 @@ class BudgetKeeper:
             if self.is_main:
                 log.info("train.max_minutes changed (%g -> %g): the run now ends at step %d (was %d)", budget.minutes,
                          tc.max_minutes, replanned.max_steps, budget.max_steps)
-            budget = self._capped(replanned)
+            recorded = budget.schedule(self.schedule)  # what the run has followed so far
+            self.budget = replace(self._capped(replanned), warmup_steps=recorded.warmup_steps)
+            self.schedule = self.budget.move(recorded, step, self.budget.max_steps)
+            return
         self.budget = budget
-        self.schedule = self.schedule.with_steps(budget.max_steps, budget.warmup_steps)
+        self.schedule = budget.schedule(self.schedule)
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.budget.to_dict() if self.budget is not None else None
@@ -501,8 +529,7 @@ class BudgetKeeper:
                      "of %d, still inside train.max_minutes %g", state.step, measured, last, self.schedule.max_steps,
                      budget.minutes)
         budget.replans.append({"at": state.step, "max_steps": last, "step_seconds": figures[0]})
-        budget.max_steps = last
-        self.schedule = self.schedule.with_steps(last)
+        self.schedule = budget.move(self.schedule, state.step, last)
         return True
 
     def summary(self, state) -> str | None:

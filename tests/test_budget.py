@@ -52,8 +52,9 @@ def test_the_decision_is_a_pure_function_of_the_measured_costs():
     assert short.max_steps < 200 and short.warmup_steps == 20
     with pytest.raises(ConfigError, match="too few for a schedule"):  # the budget cannot end the warmup
         plan(0.3, Costs(0.1, 0.1, 0.1), train_config(max_steps=2000, warmup_steps=500), 0, 0.0, 0.0)
-    # Slower than planned: the end moves earlier, to what fits. Faster: later, but only where
-    # that changes no learning rate already used (wsd's stable phase, not a cosine's decay).
+    # Slower than planned: the end moves earlier, to what fits. Faster: later, wsd only before its
+    # decay (moving a decay begun would raise the rate again), a cosine at any step (the rest of
+    # its curve is spread over the steps left: test_a_moved_cosine_goes_on_from_where_it_stood).
     for schedule in ("cosine", "wsd"):
         tc = train_config(max_steps=1000, schedule=schedule)
         budget = plan(3.0, Costs(0.1, 1.0, 2.0), tc, 0, 0.0, 0.0)
@@ -62,12 +63,46 @@ def test_the_decision_is_a_pure_function_of_the_measured_costs():
         assert 100 < earlier < budget.max_steps
         assert seconds_for(earlier, Costs(0.2, 1.0, 2.0), tc, start=100) <= 150.0
         later = replan(budget, Costs(0.05, 1.0, 2.0), tc, decided, step=100, seconds_spent=30.0)
-        if schedule == "cosine":
-            assert later is None
-        else:
-            assert later > budget.max_steps and seconds_for(later, Costs(0.05, 1.0, 2.0), tc, start=100) <= 150.0
-            late = budget.max_steps - 5  # in the decay: the end stays
-            assert replan(budget, Costs(0.05, 1.0, 2.0), tc, decided, step=late, seconds_spent=170.0) is None
+        assert later > budget.max_steps and seconds_for(later, Costs(0.05, 1.0, 2.0), tc, start=100) <= 150.0
+        late = budget.max_steps - 5  # in wsd's decay the end stays; a cosine's moves
+        moved = replan(budget, Costs(0.05, 1.0, 2.0), tc, decided, step=late, seconds_spent=170.0)
+        assert (moved is None) if schedule == "wsd" else moved > budget.max_steps
+
+
+def test_a_moved_cosine_goes_on_from_where_it_stood():
+    """A cosine whose end moves after its warmup (the budget keeper, when the pace differs from the
+    probe's) keeps the rate it has reached and follows the rest of its curve over the steps left,
+    to min_lr at its new last step: no jump up or down, and a resumed run rebuilds it from the
+    recorded decision exactly."""
+    from lmtrain.budget import Budget
+
+    tc = train_config(max_steps=200, schedule="cosine", warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    planned = Schedule.of(tc)
+    for step, end in ((5, 300), (60, 400), (60, 120), (199, 250)):
+        moved = planned.moved(step, end)
+        assert moved.max_steps == end
+        assert lr_at(step, moved) == pytest.approx(lr_at(step, planned), rel=1e-12)  # where it stood
+        assert lr_at(end - 1, moved) == pytest.approx(tc.min_lr)  # its decay done at the new end
+        rates = [lr_at(s, moved) for s in range(max(step, tc.warmup_steps), end)]
+        assert all(a >= b for a, b in zip(rates, rates[1:]))  # and falling all the way
+    assert planned.moved(5, 300) == planned.with_steps(300)  # in the warmup: nothing to anchor
+    twice = planned.moved(60, 400).moved(150, 300)  # moved again: from where the first move had it
+    assert lr_at(150, twice) == pytest.approx(lr_at(150, planned.moved(60, 400)), rel=1e-12)
+    assert lr_at(299, twice) == pytest.approx(tc.min_lr)
+    # The budget records the move; a resumed run lays the schedule out from the record alone.
+    budget = Budget(1.0, 200, Costs(0.1, 1.0, 2.0), 0.0, 10)
+    followed = budget.move(budget.move(planned, 60, 400), 150, 300)
+    saved = json.loads(json.dumps(budget.to_dict()))
+    assert saved["max_steps"] == 300 and saved["anchor"][0] == 150
+    rebuilt = Budget.from_dict(saved).schedule(Schedule.of(tc))
+    assert rebuilt == followed and [lr_at(s, rebuilt) for s in range(150, 300)] == [lr_at(s, followed) for s in range(150, 300)]
+    assert Schedule(**rebuilt.to_dict()) == rebuilt  # and the checkpoint's copy of it, too
+    for corrupt in ("ab", [1], [0, 0.5], [3, 1.5], [3, float("nan")]):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            Budget.from_dict({**saved, "anchor": corrupt})
+    # wsd keeps its shape (its decay is a share of the steps): the plain with_steps.
+    wsd = Schedule.of(train_config(max_steps=200, schedule="wsd", warmup_steps=10))
+    assert wsd.moved(60, 400) == wsd.with_steps(400)
 
 
 
@@ -101,7 +136,7 @@ def test_the_end_gets_a_last_chance_to_move_later_before_the_decay():
     schedule = Schedule.of(tc)
     assert last_chance(schedule) == 119  # decay over the last 30 steps: 120-149
     assert [s for s in range(100, 131) if replan_due(schedule, s)] == [100, 110, 119, 120, 130]
-    assert last_chance(Schedule.of(train_config(schedule="cosine", warmup_steps=20))) == 19
+    assert last_chance(Schedule.of(train_config(schedule="cosine", warmup_steps=20))) is None  # any step
     assert last_chance(Schedule.of(train_config(schedule="constant"))) is None
     costs = Costs(step=0.4, eval=3.0, checkpoint=0.03)
     budget = plan(1.0, costs, tc, step=10, seconds_spent=4.0, probe_seconds=0.0, owes=True)
@@ -169,7 +204,7 @@ def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp
     resumed = train(load_config(config, sets))
     state = json.loads((resumed.checkpoint / "state.json").read_text())
     # 12 s less the 1 s probe, MARGIN (97%) of it, in 0.2 s steps, evals and checkpoints. (The tiny
-    # steps run far faster than 0.2 s, but a cosine past its warmup keeps its end.)
+    # steps run far faster than 0.2 s: re-planning is off here, and under test below.)
     expected = steps_that_fit(budget_mod.MARGIN * 11.0, Costs(0.2, 0.5, 0.5), cfg.train)
     assert state["budget"]["max_steps"] == resumed.step == expected and calls == [0]
     assert resumed.budget["costs"] == {"step": 0.2, "eval": 0.5, "checkpoint": 0.5}
@@ -183,6 +218,42 @@ def test_a_budgeted_run_ends_its_decay_in_time_and_resumes_exactly(tiny_run, tmp
     fork_run(run_dir, straight)
     fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
     other = train(load_config(config, sets + [f"run.dir={straight}"]))
+    ours, theirs = load_file(str(resumed.checkpoint / "model.safetensors")), load_file(str(other.checkpoint / "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.slow
+def test_a_cosine_moved_later_after_its_warmup_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+    """The probe said 0.2 s a step; at step 20 the pace leaves time for 20 steps more. The cosine,
+    well past its warmup, goes on from its rate there to min_lr at the new end, and a run stopped
+    after the move and resumed follows the same moved schedule: the same weights as a run that
+    went straight through, bit for bit."""
+    config, run_dir = tiny_run
+    no_hard_stop(monkeypatch)
+
+    def faster_at_step_20(budget, pace, tc, schedule, step, seconds_spent):
+        return schedule.max_steps + 20 if step == 20 else None
+
+    monkeypatch.setattr(budget_mod, "replan", faster_at_step_20)
+    sets = ["train.max_minutes=0.2", "train.max_steps=1000", "train.schedule=cosine", "train.warmup_steps=2",
+            "train.eval_every=5", "train.checkpoint_every=10", "train.log_every=1"]
+    fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
+    interrupted_at(27, load_config(config, sets), monkeypatch)
+    resumed = train(load_config(config, sets))
+    planned = steps_that_fit(budget_mod.MARGIN * 11.0, Costs(0.2, 0.5, 0.5), load_config(config, sets).train)
+    assert resumed.step == resumed.budget["max_steps"] == planned + 20 and resumed.budget["anchor"][0] == 20
+    assert "the run now ends at step" in (run_dir / "train.log").read_text()
+
+    straight = tmp_path / "straight"
+    fork_run(run_dir, straight)
+    fixed_probe(monkeypatch, Costs(step=0.2, eval=0.5, checkpoint=0.5))
+    other = train(load_config(config, sets + [f"run.dir={straight}"]))
+    assert other.step == resumed.step and other.budget["anchor"] == resumed.budget["anchor"]
+    rates = {h["step"]: h["lr"] for h in other.history if "lr" in h}
+    tc = load_config(config, sets).train
+    before = Schedule.of(tc).with_steps(planned)
+    assert rates[21] == pytest.approx(lr_at(20, before), rel=1e-9)  # the 21st step: the rate where it stood
+    assert rates[20] >= rates[21] >= rates[22] and rates[other.step] == pytest.approx(tc.min_lr)
     ours, theirs = load_file(str(resumed.checkpoint / "model.safetensors")), load_file(str(other.checkpoint / "model.safetensors"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
