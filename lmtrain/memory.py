@@ -93,7 +93,8 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     bytes per parameter; AdamW keeps two more fp32 moments (8), Muon one momentum per matrix (4).
     Activations follow Korthikanti et al. (2022, "Reducing activation recomputation"): a block
     saves about 16 x C values per token with flash attention (no T x T scores) and no dropout
-    (their 34 x C bytes at 16 bits, less the attention scores and dropout masks), the residual
+    (their 34 x C bytes at 16 bits, less the attention scores and dropout masks; with
+    ``model.dropout`` the masks are added, and on a CPU the scores too), the residual
     stream in fp32; full checkpointing keeps only each block's input plus one block being
     recomputed, selective keeps the matmul and attention outputs (~10 x C). The logits cost
     (activation bytes + an fp32 copy + its gradient) per vocabulary entry per token, unless the
@@ -125,6 +126,11 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     if tc.activation_checkpointing != "none":
         activations += tokens * 16 * c.n_embd * a  # the block being recomputed
     activations += tokens * 4 * c.n_embd * 2  # embeddings and the final norm, fp32
+    if c.dropout > 0:  # a byte an element for the masks of a block's two residual branches; on a CPU
+        # attention with dropout leaves the fused kernel and keeps its T x T probabilities (before
+        # and after the dropout) and their mask
+        attention = tokens * c.n_head * c.block_size * (2 * a + 1) if chunked_loss else 0
+        activations += (tokens * 2 * c.n_embd + attention) * (c.n_layer if tc.activation_checkpointing == "none" else 1)
     if not chunked_loss:
         activations += tokens * model_config.padded_vocab_size * (a + 4 + 4)
     else:  # one chunk's fp32 logits and softmax, and the head's gradient, held from forward to backward

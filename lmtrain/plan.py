@@ -550,7 +550,7 @@ def _small_corpus(config: Config, minutes: float, unique_tokens: int | None, voc
         return config, None
     timed = replace(config, train=replace(config.train, max_minutes=minutes, fit_to_budget=True))
     chosen, note = small_corpus_defaults(timed, unique_tokens, tokens_per_step(timed),
-                                         lambda: pace(timed, vocab_size, device, precision), None)
+                                         lambda chosen: pace(chosen, vocab_size, device, precision), None)
     if note is None:
         return config, None
     return replace(chosen, train=replace(chosen.train, max_minutes=config.train.max_minutes,

@@ -265,20 +265,21 @@ def _setup(config: Config, restart: bool, info: dist_util.DistInfo, device: torc
 
 def _small_corpus(config: Config, data: RunData, latest, info: dist_util.DistInfo, device: torch.device,
                   precision: str) -> tuple[Config, str | None]:
-    """``lmtrain.small_data``: the optimiser settings for a corpus the run will see many times, and
-    the line saying so; a resumed run keeps what its checkpoint was trained with."""
+    """``lmtrain.small_data``: the optimiser settings (and dropout) for a corpus the run will see
+    many times, and the line saying so; a resumed run keeps what its checkpoint was trained with."""
     from lmtrain.checkpoint import read_state
     from lmtrain.small_data import small_corpus_defaults
 
     saved = None
     if latest is not None:
-        saved = ((read_state(latest).get("config") or {}).get("train")) or {}
+        saved = read_state(latest).get("config")
+        saved = saved if isinstance(saved, dict) else {}
     unique = data.epoch_tokens
 
-    def step_seconds() -> float:
+    def step_seconds(timed: Config) -> float:
         from lmtrain.plan import pace
 
-        return pace(config, data.manifest.vocab_size, device, precision)
+        return pace(timed, data.manifest.vocab_size, device, precision)
 
     # Under torchrun the ranks could time different paces and disagree: only max_steps decides there.
     return small_corpus_defaults(config, unique, tokens_per_step(config, info.world_size),

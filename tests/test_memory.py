@@ -90,3 +90,21 @@ def test_the_estimate_adds_up_and_refuses_what_cannot_fit(tiny_run):
     with pytest.raises(ConfigError, match=r"this run needs ~.* GB per device.*lower train.batch_size"):
         train(load_config(config, ["train.batch_size=200000000"]))
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
+
+
+def test_the_estimate_counts_what_dropout_keeps_for_the_backward_pass():
+    """With ``model.dropout`` the masks, and on a CPU attention's T x T probabilities (outside the
+    fused kernel), are kept for the backward pass: the estimate grows by about what autograd holds
+    more (a run the small-corpus recipe gives dropout is checked against the memory it will use)."""
+    shape = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "train.batch_size=4"]
+
+    def model(dropout: float) -> GPT:
+        torch.manual_seed(0)
+        config = load_config(None, shape + [f"model.dropout={dropout}"])
+        return GPT(GPTConfig.of(config.model, VOCAB)).train()
+
+    x = torch.randint(0, VOCAB, (4, 65))
+    held = saved_bytes(model(0.1), x) - saved_bytes(model(0.0), x)
+    counted = (estimate(load_config(None, shape + ["model.dropout=0.1"]), VOCAB, None, chunked_loss=True).activations
+               - estimate(load_config(None, shape), VOCAB, None, chunked_loss=True).activations)
+    assert held > 0 and 0.5 * held < counted < 2 * held

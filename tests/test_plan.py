@@ -229,15 +229,17 @@ def test_on_a_tiny_corpus_a_bigger_model_is_not_predicted_better_for_its_size_al
 
 
 def test_a_plan_for_a_small_corpus_is_measured_and_written_with_the_small_corpus_settings(monkeypatch):
-    from lmtrain.small_data import RECIPE, SMALL_BATCH
+    from lmtrain.small_data import DROPOUT, RECIPE, SMALL_BATCH
 
-    monkeypatch.setattr(plan_module, "pace", lambda *a, **k: 0.05)  # 1,800 steps of 32 x 128 in 1.5 minutes
+    # 1,800 steps of 32 x 128 in 1.5 minutes (and twice as many of 16)
+    monkeypatch.setattr(plan_module, "pace", lambda config, *a, **k: 0.05 * config.train.batch_size / 32)
     config = load_config(None, [])
     same, note = plan_module._small_corpus(config, 1.5, 100_000_000, 4096, "cpu", "fp32")
     assert same is config and note is None  # 0.07 epochs: the plan keeps the config's optimiser
     small, note = plan_module._small_corpus(config, 1.5, 100_000, 4096, "cpu", "fp32")
     assert {k: getattr(small.train, k) for k in RECIPE} == RECIPE and small.train.batch_size == SMALL_BATCH
     assert small.train.max_minutes is None and "about 73.7 times" in note  # the budget is set on the pick later
+    assert small.model.dropout == DROPOUT and "dropout" in note  # time for many passes: measured as it will train
     assert plan_module._small_corpus(config, 1.5, None, 4096, "cpu", "fp32") == (config, None)  # no shards yet
     rule = ScalingRule(e=0.5, a=0.3, b=0.9, loo_error=0.01, runs=9)
     row = Candidate(2, 96, 3)

@@ -120,7 +120,7 @@ def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_
     assert small_corpus_defaults(told, 100_000, tokens_per_step, None, None)[0] is told
     # under train.max_minutes the measured pace decides: 90 s at 0.05 s a step is 1,800 steps
     budget = load_config(None, ["train.max_minutes=1.5"])
-    chosen, note = small_corpus_defaults(budget, 1_000_000, tokens_per_step, lambda: 0.05, None)
+    chosen, note = small_corpus_defaults(budget, 1_000_000, tokens_per_step, lambda timed: 0.05, None)
     assert chosen.train.optimizer == "adamw" and "about 7.4 times" in note
     # under a budget the batch halves (more, smaller steps in the same time), unless the user chose it;
     # a run of train.max_steps keeps the tokens per step it asked for
@@ -131,32 +131,79 @@ def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_
     assert small.train.batch_size == 32 and "sequences a step" not in small_corpus_defaults(config, 100_000, tokens_per_step, None, None)[1]
     for told in (["train.batch_size=32"], ["train.grad_accum=1"]):
         mine = load_config(None, ["train.max_minutes=1.5"] + told)
-        picked, note = small_corpus_defaults(mine, 1_000_000, tokens_per_step, lambda: 0.05, None)
+        picked, note = small_corpus_defaults(mine, 1_000_000, tokens_per_step, lambda timed: 0.05, None)
         assert picked.train.optimizer == "adamw" and picked.train.batch_size == 32 and "sequences" not in note
-    again, note = small_corpus_defaults(budget, 1_000_000, tokens_per_step, None, dict(RECIPE, batch_size=SMALL_BATCH))
+    again, note = small_corpus_defaults(budget, 1_000_000, tokens_per_step, None, {"train": dict(RECIPE, batch_size=SMALL_BATCH)})
     assert again.train.batch_size == SMALL_BATCH and note is None  # resumed: the batch it started with
     assert small_corpus_defaults(budget, 1_000_000, tokens_per_step, None, None)[0] is budget  # cannot tell
     # resuming keeps what the run started with, whatever it would choose now
-    resumed, note = small_corpus_defaults(config, 1_000_000, tokens_per_step, None, dict(RECIPE))
+    resumed, note = small_corpus_defaults(config, 1_000_000, tokens_per_step, None, {"train": dict(RECIPE)})
     assert resumed.train.optimizer == "adamw" and note is None
-    kept, _ = small_corpus_defaults(config, 100_000, tokens_per_step, None, {"optimizer": "muon", "lr": 2e-2,
-                                                                               "min_lr": 2e-3, "schedule": "wsd"})
+    kept, _ = small_corpus_defaults(config, 100_000, tokens_per_step, None, {"train": {
+        "optimizer": "muon", "lr": 2e-2, "min_lr": 2e-3, "schedule": "wsd"}})
     assert kept.train.optimizer == "muon"
 
 
+def test_a_run_with_time_for_many_passes_trains_with_dropout_counted_at_its_own_pace():
+    from lmtrain.small_data import (DROPOUT, DROPOUT_MAX_EPOCHS, MAX_EPOCHS, recipe_lr,
+                                    small_corpus_defaults)
+
+    tokens_per_step = 32 * 128
+    budget = load_config(None, ["train.max_minutes=5"])
+    timed = []
+
+    def pace(config):  # 0.05 s for 32 sequences; dropout costs half as much again (attention's, on a CPU)
+        timed.append((config.model.dropout, config.train.batch_size))
+        return 0.05 * config.train.batch_size / 32 * (1.5 if config.model.dropout else 1.0)
+
+    # 300 s at 0.05 s a step: 6,000 steps of 4,096 tokens, 123 passes over 200K tokens; with
+    # dropout, timed as it trains (16 sequences a step), 81.9
+    chosen, note = small_corpus_defaults(budget, 200_000, tokens_per_step, pace, None)
+    assert chosen.model.dropout == DROPOUT and timed == [(0.0, 32), (DROPOUT, 16)]
+    assert chosen.train.max_epochs == DROPOUT_MAX_EPOCHS > MAX_EPOCHS and chosen.train.optimizer == "adamw"
+    steps = DROPOUT_MAX_EPOCHS * 200_000 / (16 * 128)  # 3,125: with dropout the rate stays higher for longer
+    assert chosen.train.lr == pytest.approx(recipe_lr(steps, dropout=True)) and recipe_lr(steps, True) > recipe_lr(steps)
+    assert f"dropout {DROPOUT:g}" in note and "about 81.9 times" in note and "model.dropout to choose" in note
+    # Time for 25 passes without dropout, 16.7 with it: no dropout, the plain recipe's cap.
+    timed.clear()
+    minutes = 25 * 200_000 / tokens_per_step * 0.05 / 60
+    plain, note = small_corpus_defaults(load_config(None, [f"train.max_minutes={minutes}"]), 200_000, tokens_per_step,
+                                        pace, None)
+    assert plain.model.dropout == 0.0 and plain.train.max_epochs == MAX_EPOCHS and "dropout" not in note
+    assert timed == [(0.0, 32), (DROPOUT, 16)] and "about 25.0 times" in note
+    timed.clear()  # fewer than DROPOUT_PASSES even without it: nothing more to time
+    small_corpus_defaults(load_config(None, ["train.max_minutes=0.5"]), 200_000, tokens_per_step, pace, None)
+    assert timed == [(0.0, 32)]
+    # The user's dropout is theirs, 0 included; a resumed run keeps the dropout it was trained with.
+    for told in ("0", "0.3"):
+        mine, note = small_corpus_defaults(load_config(None, ["train.max_minutes=5", f"model.dropout={told}"]), 200_000,
+                                           tokens_per_step, pace, None)
+        assert mine.model.dropout == float(told) and "dropout" not in note.replace("model.dropout", "")
+    resumed, note = small_corpus_defaults(budget, 200_000, tokens_per_step, None,
+                                          {"train": {"optimizer": "adamw"}, "model": {"dropout": DROPOUT}})
+    assert resumed.model.dropout == DROPOUT and note is None
+    for odd in ({"model": {"dropout": "x"}}, {"model": [1]}, {"model": {"dropout": True}}, {}):
+        assert small_corpus_defaults(budget, 200_000, tokens_per_step, None, odd)[0].model.dropout == 0.0
+
+
 @pytest.mark.slow
-def test_a_small_corpus_run_says_what_it_chose_and_resumes_with_it(tiny_run):
+def test_a_small_corpus_run_says_what_it_chose_and_resumes_with_it(tiny_run, monkeypatch):
     import yaml
 
+    from lmtrain import small_data
+
     config, run_dir = tiny_run
+    monkeypatch.setattr(small_data, "DROPOUT_PASSES", 2.0)  # this run's 2.6 passes count as many: dropout too
     raw = yaml.safe_load(config.read_text())
     for key in ("lr", "min_lr"):  # the tiny config chooses them; a small-corpus run chooses only if the user did not
         raw["train"].pop(key)
     config.write_text(yaml.safe_dump(raw))
     first = train(load_config(config, ["train.max_steps=400", "train.eval_every=400", "train.checkpoint_every=200"]))
     log = (run_dir / "train.log").read_text()
-    assert "small corpus: the run would see its" in log and "AdamW at 0.003" in log
-    assert load_config(run_dir / "config.yaml").train.optimizer == "adamw"
+    assert "small corpus: the run would see its" in log and "AdamW at 0.003" in log and ", dropout 0.1" in log
+    written = load_config(run_dir / "config.yaml")
+    assert written.train.optimizer == "adamw" and written.model.dropout == 0.1
+    # resumed, it keeps them: the dropout too, which the checkpoint's model must match
     more = train(load_config(config, ["train.max_steps=420", "train.eval_every=400", "train.checkpoint_every=200"]))
     assert more.resumed_from == "step-00000400" and first.step == 400
 
