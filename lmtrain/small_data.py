@@ -20,7 +20,8 @@ import logging
 import math
 from typing import Any, Callable
 
-from lmtrain.config import Config
+from lmtrain.config import Config, check_section
+from lmtrain.errors import ConfigError
 from lmtrain.tokenizer import VOCAB_KEY
 
 log = logging.getLogger(__name__)
@@ -141,25 +142,36 @@ def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: i
     train = dataclasses.replace(tc, **chosen)
     train.check()
     batch = f", {SMALL_BATCH} sequences a step" if "batch_size" in chosen else ""
-    regularised = f", dropout {dropout:g}" if dropout is not None else ""
+    dropped = f", dropout {dropout:g}" if dropout is not None else ""
     length = (f", ending after {passes_cap:g} passes (repeats past that are worth little)"
               if "max_epochs" in chosen else "")
     note = (f"small corpus: the run would see its {unique_tokens:,} training tokens about {epochs:.1f} times, so it "
             f"trains with AdamW at {chosen['lr']:.2g} (for ~{steps:,.0f} steps), cosine to {RECIPE['min_lr']:g}{batch}"
-            f"{regularised}{length} (the default's Muon memorises a small corpus; docs/performance.md); set "
+            f"{dropped}{length} (the default's Muon memorises a small corpus; docs/performance.md); set "
             f"train.optimizer or train.lr to choose otherwise{f', {DROPOUT_KEY} to choose the dropout' if dropout else ''}")
     return dataclasses.replace(config, train=train), note
 
 
 def _as_saved(config: Config, saved: dict[str, Any], own_batch: bool, own_length: bool, own_dropout: bool) -> Config:
-    """``config`` with the small-corpus settings a resumed run's checkpoint was trained with."""
+    """``config`` with the small-corpus settings a resumed run's checkpoint was trained with, each
+    section checked as a config file's would be: a crafted checkpoint's values are compared (and
+    refused, naming them) when the run resumes, never adopted."""
     saved_train, saved_model = saved.get("train"), saved.get("model")
-    saved_train = saved_train if isinstance(saved_train, dict) else {}
-    keys = (*RECIPE, *(("batch_size",) if own_batch else ()), *(("max_epochs",) if own_length else ()))
-    kept = {k: saved_train[k] for k in keys if k in saved_train and saved_train[k] != getattr(config.train, k)}
-    if kept:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **kept))
-    dropout = saved_model.get("dropout") if isinstance(saved_model, dict) else None
-    if own_dropout and isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and dropout != config.model.dropout:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=float(dropout)))
+    if isinstance(saved_train, dict):
+        keys = (*RECIPE, *(("batch_size",) if own_batch else ()), *(("max_epochs",) if own_length else ()))
+        kept = {k: saved_train[k] for k in keys if k in saved_train and saved_train[k] != getattr(config.train, k)}
+        if kept:
+            config = _checked(config, "train", kept)
+    if own_dropout and isinstance(saved_model, dict) and saved_model.get("dropout", 0.0) != config.model.dropout:
+        config = _checked(config, "model", {"dropout": saved_model.get("dropout")})
     return config
+
+
+def _checked(config: Config, section: str, values: dict[str, Any]) -> Config:
+    """``config`` with ``values`` in ``section``, if that section passes the config's own checks."""
+    try:
+        built = check_section(section, {**dataclasses.asdict(getattr(config, section)), **values},
+                              "the checkpoint's config")
+    except ConfigError:
+        return config
+    return dataclasses.replace(config, **{section: built})

@@ -182,8 +182,12 @@ def test_a_run_with_time_for_many_passes_trains_with_dropout_counted_at_its_own_
     resumed, note = small_corpus_defaults(budget, 200_000, tokens_per_step, None,
                                           {"train": {"optimizer": "adamw"}, "model": {"dropout": DROPOUT}})
     assert resumed.model.dropout == DROPOUT and note is None
-    for odd in ({"model": {"dropout": "x"}}, {"model": [1]}, {"model": {"dropout": True}}, {}):
+    # a crafted checkpoint's values are checked as a config file's would be: compared on resume, never adopted
+    for odd in ({"model": {"dropout": "x"}}, {"model": [1]}, {"model": {"dropout": True}}, {"model": {"dropout": 5.0}},
+                {"model": {"dropout": float("nan")}}, {}):
         assert small_corpus_defaults(budget, 200_000, tokens_per_step, None, odd)[0].model.dropout == 0.0
+    for odd in ({"lr": "x"}, {"lr": -1.0}, {"optimizer": "sgd"}, {"batch_size": 0}):
+        assert small_corpus_defaults(budget, 200_000, tokens_per_step, None, {"train": odd})[0].train == budget.train
 
 
 @pytest.mark.slow
