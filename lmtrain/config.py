@@ -515,6 +515,17 @@ def check_section(name: str, values: dict[str, Any], origin: str) -> Any:
     return section
 
 
+def adopted(config: "Config", section: str, values: dict[str, Any], origin: str) -> "Config":
+    """``config`` with ``values`` in ``section`` if the section then passes every check a config
+    file's would (``check_section``); else ``config`` as it was. For values read back from a file
+    lmtrain wrote: a crafted one's are compared with what was trained later, never adopted."""
+    try:
+        built = check_section(section, {**dataclasses.asdict(getattr(config, section)), **values}, origin)
+    except ConfigError:
+        return config
+    return dataclasses.replace(config, **{section: built})
+
+
 def _build_fields(key: str, cls: type, values: dict[str, Any]) -> Any:
     """A nested config record (a ``data.mixture`` entry): every field checked like a section's."""
     return _build(cls, values, key, lambda name, fields: f"{key}: unknown key {name!r}{_did_you_mean(str(name), fields)}")

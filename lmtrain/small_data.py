@@ -20,8 +20,7 @@ import logging
 import math
 from typing import Any, Callable
 
-from lmtrain.config import Config, check_section
-from lmtrain.errors import ConfigError
+from lmtrain.config import Config, adopted
 from lmtrain.tokenizer import VOCAB_KEY
 
 log = logging.getLogger(__name__)
@@ -161,17 +160,8 @@ def _as_saved(config: Config, saved: dict[str, Any], own_batch: bool, own_length
         keys = (*RECIPE, *(("batch_size",) if own_batch else ()), *(("max_epochs",) if own_length else ()))
         kept = {k: saved_train[k] for k in keys if k in saved_train and saved_train[k] != getattr(config.train, k)}
         if kept:
-            config = _checked(config, "train", kept)
+            config = adopted(config, "train", kept, "the checkpoint's config")
     if own_dropout and isinstance(saved_model, dict) and saved_model.get("dropout", 0.0) != config.model.dropout:
-        config = _checked(config, "model", {"dropout": saved_model.get("dropout")})
+        config = adopted(config, "model", {"dropout": saved_model.get("dropout")}, "the checkpoint's config")
     return config
 
-
-def _checked(config: Config, section: str, values: dict[str, Any]) -> Config:
-    """``config`` with ``values`` in ``section``, if that section passes the config's own checks."""
-    try:
-        built = check_section(section, {**dataclasses.asdict(getattr(config, section)), **values},
-                              "the checkpoint's config")
-    except ConfigError:
-        return config
-    return dataclasses.replace(config, **{section: built})

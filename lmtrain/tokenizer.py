@@ -18,12 +18,12 @@ would no longer be x. Training one (the tokenize stage) is ``lmtrain.prepare.tra
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmtrain.config import Config, check_section, data_settings
-from lmtrain.errors import ConfigError, RunDirError, TokenizerError, first_line, quoted
+from lmtrain.config import Config, adopted, data_settings
+from lmtrain.errors import RunDirError, TokenizerError, first_line, quoted
 from lmtrain.fsutil import read_json
 from lmtrain.rundir import tokenizer_dir, tokenizer_path
 
@@ -58,12 +58,8 @@ def _with_choices(config: Config, saved: dict) -> Config:
         return config
     if not isinstance(trained, dict):
         return config
-    try:  # checked as a config file's value would be; a crafted stats.json's is compared, not adopted
-        tokenizer = check_section("tokenizer", {**asdict(config.tokenizer), "vocab_size": trained.get("vocab_size")},
-                                  "the run's tokenizer/stats.json")
-    except ConfigError:
-        return config
-    return replace(config, tokenizer=tokenizer)
+    # checked as a config file's value would be; a crafted stats.json's is compared, not adopted
+    return adopted(config, "tokenizer", {"vocab_size": trained.get("vocab_size")}, "the run's tokenizer/stats.json")
 
 
 def run_tokenizer_config(config: Config) -> Config:
