@@ -126,11 +126,12 @@ def estimate(config, vocab_size: int, amp_dtype: torch.dtype | None, world_size:
     if tc.activation_checkpointing != "none":
         activations += tokens * 16 * c.n_embd * a  # the block being recomputed
     activations += tokens * 4 * c.n_embd * 2  # embeddings and the final norm, fp32
-    if c.dropout > 0:  # a byte an element for the masks of a block's two residual branches; on a CPU
-        # attention with dropout leaves the fused kernel and keeps its T x T probabilities (before
-        # and after the dropout) and their mask
-        attention = tokens * c.n_head * c.block_size * (2 * a + 1) if chunked_loss else 0
-        activations += (tokens * 2 * c.n_embd + attention) * (c.n_layer if tc.activation_checkpointing == "none" else 1)
+    if c.dropout > 0:  # the masks of a block's two residual branches: a byte an element on a GPU,
+        # the multiplier itself on a CPU (model.dropout_scale); there attention with dropout leaves
+        # the fused kernel and keeps its T x T probabilities (before and after the dropout) and mask
+        mask = a if chunked_loss else 1
+        attention = tokens * c.n_head * c.block_size * 3 * a if chunked_loss else 0
+        activations += (tokens * 2 * c.n_embd * mask + attention) * (c.n_layer if tc.activation_checkpointing == "none" else 1)
     if not chunked_loss:
         activations += tokens * model_config.padded_vocab_size * (a + 4 + 4)
     else:  # one chunk's fp32 logits and softmax, and the head's gradient, held from forward to backward

@@ -10,7 +10,8 @@ import torch
 from lmtrain.config import load_config
 from lmtrain.errors import ConfigError
 from lmtrain.kvcache import KVCache
-from lmtrain.model import GPT, GPTConfig
+from lmtrain.model import GPT, GPTConfig, attention_with_dropout, dropout
+from lmtrain.step import build_training
 
 VARIANTS = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
 
@@ -124,3 +125,54 @@ def test_chunked_loss_equals_the_standard_loss_and_gradients(tie, monkeypatch):
     torch.testing.assert_close(fused, standard, rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cpu_dropout_drops_at_its_rate_keeps_the_mean_and_replays_from_the_seed():
+    """The CPU's dropout (four 16-bit lanes per 64-bit draw, not ``bernoulli_``) is dropout: each
+    element zeroed with probability p, the rest scaled so the mean is kept, the same masks from
+    the same seed (an exact resume restores the generator and must redraw them)."""
+    ones = torch.ones(400_000)
+    for p in (0.1, 0.5):
+        torch.manual_seed(0)
+        out = dropout(ones, p)
+        assert abs(float((out == 0).float().mean()) - p) < 0.005
+        assert float(out.mean()) == pytest.approx(1.0, abs=0.01)
+        torch.manual_seed(0)
+        assert torch.equal(dropout(ones, p), out) and not torch.equal(dropout(ones, p), out)
+    odd = torch.ones(3, 5, 7)  # a size that is not a multiple of four lanes
+    assert dropout(odd, 0.1).shape == odd.shape
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_with_dropout_is_pytorchs_attention_when_nothing_is_dropped(kv_heads):
+    """Written out for the CPU's dropout, it is the same causal attention as
+    ``scaled_dot_product_attention`` (grouped-query included), values and gradients."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ours = attention_with_dropout(q, k, v, 0.0)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    assert torch.allclose(ours, theirs)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (ours, theirs)]
+    assert all(torch.allclose(a, b) for a, b in zip(*grads))
+
+
+def test_attention_dropout_is_unbiased_and_a_training_model_uses_it():
+    """Averaged over many masks, attention with dropout gives attention without it; a model in
+    training mode draws new masks each call, in eval mode none."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4000, 1, 6, 4) for _ in range(3))
+    q, k, v = q[:1].expand_as(q), k[:1].expand_as(k), v[:1].expand_as(v)  # one input, 4,000 masks
+    mean = attention_with_dropout(q, k, v, 0.2).mean(0)
+    exact = torch.nn.functional.scaled_dot_product_attention(q[:1], k[:1], v[:1], is_causal=True)[0]
+    assert torch.allclose(mean, exact, atol=0.05)
+    model = tiny(dropout=0.1, pos_embedding="rope", norm="rmsnorm", mlp="swiglu")
+    model.drop_explicitly()
+    idx = torch.randint(0, 301, (2, 16))
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    # training on a CPU takes this path (lmtrain.step); a model built by hand has PyTorch's
+    built = build_training(load_config(None, ["model.dropout=0.1", "model.n_layer=1"]), 301, torch.device("cpu"), "fp32")
+    assert all(m.explicit for m in built.model.modules() if hasattr(m, "explicit"))
+    assert not any(m.explicit for m in tiny(dropout=0.1).modules() if hasattr(m, "explicit"))
