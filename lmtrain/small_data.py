@@ -53,7 +53,7 @@ SMALL_TEXT_BYTES, SMALL_VOCAB = 500_000, 1024
 # memorises, and pays once there are passes to spare. Measured on 0.4 MB of prose (1,024 pieces,
 # docs/performance.md), with 0.1 against none (16 passes, the cap): 20.6 passes 1.423 val bpb
 # against 1.468, 18.6 passes 1.449, 17.3 passes 1.453 against 1.465, 11.9 passes 1.530 against
-# 1.466 (a loss), and 32 passes 1.412 (0.2: 1.445). Dropout also slows a step (on a CPU by ~10%:
+# 1.466 (a loss), and 32 passes 1.412 (0.2: 1.445). Dropout also slows a step (on a CPU by ~20%:
 # model.dropout_scale), so the passes are counted at its own pace: a run that would see its data
 # DROPOUT_PASSES times with it trains with DROPOUT and ends after DROPOUT_MAX_EPOCHS, not MAX_EPOCHS.
 DROPOUT_KEY, DROPOUT, DROPOUT_PASSES, DROPOUT_MAX_EPOCHS = "model.dropout", 0.1, 17.0, 32.0
