@@ -352,10 +352,10 @@ class _Stepper:
 def pace(config: Config, vocab_size: int, device, precision: str, steps: int = 3, most: int = 9,
          within: float = 1.5) -> float:
     """Seconds per training step of the config's own shape on this machine: the median of
-    ``steps`` after the warm-up, or of up to ``most`` while they take under ``within`` s (a shared
-    CPU's steps vary by 10-30%; the median of three of a small model's was off by a quarter often
-    enough to flip small_data's dropout). It leaves the random state as it found it: the run that
-    follows initialises and samples exactly as it would have."""
+    ``steps`` after the warm-up, or of up to ``most`` while they take under ``within`` s: a shared
+    CPU's steps vary by 10-30%, and the passes counted from this pace decide small_data's dropout.
+    It leaves the random state as it found it: the run that follows initialises and samples
+    exactly as it would have."""
     import statistics
 
     from lmtrain.checkpoint import rng_state, set_rng_state
