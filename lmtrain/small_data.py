@@ -163,4 +163,3 @@ def _as_saved(config: Config, saved: dict[str, Any], own_batch: bool, own_length
     if own_dropout and isinstance(saved_model, dict) and saved_model.get("dropout", 0.0) != config.model.dropout:
         config = adopted(config, "model", {"dropout": saved_model.get("dropout")}, "the checkpoint's config")
     return config
-
