@@ -6,9 +6,9 @@ then memorise it: measured on 0.5-1 MB corpora (docs/performance.md), the defaul
 val bpb early and ended 8-22% above it, 7% behind a plain transformers Trainer (AdamW 3e-3, cosine
 to 0). So when the run would see its training tokens more than ``SMALL_CORPUS_EPOCHS`` times, and
 the user chose none of the optimiser's settings, the run trains with that optimiser recipe, with
-``SMALL_BATCH`` sequences a step under a time budget, and ends at ``MAX_EPOCHS``; a run with time
-for many more passes also trains with dropout (``DROPOUT``), and goes on longer at a higher rate. It says so in one
-line (docs/performance.md compares it with the Trainer). The choice is made once: a resumed run
+``SMALL_BATCH`` sequences a step under a time budget, with a strong weight decay, and ends at
+``MAX_EPOCHS``; a run with time for many more passes also trains with dropout (``DROPOUT``), and
+goes on longer at a higher rate. It says so in one line (docs/performance.md compares it with the Trainer). The choice is made once: a resumed run
 keeps the settings its checkpoint was trained with. Before all that, `lmtrain tokenize` trains a
 smaller vocabulary for a corpus under 0.5 MB (``corpus_vocab``), unless the config sets one.
 """
@@ -57,6 +57,12 @@ SMALL_TEXT_BYTES, SMALL_VOCAB = 500_000, 1024
 # model.dropout_scale), so the passes are counted at its own pace: a run that would see its data
 # DROPOUT_PASSES times with it trains with DROPOUT and ends after DROPOUT_MAX_EPOCHS, not MAX_EPOCHS.
 DROPOUT_KEY, DROPOUT, DROPOUT_PASSES, DROPOUT_MAX_EPOCHS = "model.dropout", 0.1, 17.0, 32.0
+# Weight decay for a corpus seen many times, on the weight matrices as always (decaying the
+# embedding table too lost on code: 2.0394 against 1.9758). Measured at 1.5 minutes
+# (docs/performance.md): code without dropout (~7 passes) 0.1 2.038, 0.5 2.016, 1.0 2.008,
+# 2.0 1.976, 4.0 1.996; prose with dropout (~20 passes) 0.1 1.432, 0.3 1.426, 1.0 1.417-1.423,
+# 2.0 1.428: dropout regularises too, and with it the decay that pays is half as strong.
+DECAY_KEY, WEIGHT_DECAY, DROPOUT_WEIGHT_DECAY = "train.weight_decay", 2.0, 1.0
 # With dropout the rate can stay higher for longer: over 2,211 steps (32 passes of that prose)
 # 2.2e-3 reached 1.412 where recipe_lr's 1.1e-3 reached 1.432, and 3e-3 over 1,658 steps 1.416.
 DROPOUT_LR_STEPS = 2
@@ -115,8 +121,9 @@ def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: i
     # the length: a budget's steps are the clock's to decide, a run of train.max_steps the user's
     own_length = "train.max_epochs" not in config.given and (budgeted or "train.max_steps" not in config.given)
     own_dropout = DROPOUT_KEY not in config.given
+    own_decay = DECAY_KEY not in config.given
     if saved is not None:  # resuming: the settings the run started with, whatever it would pick now
-        return _as_saved(config, saved, own_batch, own_length, own_dropout), None
+        return _as_saved(config, saved, own_batch, own_length, own_dropout, own_decay), None
     epochs = planned_epochs(config, unique_tokens, tokens_per_step, step_seconds)
     if epochs is None or epochs <= SMALL_CORPUS_EPOCHS:
         return config, None
@@ -132,6 +139,8 @@ def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: i
         passes = planned_epochs(timed, unique_tokens, per_step, step_seconds)
         if passes is not None and passes >= DROPOUT_PASSES:
             config, epochs, dropout, passes_cap = regularised, passes, DROPOUT, DROPOUT_MAX_EPOCHS
+    if own_decay:
+        chosen["weight_decay"] = WEIGHT_DECAY if dropout is None else DROPOUT_WEIGHT_DECAY
     if own_length and epochs > passes_cap:
         chosen["max_epochs"] = passes_cap
     # the steps it will take: its epochs (up to the cap) at the tokens per step it will train with
@@ -141,22 +150,26 @@ def small_corpus_defaults(config: Config, unique_tokens: int, tokens_per_step: i
     train.check()
     batch = f", {SMALL_BATCH} sequences a step" if "batch_size" in chosen else ""
     dropped = f", dropout {dropout:g}" if dropout is not None else ""
+    decayed = f", weight decay {chosen['weight_decay']:g}" if own_decay else ""
     length = (f", ending after {passes_cap:g} passes (repeats past that are worth little)"
               if "max_epochs" in chosen else "")
     note = (f"small corpus: the run would see its {unique_tokens:,} training tokens about {epochs:.1f} times, so it "
             f"trains with AdamW at {chosen['lr']:.2g} (for ~{steps:,.0f} steps), cosine to {RECIPE['min_lr']:g}{batch}"
-            f"{dropped}{length} (the default's Muon memorises a small corpus; docs/performance.md); set "
-            f"train.optimizer or train.lr to choose otherwise{f', {DROPOUT_KEY} to choose the dropout' if dropout else ''}")
+            f"{dropped}{decayed}{length} (the default's Muon memorises a small corpus; docs/performance.md); set "
+            f"train.optimizer or train.lr to choose otherwise{f', {DECAY_KEY} the decay' if own_decay else ''}"
+            f"{f', {DROPOUT_KEY} the dropout' if dropout else ''}")
     return dataclasses.replace(config, train=train), note
 
 
-def _as_saved(config: Config, saved: dict[str, Any], own_batch: bool, own_length: bool, own_dropout: bool) -> Config:
+def _as_saved(config: Config, saved: dict[str, Any], own_batch: bool, own_length: bool, own_dropout: bool,
+              own_decay: bool) -> Config:
     """``config`` with the small-corpus settings a resumed run's checkpoint was trained with, each
     section checked as a config file's would be: a crafted checkpoint's values are compared (and
     refused, naming them) when the run resumes, never adopted."""
     saved_train, saved_model = saved.get("train"), saved.get("model")
     if isinstance(saved_train, dict):
-        keys = (*RECIPE, *(("batch_size",) if own_batch else ()), *(("max_epochs",) if own_length else ()))
+        keys = (*RECIPE, *(("batch_size",) if own_batch else ()), *(("max_epochs",) if own_length else ()),
+                *(("weight_decay",) if own_decay else ()))
         kept = {k: saved_train[k] for k in keys if k in saved_train and saved_train[k] != getattr(config.train, k)}
         if kept:
             config = adopted(config, "train", kept, "the checkpoint's config")

@@ -108,7 +108,7 @@ def test_a_run_stopping_early_resumes_bit_exactly(tiny_run, tmp_path, monkeypatc
 
 
 def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_told_otherwise():
-    from lmtrain.small_data import LOWEST_LR, RECIPE, SMALL_BATCH, recipe_lr, small_corpus_defaults
+    from lmtrain.small_data import LOWEST_LR, RECIPE, SMALL_BATCH, WEIGHT_DECAY, recipe_lr, small_corpus_defaults
 
     config = load_config(None, ["train.max_steps=100"])  # 100 x 32 x 128 = 409,600 tokens
     tokens_per_step = 32 * 128
@@ -116,6 +116,11 @@ def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_
     assert same is config and note is None  # 0.4 epochs: the default stays
     small, note = small_corpus_defaults(config, 100_000, tokens_per_step, None, None)
     assert {k: getattr(small.train, k) for k in RECIPE} == RECIPE and "about 4.1 times" in note
+    assert small.train.weight_decay == WEIGHT_DECAY > config.train.weight_decay and "train.weight_decay" in note
+    # a weight decay the user set is theirs; the rest of the recipe still applies
+    decayed = load_config(None, ["train.max_steps=100", "train.weight_decay=0.3"])
+    mine, note = small_corpus_defaults(decayed, 100_000, tokens_per_step, None, None)
+    assert mine.train.weight_decay == 0.3 and mine.train.optimizer == "adamw" and "weight decay" not in note
     told = load_config(None, ["train.max_steps=100", "train.optimizer=muon"])
     assert small_corpus_defaults(told, 100_000, tokens_per_step, None, None)[0] is told
     # under train.max_minutes the measured pace decides: 90 s at 0.05 s a step is 1,800 steps
@@ -139,14 +144,17 @@ def test_a_run_that_repeats_its_data_trains_with_the_small_corpus_recipe_unless_
     # resuming keeps what the run started with, whatever it would choose now
     resumed, note = small_corpus_defaults(config, 1_000_000, tokens_per_step, None, {"train": dict(RECIPE)})
     assert resumed.train.optimizer == "adamw" and note is None
+    # a run started before the recipe decayed harder keeps the decay it started with
+    older, _ = small_corpus_defaults(config, 100_000, tokens_per_step, None, {"train": dict(RECIPE, weight_decay=0.1)})
+    assert older.train.weight_decay == 0.1
     kept, _ = small_corpus_defaults(config, 100_000, tokens_per_step, None, {"train": {
         "optimizer": "muon", "lr": 2e-2, "min_lr": 2e-3, "schedule": "wsd"}})
     assert kept.train.optimizer == "muon"
 
 
 def test_a_run_with_time_for_many_passes_trains_with_dropout_counted_at_its_own_pace():
-    from lmtrain.small_data import (DROPOUT, DROPOUT_MAX_EPOCHS, MAX_EPOCHS, recipe_lr,
-                                    small_corpus_defaults)
+    from lmtrain.small_data import (DROPOUT, DROPOUT_MAX_EPOCHS, DROPOUT_WEIGHT_DECAY, MAX_EPOCHS, WEIGHT_DECAY,
+                                    recipe_lr, small_corpus_defaults)
 
     tokens_per_step = 32 * 128
     budget = load_config(None, ["train.max_minutes=5"])
@@ -163,13 +171,16 @@ def test_a_run_with_time_for_many_passes_trains_with_dropout_counted_at_its_own_
     assert chosen.train.max_epochs == DROPOUT_MAX_EPOCHS > MAX_EPOCHS and chosen.train.optimizer == "adamw"
     steps = DROPOUT_MAX_EPOCHS * 200_000 / (16 * 128)  # 3,125: with dropout the rate stays higher for longer
     assert chosen.train.lr == pytest.approx(recipe_lr(steps, dropout=True)) and recipe_lr(steps, True) > recipe_lr(steps)
-    assert f"dropout {DROPOUT:g}" in note and "about 81.9 times" in note and "model.dropout to choose" in note
+    assert f"dropout {DROPOUT:g}" in note and "about 81.9 times" in note and "model.dropout the dropout" in note
     # Time for 24 passes without dropout, 16 with it: no dropout, the plain recipe's cap.
     timed.clear()
     minutes = 24 * 200_000 / tokens_per_step * 0.05 / 60
     plain, note = small_corpus_defaults(load_config(None, [f"train.max_minutes={minutes}"]), 200_000, tokens_per_step,
                                         pace, None)
     assert plain.model.dropout == 0.0 and plain.train.max_epochs == MAX_EPOCHS and "dropout" not in note
+    # dropout regularises too: with it the weight decay is half as strong
+    assert (plain.train.weight_decay, chosen.train.weight_decay) == (WEIGHT_DECAY, DROPOUT_WEIGHT_DECAY)
+    assert f"weight decay {WEIGHT_DECAY:g}" in note
     assert timed == [(0.0, 32), (DROPOUT, 16)] and "about 24.0 times" in note
     timed.clear()  # fewer than DROPOUT_PASSES even without it: nothing more to time
     small_corpus_defaults(load_config(None, ["train.max_minutes=0.5"]), 200_000, tokens_per_step, pace, None)
@@ -207,6 +218,7 @@ def test_a_small_corpus_run_says_what_it_chose_and_resumes_with_it(tiny_run, mon
     assert "small corpus: the run would see its" in log and "AdamW at 0.003" in log and ", dropout 0.1" in log
     written = load_config(run_dir / "config.yaml")
     assert written.train.optimizer == "adamw" and written.model.dropout == 0.1
+    assert written.train.weight_decay == small_data.DROPOUT_WEIGHT_DECAY and ", weight decay 1 (" in log
     # resumed, it keeps them: the dropout too, which the checkpoint's model must match
     more = train(load_config(config, ["train.max_steps=420", "train.eval_every=400", "train.checkpoint_every=200"]))
     assert more.resumed_from == "step-00000400" and first.step == 400
