@@ -8,9 +8,10 @@ to 0). So when the run would see its training tokens more than ``SMALL_CORPUS_EP
 the user chose none of the optimiser's settings, the run trains with that optimiser recipe, with
 ``SMALL_BATCH`` sequences a step under a time budget, with a strong weight decay, and ends at
 ``MAX_EPOCHS``; a run with time for many more passes also trains with dropout (``DROPOUT``), and
-goes on longer at a higher rate. It says so in one line (docs/performance.md compares it with the Trainer). The choice is made once: a resumed run
-keeps the settings its checkpoint was trained with. Before all that, `lmtrain tokenize` trains a
-smaller vocabulary for a corpus under 0.5 MB (``corpus_vocab``), unless the config sets one.
+goes on longer at a higher rate. It says so in one line (docs/performance.md compares it with the
+Trainer). The choice is made once: a resumed run keeps the settings its checkpoint was trained with.
+Before all that, `lmtrain tokenize` trains a smaller vocabulary for a corpus under 0.5 MB
+(``corpus_vocab``), unless the config sets one.
 """
 
 from __future__ import annotations
